@@ -1,0 +1,338 @@
+"""The one checkpoint reader: model folders, hub ids, run folders and the compact format.
+
+Every reader streams: it opens files memory-mapped (safetensors `safe_open`, `torch.load(mmap=True)`)
+and hands out one tensor at a time, so a comparison never holds a whole model.
+
+The compact format is what the trainers write every `--save_every` steps. A run folder holds
+
+    run/base/model.safetensors         θ0, written once (a normal model folder)
+    run/step_20/subnet.safetensors     per parameter: "<name>::mask" (bit-packed, U8) and
+                                       "<name>::values" (the weights where the mask is set)
+
+so a checkpoint costs 1 bit per parameter plus the changed values, and reading it back gives the
+exact weights: θ_t = θ0 where the mask is 0, the stored values where it is 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import SubnetscopeError
+
+COMPACT_FORMAT = "subnetscope.compact/1"
+COMPACT_FILE = "subnet.safetensors"
+BASE_DIR = "base"
+GEMMA3N_TEXT_PREFIX = "model.language_model."
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_STEP_DIR_RE = re.compile(r"^(?:checkpoint|step|ckpt|global_step)[-_]?(\d+)$")
+
+
+def canonical_name(name: str) -> str:
+    """Gemma-3n multimodal checkpoints keep the text model under `model.language_model.`."""
+    if name.startswith(GEMMA3N_TEXT_PREFIX):
+        return "model." + name[len(GEMMA3N_TEXT_PREFIX):]
+    return name
+
+
+class TensorSource:
+    """A read-only, streaming view of one checkpoint's tensors, keyed by canonical name."""
+
+    label: str
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for s in self.shape(name):
+            n *= s
+        return n
+
+    def nbytes(self) -> int:
+        return sum(self.numel(n) * self.dtype(n).itemsize for n in self.names())
+
+
+class SafetensorsSource(TensorSource):
+    """One safetensors file or a sharded set described by `model.safetensors.index.json`."""
+
+    def __init__(self, files: list[Path], label: str):
+        self.label = label
+        self._handles = []
+        self._where: dict[str, tuple[int, str]] = {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except Exception as err:  # the Rust error types carry the useful text
+                raise SubnetscopeError(
+                    f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+                    "corrupt: re-save or re-download it"
+                ) from None
+            self._handles.append(handle)
+            for key in handle.keys():
+                self._where[canonical_name(key)] = (len(self._handles) - 1, key)
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _slice(self, name: str):
+        index, key = self._where[name]
+        return self._handles[index].get_slice(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+
+    def get(self, name: str) -> torch.Tensor:
+        index, key = self._where[name]
+        try:
+            return self._handles[index].get_tensor(key)
+        except Exception as err:
+            raise SubnetscopeError(f"{self.label}: cannot read tensor {key!r} ({err})") from None
+
+
+class TorchBinSource(TensorSource):
+    """`pytorch_model.bin` (or its shards), memory-mapped and loaded with `weights_only=True`."""
+
+    def __init__(self, files: list[Path], label: str):
+        self.label = label
+        self._tensors: dict[str, torch.Tensor] = {}
+        for path in files:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:
+                raise SubnetscopeError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    self._tensors[canonical_name(key)] = value
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+
+class CompactSource(TensorSource):
+    """A compact checkpoint: θ0 from the run's base folder plus the changed weights."""
+
+    def __init__(self, folder: Path, label: str):
+        self.label = label
+        path = folder / COMPACT_FILE
+        try:
+            self._delta = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as err:
+            raise SubnetscopeError(f"{path} is not a readable compact checkpoint ({err})") from None
+        meta = self._delta.metadata() or {}
+        if meta.get("format") != COMPACT_FORMAT:
+            raise SubnetscopeError(f"{path} is not a subnetscope compact checkpoint (format {meta.get('format')!r})")
+        self.step = int(meta["step"])
+        self.base = open_checkpoint(str((folder / meta["base"]).resolve()))
+        self._shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def changed_mask(self, name: str) -> torch.Tensor:
+        packed = self._delta.get_tensor(f"{name}::mask")
+        return unpack_bits(packed, self.numel(name)).view(self._shapes[name])
+
+    def get(self, name: str) -> torch.Tensor:
+        weights = self.base.get(name).clone()
+        mask = self.changed_mask(name)
+        values = self._delta.get_tensor(f"{name}::values")
+        weights[mask] = values.to(weights.dtype)
+        return weights
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a boolean tensor (any device) into uint8, first element in the high bit."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def write_compact_checkpoint(
+    folder: Path, step: int, base_rel: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Write `folder/subnet.safetensors` atomically; `tensors` maps name -> (weights, changed mask)."""
+    payload: dict[str, torch.Tensor] = {}
+    shapes: dict[str, list[int]] = {}
+    for name, (weights, mask) in tensors.items():
+        payload[f"{name}::mask"] = pack_bits(mask).cpu()
+        payload[f"{name}::values"] = weights[mask].detach().cpu().contiguous()
+        shapes[name] = list(weights.shape)
+    meta = {"format": COMPACT_FORMAT, "step": str(step), "base": base_rel, "shapes": json.dumps(shapes)}
+    atomic_save_dir(folder, lambda tmp: save_file(payload, str(tmp / COMPACT_FILE), metadata=meta))
+
+
+def atomic_save_dir(folder: Path, write) -> None:
+    """Build a folder under a temporary name beside it, then rename it into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", spec)) and not spec.startswith(".")
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.bin"]))
+    except Exception as err:
+        raise SubnetscopeError(
+            f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(err).__name__}; offline?): pass a local model folder or run folder instead"
+        ) from None
+
+
+def resolve_model_dir(spec: str) -> Path:
+    """A local path as given, or a hub id downloaded through `huggingface_hub`."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if _looks_like_hub_id(spec):
+        return _download(spec)
+    raise SubnetscopeError(f"{spec} does not exist: pass a model folder, a run folder or a hub id")
+
+
+def _weight_files(folder: Path) -> tuple[str, list[Path]]:
+    for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise SubnetscopeError(f"{index} names shards that are missing: {', '.join(missing)}")
+            return kind, files
+    if (folder / "model.safetensors").is_file():
+        return "safetensors", [folder / "model.safetensors"]
+    if (folder / "pytorch_model.bin").is_file():
+        return "bin", [folder / "pytorch_model.bin"]
+    loose = sorted(folder.glob("*.safetensors"))
+    if loose:
+        return "safetensors", loose
+    return "none", []
+
+
+def open_checkpoint(spec: str) -> TensorSource:
+    """Open a model folder, a single weights file, a compact checkpoint or a hub id."""
+    path = resolve_model_dir(spec)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsSource([path], str(path))
+        return TorchBinSource([path], str(path))
+    if (path / COMPACT_FILE).is_file():
+        return CompactSource(path, str(path))
+    kind, files = _weight_files(path)
+    if kind == "safetensors":
+        return SafetensorsSource(files, str(path))
+    if kind == "bin":
+        return TorchBinSource(files, str(path))
+    if not any(path.iterdir()):
+        raise SubnetscopeError(f"{path} is empty: pass a folder written by save_pretrained or a trainer")
+    raise SubnetscopeError(
+        f"{path} has no weights (model.safetensors, a sharded index, pytorch_model.bin or {COMPACT_FILE})"
+    )
+
+
+@dataclass(frozen=True)
+class StepCheckpoint:
+    step: int
+    path: Path
+
+
+def find_step_checkpoints(run_dir: str, max_step: int | None = None, step_interval: int | None = None) -> list[StepCheckpoint]:
+    """Step-numbered sub-folders (`checkpoint-20`, `step_40`, ...) sorted numerically."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise SubnetscopeError(f"{root} is not a folder: pass the run folder that holds the step checkpoints")
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR_RE.match(child.name)
+        if match and child.is_dir():
+            found.append(StepCheckpoint(int(match.group(1)), child))
+    found.sort(key=lambda c: c.step)
+    if max_step is not None:
+        found = [c for c in found if c.step <= max_step]
+    if step_interval:
+        found = [c for c in found if c.step % step_interval == 0]
+    if not found:
+        raise SubnetscopeError(
+            f"{root} has no step checkpoints (folders named checkpoint-N or step_N) within the chosen "
+            "--max_step/--step_interval"
+        )
+    return found
+
+
+def default_base_for_run(run_dir: str) -> str | None:
+    base = Path(run_dir) / BASE_DIR
+    return str(base) if base.is_dir() else None
+
+
+def iter_common_names(a: TensorSource, b: TensorSource) -> Iterator[str]:
+    other = set(b.names())
+    return (n for n in a.names() if n in other)

@@ -1,0 +1,117 @@
+"""analyze_sparse_subnetwork.py: which weights changed between checkpoints, and where they sit."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import plots
+from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
+from ..engine import analyze_overlap, analyze_pair, analyze_series
+from ..errors import SubnetscopeError, cli_main
+from ..report import (format_pair_table, write_json, write_overlap_outputs, write_pair_outputs,
+                      write_series_outputs)
+from .common import add_rule_args, add_run_args, resolve_device, rules_from_args, shells_from_args
+
+DESCRIPTION = """\
+Compare fine-tuned checkpoints with their starting point and report which weights changed
+(three rules side by side), per tensor, block and module type, how localized the changes are,
+and, for a run folder, how the changed subnetwork grows over steps.
+
+Two modes:
+  series:  --ckpt_dir RUN [--model BASE]   every step checkpoint in RUN against BASE
+  pair:    --base A --tuned B [--overlap_with C]
+Models are folders written by save_pretrained (model.safetensors, sharded safetensors or
+pytorch_model.bin), compact checkpoints written by main_grpo.py/main_ppo.py, or Hub ids.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    series = p.add_argument_group("series mode")
+    series.add_argument("--ckpt_dir", help="run folder with step checkpoints (checkpoint-N, step_N, ...)")
+    series.add_argument("--model", help="the starting weights θ0 (folder or Hub id); default: RUN/base")
+    series.add_argument("--max_step", type=int, help="ignore checkpoints after this step")
+    series.add_argument("--step_interval", type=int, help="keep only steps that are multiples of this")
+    pair = p.add_argument_group("pair mode")
+    pair.add_argument("--base", help="the starting weights (folder or Hub id)")
+    pair.add_argument("--tuned", help="the fine-tuned weights (folder or Hub id)")
+    pair.add_argument("--overlap_with", help="a second run tuned from --base: report the two subnetworks' overlap")
+    add_rule_args(p)
+    add_run_args(p)
+    p.add_argument("--rank", action="store_true",
+                   help="numerical rank of every 2-D update (costly: one SVD per matrix; GPU when --device is)")
+    p.add_argument("--shells", type=int, nargs="+", metavar="N",
+                   help="MatFormer shell boundaries in FFN neurons (default 8192 16384: E2B inside E4B); "
+                        "matrices of another width are scaled in proportion")
+    p.add_argument("--output_dir", default="plots/analysis", help="results folder (default plots/analysis)")
+    return p
+
+
+def _pick_mode(args: argparse.Namespace) -> str:
+    if args.ckpt_dir and (args.base or args.tuned):
+        raise SubnetscopeError("use either --ckpt_dir (series) or --base/--tuned (pair), not both")
+    if args.ckpt_dir:
+        if args.overlap_with:
+            raise SubnetscopeError("--overlap_with goes with --base/--tuned")
+        return "series"
+    if args.base and args.tuned:
+        return "pair"
+    raise SubnetscopeError("nothing to compare: give --ckpt_dir RUN, or --base A --tuned B (see --help)")
+
+
+def _figures_for_pair(pair, out: Path, rule: str) -> list[Path]:
+    made = [plots.block_module_heatmap(pair, rule, out / "heatmap_block_module.png"),
+            plots.per_block_bars(pair, out / "per_block.png"),
+            plots.rank_histogram(pair, out / "rank_histogram.png"),
+            plots.shell_chart(pair, rule, out / "shells.png")]
+    return [m for m in made if m is not None]
+
+
+def run(args: argparse.Namespace) -> dict:
+    mode = _pick_mode(args)
+    rules = rules_from_args(args)
+    device = resolve_device(args.device)
+    shells = shells_from_args(args.shells)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_tqdm
+    summary: dict = {"mode": mode}
+    if mode == "pair":
+        base, tuned = open_checkpoint(args.base), open_checkpoint(args.tuned)
+    else:
+        checkpoints = find_step_checkpoints(args.ckpt_dir, args.max_step, args.step_interval)
+        if len(checkpoints) < 2:
+            raise SubnetscopeError(
+                f"{args.ckpt_dir} has one checkpoint (step {checkpoints[0].step}) in range: a series needs two; "
+                "compare it with --base/--tuned instead"
+            )
+        model = args.model or default_base_for_run(args.ckpt_dir)
+        if model is None:
+            raise SubnetscopeError(f"no --model given and {args.ckpt_dir}/base does not exist: pass --model BASE")
+        base = open_checkpoint(model)
+        opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
+        tuned = opened[-1][1]
+        series = analyze_series(base, opened, rules, device, progress)
+        summary["series"] = write_series_outputs(series, out, args.rule)
+        plots.density_coverage_curves(series, out / "density_coverage.png")
+        plots.hot_histogram(series, args.rule, out / "hot_histogram.png")
+    pair = analyze_pair(base, tuned, rules, device, args.rank, shells, progress)
+    summary["pair"] = write_pair_outputs(pair, out, args.topk)
+    if args.overlap_with:
+        other = open_checkpoint(args.overlap_with)
+        summary["overlap"] = write_overlap_outputs(analyze_overlap(base, tuned, other, rules, device, progress), out)
+    _figures_for_pair(pair, out, args.rule)
+    write_json(out / "summary.json", summary)
+    print(format_pair_table(pair, args.rule, args.topk))
+    if args.overlap_with:
+        o = summary["overlap"][args.rule]
+        print(f"\noverlap ({args.rule}): o1={o['o1']} (random {o['o1_random']:.4f})  "
+              f"o2={o['o2']} (random {o['o2_random']:.4f})  jaccard={o['jaccard']}")
+    print(f"\nresults in {out}/ (summary.json, per_tensor.csv, per_block.csv, per_module.csv, figures)")
+    return summary
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0

@@ -1,0 +1,55 @@
+"""Flags and checks shared by the analysis commands."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..changes import RULES, ChangeRules
+from ..engine import DEFAULT_SHELLS
+from ..errors import SubnetscopeError
+
+
+def add_rule_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("what counts as changed (all three rules are always reported)")
+    group.add_argument("--atol", type=float, default=1e-5,
+                       help="absolute rule: a weight changed if |Δ| > atol (default 1e-5, the RL-sparsity "
+                            "paper's bf16 tolerance; the original design used 1e-6)")
+    group.add_argument("--eta", type=float, default=1e-3,
+                       help="bf16-aware relative rule: changed if |Δ| > eta·max(|w|,|w'|) (default 1e-3)")
+    group.add_argument("--rule", choices=RULES, default="relative",
+                       help="rule used for the figures and the terminal localization line (default relative)")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where the arithmetic runs: auto (cuda when present), cpu, cuda, cuda:N")
+    parser.add_argument("--topk", type=int, default=3, help="k of the top-k block concentration (default 3)")
+    parser.add_argument("--no_tqdm", action="store_true", help="no progress bars (for logs)")
+
+
+def rules_from_args(args: argparse.Namespace) -> ChangeRules:
+    if args.atol < 0 or args.eta < 0:
+        raise SubnetscopeError("--atol and --eta must be >= 0")
+    if args.topk < 1:
+        raise SubnetscopeError("--topk must be at least 1")
+    return ChangeRules(atol=args.atol, eta=args.eta)
+
+
+def resolve_device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise SubnetscopeError(f"--device {spec} was asked for but no CUDA GPU is visible: use --device cpu")
+    try:
+        torch.device(spec)
+    except RuntimeError:
+        raise SubnetscopeError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    return spec
+
+
+def shells_from_args(values: list[int] | None) -> tuple[int, ...]:
+    shells = tuple(values) if values else DEFAULT_SHELLS
+    if any(b <= 0 for b in shells) or list(shells) != sorted(set(shells)):
+        raise SubnetscopeError("--shells takes increasing positive neuron counts, e.g. --shells 8192 16384")
+    return shells

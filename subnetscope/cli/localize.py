@@ -1,0 +1,146 @@
+"""localization_analysis.py: are model A's updates more concentrated across blocks than model B's?"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+from .. import plots
+from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
+from ..engine import analyze_pair, analyze_series
+from ..errors import SubnetscopeError, cli_main
+from ..report import write_csv, write_json, write_pair_outputs
+from ..stats import bootstrap_ci, concentration_statistics, more_concentrated_test
+from .common import add_rule_args, add_run_args, resolve_device, rules_from_args, shells_from_args
+
+DESCRIPTION = """\
+Side-by-side localization of several fine-tuning runs (e.g. GPT-2 vs Gemma-3n with one RL recipe):
+per-block profiles, Gini / normalized entropy / top-k concentration with bootstrap 95% intervals
+(blocks resampled), and a one-sided permutation test (scipy.stats.permutation_test) of whether
+each model's per-block profile is more concentrated than the other's. Each run is its final
+checkpoint against its base; with two or more checkpoints the figures also show the trajectory.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_dirs", nargs="+", required=True, help="one run folder per model")
+    p.add_argument("--models", nargs="+",
+                   help="θ0 of each run, in the same order (folder or Hub id); default: each RUN/base")
+    p.add_argument("--labels", nargs="+", help="names for the figures (default: the run folders' names)")
+    p.add_argument("--max_step", type=int, help="ignore checkpoints after this step")
+    p.add_argument("--step_interval", type=int, help="keep only steps that are multiples of this")
+    add_rule_args(p)
+    add_run_args(p)
+    p.add_argument("--shells", type=int, nargs="+", metavar="N",
+                   help="MatFormer shell boundaries in FFN neurons (default 8192 16384)")
+    p.add_argument("--n_boot", type=int, default=2000, help="bootstrap and permutation resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    p.add_argument("--output_dir", default="plots/comparative", help="results folder (default plots/comparative)")
+    return p
+
+
+def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    n = len(args.ckpt_dirs)
+    if n < 2:
+        raise SubnetscopeError("--ckpt_dirs needs at least two runs to compare")
+    if args.models and len(args.models) != n:
+        raise SubnetscopeError(f"--models has {len(args.models)} entries for {n} --ckpt_dirs: give one per run")
+    if args.labels and len(args.labels) != n:
+        raise SubnetscopeError(f"--labels has {len(args.labels)} entries for {n} --ckpt_dirs: give one per run")
+    labels = args.labels or [Path(d).resolve().name for d in args.ckpt_dirs]
+    models = []
+    for i, run_dir in enumerate(args.ckpt_dirs):
+        model = args.models[i] if args.models else default_base_for_run(run_dir)
+        if model is None:
+            raise SubnetscopeError(f"{run_dir}/base does not exist: pass --models with each run's θ0")
+        models.append(model)
+    return labels, models
+
+
+def run(args: argparse.Namespace) -> dict:
+    labels, models = _check_lengths(args)
+    rules = rules_from_args(args)
+    device = resolve_device(args.device)
+    shells = shells_from_args(args.shells)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_tqdm
+    statistics = concentration_statistics(args.topk)
+    profiles, per_model, series_curves = [], [], []
+    for label, model, run_dir in zip(labels, models, args.ckpt_dirs):
+        checkpoints = find_step_checkpoints(run_dir, args.max_step, args.step_interval)
+        base = open_checkpoint(model)
+        opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
+        pair = analyze_pair(base, opened[-1][1], rules, device, False, shells, progress)
+        write_pair_outputs(pair, out / label, args.topk)
+        per_block = pair.group("block")
+        blocks = pair.blocks()
+        profile = [per_block[b][args.rule] / per_block[b]["numel"] for b in blocks]
+        profiles.append(profile)
+        row = {"model": label, "run": run_dir, "final_step": checkpoints[-1].step, "blocks": len(blocks),
+               "fraction_changed": pair.fraction(args.rule)}
+        for name, stat in statistics.items():
+            low, high = bootstrap_ci(profile, stat, args.n_boot, args.seed)
+            row.update({name: stat(profile), f"{name}_ci_low": low, f"{name}_ci_high": high})
+        shell_rows = [s for s in pair.shells if s["rule"] == args.rule]
+        if shell_rows:
+            row["shell0_ratio_to_uniform"] = shell_rows[0]["ratio_to_uniform"]
+        per_model.append(row)
+        if len(opened) >= 2:
+            series = analyze_series(base, opened, rules, device, progress)
+            series_curves.append((label, series))
+    tests = []
+    for (i, a), (j, b) in itertools.permutations(enumerate(labels), 2):
+        result = more_concentrated_test(profiles[i], profiles[j], args.n_boot, args.seed)
+        tests.append({"hypothesis": f"{a} more concentrated than {b}", "model_a": a, "model_b": b,
+                      "gini_difference": result["statistic"], "p_value": result["p_value"]})
+    write_csv(out / "localization_stats.csv", per_model)
+    write_csv(out / "concentration_tests.csv", tests)
+    write_csv(out / "block_profiles.csv", (
+        {"model": label, "block_position": i, "relative_depth": i / max(1, len(prof) - 1), "fraction_changed": v}
+        for label, prof in zip(labels, profiles) for i, v in enumerate(prof)
+    ))
+    _comparative_figures(labels, profiles, per_model, series_curves, args, out)
+    summary = {"rule": args.rule, "rules": {"atol": rules.atol, "eta": rules.eta}, "models": per_model,
+               "tests": tests, "test": "one-sided permutation test of the Gini difference of mean-normalized "
+                                           "per-block profiles (blocks exchangeable)"}
+    write_json(out / "summary.json", summary)
+    _print_table(per_model, tests, args.topk)
+    print(f"\nresults in {out}/")
+    return summary
+
+
+def _comparative_figures(labels, profiles, per_model, series_curves, args, out: Path) -> None:
+    plots.comparative_block_profiles(labels, profiles, out / "block_profiles.png",
+                                     f"fraction of block changed ({args.rule})")
+    for name in ("gini", "entropy", f"top{args.topk}"):
+        rows = [r for r in per_model if r[name] is not None]
+        if rows:
+            plots.comparative_metric_bars(
+                [r["model"] for r in rows], [r[name] for r in rows],
+                [r[f"{name}_ci_low"] if r[f"{name}_ci_low"] is not None else r[name] for r in rows],
+                [r[f"{name}_ci_high"] if r[f"{name}_ci_high"] is not None else r[name] for r in rows],
+                name, out / f"{name}.png")
+    if series_curves:
+        plots.comparative_series([l for l, _ in series_curves], [s.steps for _, s in series_curves],
+                                 [s.density[args.rule] for _, s in series_curves],
+                                 f"fraction changed vs θ0 ({args.rule})", out / "density_curves.png")
+
+
+def _print_table(per_model: list[dict], tests: list[dict], k: int) -> None:
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    print(f"{'model':>20} {'changed':>9} " + " ".join(f"{n:>24}" for n in ("gini", "entropy", f"top{k}")))
+    for r in per_model:
+        cells = [f"{fmt(r[n])} [{fmt(r[n + '_ci_low'])},{fmt(r[n + '_ci_high'])}]" for n in ("gini", "entropy", f"top{k}")]
+        print(f"{r['model']:>20} {r['fraction_changed']:>9.4%} " + " ".join(f"{c:>24}" for c in cells))
+    for t in tests:
+        print(f"{t['hypothesis']}: Gini difference {fmt(t['gini_difference'])}, p = {fmt(t['p_value'])}")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    run(build_parser().parse_args(argv))
+    return 0

@@ -1,0 +1,158 @@
+"""Figures for papers: each function writes one PNG whose numbers are also in a CSV beside it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .changes import RULES  # noqa: E402
+from .engine import PairResult, SeriesResult  # noqa: E402
+
+RULE_LABELS = {"exact": "exact (bits differ)", "atol": "|Δ| > atol", "relative": "|Δ| > η·max|w|"}
+RULE_COLORS = {"exact": "#1f77b4", "atol": "#ff7f0e", "relative": "#2ca02c"}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def block_module_heatmap(pair: PairResult, rule: str, path: Path) -> Path:
+    blocks = pair.blocks()
+    modules = sorted({t.module for t in pair.tensors if t.block is not None})
+    grid = np.full((len(blocks), len(modules)), np.nan)
+    totals: dict[tuple[int, str], list[int]] = {}
+    for t in pair.tensors:
+        if t.block is None:
+            continue
+        cell = totals.setdefault((t.block, t.module), [0, 0])
+        cell[0] += t.changed[rule]
+        cell[1] += t.numel
+    for (b, m), (c, n) in totals.items():
+        grid[blocks.index(b), modules.index(m)] = c / n if n else np.nan
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(modules) + 2), max(3, 0.28 * len(blocks) + 1.5)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
+    ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
+    ax.set_xlabel("module type")
+    ax.set_ylabel("block")
+    ax.set_title(f"fraction of weights changed ({RULE_LABELS[rule]})")
+    fig.colorbar(im, ax=ax, label="fraction changed")
+    return _save(fig, path)
+
+
+def per_block_bars(pair: PairResult, path: Path) -> Path:
+    per_block = pair.group("block")
+    blocks = pair.blocks()
+    x = np.arange(len(blocks))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(blocks) + 3), 4))
+    for i, rule in enumerate(RULES):
+        values = [per_block[b][rule] / per_block[b]["numel"] for b in blocks]
+        ax.bar(x + (i - 1) * width, values, width, label=RULE_LABELS[rule], color=RULE_COLORS[rule])
+    ax.set_xticks(x, [str(b) for b in blocks])
+    ax.set_xlabel("block")
+    ax.set_ylabel("fraction of block's weights changed")
+    ax.set_title("changed weights per block")
+    ax.legend()
+    return _save(fig, path)
+
+
+def rank_histogram(pair: PairResult, path: Path) -> Path | None:
+    pct = [100 * t.rank / t.full_rank for t in pair.tensors if t.rank is not None and t.full_rank]
+    if not pct:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(pct, bins=np.linspace(0, 100, 21), color="#4c72b0", edgecolor="white")
+    ax.set_xlabel("numerical rank of Δ (% of full rank)")
+    ax.set_ylabel("matrices")
+    ax.set_title(f"update rank, {len(pct)} matrices (mean {np.mean(pct):.1f}%)")
+    return _save(fig, path)
+
+
+def shell_chart(pair: PairResult, rule: str, path: Path) -> Path | None:
+    rows = [r for r in pair.shells if r["rule"] == rule]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [f"shell {r['shell']}\n(to {r['boundary']})" for r in rows]
+    ax.bar(labels, [r["density"] for r in rows], color="#55a868", label="observed density")
+    ax.axhline(rows[0]["expected_uniform"], color="black", linestyle="--", label="uniform expectation")
+    ax.set_ylabel("fraction of shell's FFN weights changed")
+    ax.set_title(f"MatFormer shells ({RULE_LABELS[rule]})")
+    ax.legend()
+    return _save(fig, path)
+
+
+def density_coverage_curves(series: SeriesResult, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for rule in RULES:
+        kw = {"label": RULE_LABELS[rule], "color": RULE_COLORS[rule], "marker": "o", "markersize": 3}
+        axes[0].plot(series.steps, series.density[rule], **kw)
+        coverage = [np.nan if v is None else v for v in series.coverage[rule]]
+        axes[1].plot(series.steps, coverage, **kw)
+        axes[2].plot(series.steps, series.consecutive[rule], **kw)
+    titles = ("density: fraction changed vs θ0", "coverage: share of final subnetwork reached",
+              "change since previous checkpoint")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fraction")
+    axes[0].legend()
+    return _save(fig, path)
+
+
+def hot_histogram(series: SeriesResult, rule: str, path: Path) -> Path:
+    counts = np.asarray(series.hot_histogram[rule], dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(np.arange(counts.size), counts / counts.sum(), color=RULE_COLORS[rule])
+    ax.set_yscale("log")
+    ax.set_xlabel("checkpoints at which the weight changed")
+    ax.set_ylabel("fraction of weights")
+    ax.set_title(f"how often each weight changed ({RULE_LABELS[rule]})")
+    return _save(fig, path)
+
+
+def comparative_block_profiles(labels: Sequence[str], profiles: Sequence[Sequence[float]], path: Path, ylabel: str) -> Path:
+    """Per-block profiles of several models on a relative depth axis (models differ in depth)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, prof in zip(labels, profiles):
+        depth = np.linspace(0, 1, len(prof)) if len(prof) > 1 else np.zeros(1)
+        ax.plot(depth, prof, marker="o", markersize=3, label=label)
+    ax.set_xlabel("relative depth (block / last block)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("where the updates sit")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def comparative_metric_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence[float],
+                            highs: Sequence[float], metric: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 4))
+    vals = np.asarray(values, dtype=np.float64)
+    err = np.vstack([vals - np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64) - vals])
+    ax.bar(labels, vals, yerr=err, capsize=6, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(labels)])
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} across blocks (bootstrap 95% CI)")
+    return _save(fig, path)
+
+
+def comparative_series(labels: Sequence[str], steps: Sequence[Sequence[int]], values: Sequence[Sequence[float]],
+                       ylabel: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, s, v in zip(labels, steps, values):
+        ax.plot(s, [np.nan if x is None else x for x in v], marker="o", markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

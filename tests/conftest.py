@@ -1,0 +1,50 @@
+"""Fixtures: tiny models saved the way users save them, and planted deltas with known counts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINY_GPT2_DIR = SHARED / "models" / "tiny-gpt2"
+IMDB_JSONL = SHARED / "data" / "imdb" / "train.jsonl.gz"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+
+
+def requires_shared(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} (../shared) is not beside the checkout")
+
+
+def plant(state: dict[str, torch.Tensor], counts: dict[str, int], seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """Copy `state` and change exactly counts[name] entries of each named tensor by a large relative step."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {k: v.clone() for k, v in state.items()}
+    for name, k in counts.items():
+        flat = out[name].view(-1)
+        idx = torch.randperm(flat.numel(), generator=gen)[:k]
+        old = flat[idx].float()
+        flat[idx] = (old + scale * (old.abs() + 0.1)).to(flat.dtype)
+    return out
+
+
+def save_state(folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def tiny_gpt2_pair(tmp_path):
+    """A bf16 tiny GPT-2 saved sharded (index json) and a copy with known changed counts."""
+    from subnetscope.models import tiny_model
+
+    model = tiny_model("gpt2", vocab_size=64, n_layer=3).to(torch.bfloat16)
+    base = tmp_path / "base"
+    model.save_pretrained(base, max_shard_size="20KB")
+    state = {k: v.detach() for k, v in model.state_dict().items() if "lm_head" not in k}
+    counts = {"transformer.h.1.attn.c_attn.weight": 37, "transformer.h.1.mlp.c_fc.weight": 100,
+              "transformer.h.2.ln_1.weight": 5, "transformer.wte.weight": 11}
+    tuned = save_state(tmp_path / "tuned", plant(state, counts))
+    return base, tuned, counts, state
