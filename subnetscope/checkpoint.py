@@ -77,41 +77,43 @@ class TensorSource:
 
 
 class SafetensorsSource(TensorSource):
-    """One safetensors file or a sharded set described by `model.safetensors.index.json`."""
+    """One safetensors file or a sharded set described by `model.safetensors.index.json`.
+
+    The headers are read once; each `get` maps the file anew and returns a zero-copy tensor, so
+    the mapped pages are released with the tensor instead of piling up in the process's RSS.
+    """
 
     def __init__(self, files: list[Path], label: str):
         self.label = label
-        self._handles = []
-        self._where: dict[str, tuple[int, str]] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for path in files:
             try:
-                handle = safe_open(str(path), framework="pt", device="cpu")
+                with safe_open(str(path), framework="pt", device="cpu") as handle:
+                    for key in handle.keys():
+                        sl = handle.get_slice(key)
+                        self._where[canonical_name(key)] = (path, key)
+                        self._meta[canonical_name(key)] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
             except Exception as err:  # the Rust error types carry the useful text
                 raise SubnetscopeError(
                     f"{path} is not a readable safetensors file ({err}); it may be truncated or "
                     "corrupt: re-save or re-download it"
                 ) from None
-            self._handles.append(handle)
-            for key in handle.keys():
-                self._where[canonical_name(key)] = (len(self._handles) - 1, key)
 
     def names(self) -> list[str]:
         return list(self._where)
 
-    def _slice(self, name: str):
-        index, key = self._where[name]
-        return self._handles[index].get_slice(key)
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._meta[name][0]
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        index, key = self._where[name]
+        path, key = self._where[name]
         try:
-            return self._handles[index].get_tensor(key)
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(key)
         except Exception as err:
             raise SubnetscopeError(f"{self.label}: cannot read tensor {key!r} ({err})") from None
 
@@ -149,14 +151,14 @@ class CompactSource(TensorSource):
 
     def __init__(self, folder: Path, label: str):
         self.label = label
-        path = folder / COMPACT_FILE
+        self._path = folder / COMPACT_FILE
         try:
-            self._delta = safe_open(str(path), framework="pt", device="cpu")
+            with safe_open(str(self._path), framework="pt", device="cpu") as handle:
+                meta = handle.metadata() or {}
         except Exception as err:
-            raise SubnetscopeError(f"{path} is not a readable compact checkpoint ({err})") from None
-        meta = self._delta.metadata() or {}
+            raise SubnetscopeError(f"{self._path} is not a readable compact checkpoint ({err})") from None
         if meta.get("format") != COMPACT_FORMAT:
-            raise SubnetscopeError(f"{path} is not a subnetscope compact checkpoint (format {meta.get('format')!r})")
+            raise SubnetscopeError(f"{self._path} is not a subnetscope compact checkpoint (format {meta.get('format')!r})")
         self.step = int(meta["step"])
         self.base = open_checkpoint(str((folder / meta["base"]).resolve()))
         self._shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
@@ -170,15 +172,16 @@ class CompactSource(TensorSource):
     def dtype(self, name: str) -> torch.dtype:
         return self.base.dtype(name)
 
+    def _read(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(key)
+
     def changed_mask(self, name: str) -> torch.Tensor:
-        packed = self._delta.get_tensor(f"{name}::mask")
-        return unpack_bits(packed, self.numel(name)).view(self._shapes[name])
+        return unpack_bits(self._read(f"{name}::mask"), self.numel(name)).view(self._shapes[name])
 
     def get(self, name: str) -> torch.Tensor:
         weights = self.base.get(name).clone()
-        mask = self.changed_mask(name)
-        values = self._delta.get_tensor(f"{name}::values")
-        weights[mask] = values.to(weights.dtype)
+        weights[self.changed_mask(name)] = self._read(f"{name}::values").to(weights.dtype)
         return weights
 
 
@@ -331,8 +334,3 @@ def find_step_checkpoints(run_dir: str, max_step: int | None = None, step_interv
 def default_base_for_run(run_dir: str) -> str | None:
     base = Path(run_dir) / BASE_DIR
     return str(base) if base.is_dir() else None
-
-
-def iter_common_names(a: TensorSource, b: TensorSource) -> Iterator[str]:
-    other = set(b.names())
-    return (n for n in a.names() if n in other)

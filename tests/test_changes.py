@@ -1,4 +1,6 @@
 """The three rules of "changed" on planted deltas, and the chunked kernel against float64 numpy."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -52,8 +54,7 @@ def reference_stats(a: np.ndarray, b: np.ndarray, atol: float, eta: float) -> di
 
 
 @pytest.mark.parametrize("shape", [(300, 70), (5000,), (3, 4, 50)])
-def test_chunked_kernel_matches_numpy(monkeypatch, shape):
-    monkeypatch.setattr(changes, "CPU_CHUNK", 512)  # many chunks, some ragged
+def test_kernel_matches_numpy(shape):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(shape, generator=gen)
     keep = torch.rand(shape, generator=gen) < 0.8
@@ -74,13 +75,15 @@ def test_chunked_kernel_matches_numpy(monkeypatch, shape):
 
 
 def test_kernel_counts_nonfinite_and_keeps_stats_finite():
-    a = torch.tensor([1.0, 2.0, float("inf"), 4.0])
-    b = torch.tensor([1.0, float("nan"), float("inf"), 4.5])
+    a = torch.tensor([1.0, 2.0, float("inf"), 4.0, float("nan")])
+    b = torch.tensor([1.0, float("nan"), float("inf"), 4.5, 3.0])
     got = diff_stats(a, b, ChangeRules())
-    assert got.nonfinite_base == 1 and got.nonfinite_tuned == 2
-    assert got.changed["exact"] == 2
+    assert got.nonfinite_base == 2 and got.nonfinite_tuned == 2
+    assert got.changed["exact"] == 3
     assert got.abs_max == pytest.approx(0.5)
-    assert got.finite_count == 2  # |Δ| is NaN at index 1 and inf − inf = NaN at index 2
+    assert got.finite_count == 3  # unchanged entries have Δ = 0, even the inf; NaN Δ at indices 1 and 4
+    assert got.abs_mean == pytest.approx(0.5 / 3)
+    assert got.relative_norm == pytest.approx(0.5 / math.sqrt(1 + 4 + 16))
 
 
 def test_rules_never_modify_their_inputs():
