@@ -114,6 +114,8 @@ def child(task: str, base: str, tuned: str, device: str) -> None:
         import torch  # noqa: F401  (import cost is not part of the work being timed)
         import transformers  # noqa: F401
         import subnetscope.engine  # noqa: F401
+        if device.startswith("cuda"):
+            torch.zeros(1, device=device)  # CUDA context start-up is not part of the work
     start_rss = current_rss_mb()
     t0 = time.perf_counter()
     result = TASKS[task](base, tuned, device)

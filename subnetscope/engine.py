@@ -5,7 +5,9 @@ checkpoint's copy of one tensor, then the next tensor), so peak memory stays a f
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -136,6 +138,11 @@ def _load_pair(base: TensorSource, tuned: TensorSource, name: str, notes: list[s
     return a, b, "; ".join(note)
 
 
+def default_workers() -> int:
+    """Tensors compared at once: reading one overlaps computing another (torch releases the GIL)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def analyze_pair(
     base: TensorSource,
     tuned: TensorSource,
@@ -144,14 +151,14 @@ def analyze_pair(
     rank: bool = False,
     shells: Sequence[int] = DEFAULT_SHELLS,
     progress: bool = True,
+    workers: int | None = None,
 ) -> PairResult:
     """Every per-tensor metric for one (base, tuned) pair, streamed tensor by tensor."""
     common, only_base, only_tuned = _pair_names(base, tuned)
     result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned)
     shell_acc: dict[tuple[str, int], dict] = {}
-    total_bytes = sum(base.numel(n) * base.dtype(n).itemsize * 2 for n in common)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="comparing", disable=not progress)
-    for name in common:
+
+    def compare(name: str):
         a, b, note = _load_pair(base, tuned, name, result.notes)
         axis = neuron_axis(name, tuple(a.shape))
         stats = diff_stats(a, b, rules, per_row_col=axis is not None, device=device)
@@ -165,14 +172,21 @@ def analyze_pair(
         if rank and a.dim() == 2:
             delta = b.to(device=device, dtype=torch.float32) - a.to(device=device, dtype=torch.float32)
             tr.rank, tr.full_rank = update_rank(delta, device)
-        if axis is not None:
-            _accumulate_shells(shell_acc, tr, stats, axis, shells)
-        if stats.nonfinite_base or stats.nonfinite_tuned:
-            msg = f"{name}: NaN/inf weights: {stats.nonfinite_base} in the base, {stats.nonfinite_tuned} in the tuned model"
-            warn(msg)
-            result.notes.append(msg)
-        result.tensors.append(tr)
-        bar.update(base.numel(name) * base.dtype(name).itemsize * 2)
+        return tr, stats, axis
+
+    total_bytes = sum(base.numel(n) * base.dtype(n).itemsize * 2 for n in common)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="comparing", disable=not progress)
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        for tr, stats, axis in pool.map(compare, common):
+            if axis is not None:
+                _accumulate_shells(shell_acc, tr, stats, axis, shells)
+            if stats.nonfinite_base or stats.nonfinite_tuned:
+                msg = (f"{tr.name}: NaN/inf weights: {stats.nonfinite_base} in the base, "
+                       f"{stats.nonfinite_tuned} in the tuned model")
+                warn(msg)
+                result.notes.append(msg)
+            result.tensors.append(tr)
+            bar.update(base.numel(tr.name) * base.dtype(tr.name).itemsize * 2)
     bar.close()
     result.shells = _finish_shells(shell_acc, shells)
     return result
