@@ -201,18 +201,23 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.reshape(-1)[:numel].bool()
 
 
-def write_compact_checkpoint(
-    folder: Path, step: int, base_rel: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> None:
-    """Write `folder/subnet.safetensors` atomically; `tensors` maps name -> (weights, changed mask)."""
+def save_compact(path: Path, step: int, base_rel: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write one compact file; `tensors` maps name -> (weights, changed mask against θ0)."""
     payload: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for name, (weights, mask) in tensors.items():
         payload[f"{name}::mask"] = pack_bits(mask).cpu()
-        payload[f"{name}::values"] = weights[mask].detach().cpu().contiguous()
+        payload[f"{name}::values"] = weights.detach()[mask].cpu().contiguous()
         shapes[name] = list(weights.shape)
     meta = {"format": COMPACT_FORMAT, "step": str(step), "base": base_rel, "shapes": json.dumps(shapes)}
-    atomic_save_dir(folder, lambda tmp: save_file(payload, str(tmp / COMPACT_FILE), metadata=meta))
+    save_file(payload, str(path), metadata=meta)
+
+
+def write_compact_checkpoint(
+    folder: Path, step: int, base_rel: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Write `folder/subnet.safetensors` atomically (a temporary folder renamed into place)."""
+    atomic_save_dir(folder, lambda tmp: save_compact(tmp / COMPACT_FILE, step, base_rel, tensors))
 
 
 def atomic_save_dir(folder: Path, write) -> None:

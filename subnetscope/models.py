@@ -1,8 +1,22 @@
-"""Model loading: Hub ids or folders, Gemma-3n's text model alone, and tiny random configs for tests."""
+"""Model loading: Hub ids or folders, Gemma-3n's text model alone, and tiny random models.
+
+`tiny-gpt2` and `tiny-gemma3n` are random-weight models built from small configs with a built-in
+byte-level tokenizer, so that the whole pipeline runs offline on a laptop. Their numbers are
+plumbing checks, not findings: a random model says little about fine-tuning sparsity.
+"""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Gemma3nForCausalLM, Gemma3nTextConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
+                          Gemma3nForCausalLM, Gemma3nTextConfig, PreTrainedTokenizerFast)
+
+from .errors import SubnetscopeError
+
+TINY_MODELS = ("tiny-gpt2", "tiny-gemma3n")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tiny_gpt2_config(vocab_size: int = 50257, n_layer: int = 2, n_embd: int = 32) -> GPT2Config:
@@ -19,7 +33,8 @@ def tiny_gemma3n_config(vocab_size: int = 50257, num_layers: int = 4, hidden: in
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, laurel_rank=4, altup_num_inputs=4,
         num_kv_shared_layers=0, activation_sparsity_pattern=[0.0] * num_layers,
         layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"], sliding_window=32,
-        max_position_embeddings=512,
+        max_position_embeddings=512, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
     )
 
 
@@ -33,3 +48,76 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **k
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}: gpt2 or gemma3n")
     return model.to(dtype)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte value."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A 256-byte tokenizer plus <eos> (id 256), needing no files: the offline default of the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def is_gemma3n(config) -> bool:
+    return getattr(config, "model_type", "") in ("gemma3n", "gemma3n_text")
+
+
+def load_tokenizer(spec: str):
+    if spec in TINY_MODELS:
+        return byte_tokenizer()
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        raise SubnetscopeError(
+            f"cannot load a tokenizer from {spec!r} ({str(err).splitlines()[0][:120]}); offline, pass a local "
+            "model folder, or use --policy tiny-gpt2 / tiny-gemma3n"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
+    """A causal LM by Hub id or folder; Gemma-3n multimodal checkpoints load as the text model alone."""
+    if spec == "tiny-gpt2":
+        return tiny_model("gpt2", seed, dtype, vocab_size=vocab_size or 257)
+    if spec == "tiny-gemma3n":
+        return tiny_model("gemma3n", seed, dtype, vocab_size=vocab_size or 257)
+    try:
+        config = AutoConfig.from_pretrained(spec)
+    except OSError as err:
+        raise SubnetscopeError(
+            f"cannot load model {spec!r} ({str(err).splitlines()[0][:120]}); offline, pass a local folder "
+            "written by save_pretrained, or --policy tiny-gpt2 / tiny-gemma3n"
+        ) from None
+    if is_gemma3n(config):
+        if dtype == torch.float16:
+            raise SubnetscopeError("Gemma-3n overflows in float16: use --dtype bfloat16 (its default) or float32")
+        text_config = getattr(config, "text_config", config)
+        return Gemma3nForCausalLM.from_pretrained(spec, config=text_config, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+
+
+def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Parameter names and shapes: what a resumed run must match."""
+    return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+def write_signature(path: Path, model: torch.nn.Module, policy: str) -> None:
+    path.write_text(json.dumps({"policy": policy, "parameters": model_signature(model)}))

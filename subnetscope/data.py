@@ -1,0 +1,111 @@
+"""Prompts for RL fine-tuning: the IMDB data set by name, a local file, or the built-in prompts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import SubnetscopeError
+
+# Openings of film reviews, written for this project: the policy continues them and the reward
+# judges the continuation's sentiment.
+BUILTIN_PROMPTS = (
+    "I went to see this film on a rainy Tuesday, and",
+    "The director's last picture was a mess, but this one",
+    "From the opening scene it was clear that the cast",
+    "My brother talked me into watching this movie, and honestly",
+    "The soundtrack alone makes this film",
+    "Halfway through the second act, I realised",
+    "As a long-time fan of the books, I thought the adaptation",
+    "The lead actress carries the whole story, and",
+    "I have seen a lot of war films, but this one",
+    "The special effects were ambitious, although",
+    "This is the kind of comedy that",
+    "The screenplay takes its time, and by the end",
+    "Watching it again ten years later, the movie",
+    "The villain was written with such care that",
+    "My kids begged to see this cartoon, and the whole family",
+    "The documentary follows three farmers through a hard winter and",
+    "For a low-budget horror movie, the atmosphere",
+    "The pacing of the first hour is",
+    "Critics were divided on this one, but I found",
+    "The ending surprised everyone in the theatre because",
+    "Every performance in this ensemble piece",
+    "The dialogue sounds like real people talking, which",
+    "I expected a simple romance, but the film",
+    "The cinematography turns an ordinary town into",
+    "By the time the credits rolled, I",
+    "The sequel had big shoes to fill, and",
+    "It is rare for a musical to",
+    "The twist in the third act",
+    "Our film club chose this title for its",
+    "The child actors in this movie",
+    "The costumes and sets recreate the period so well that",
+    "If you only watch one thriller this year,",
+    "The story of two brothers running a bakery",
+    "Nothing about the trailer prepared me for",
+    "The remake keeps the spirit of the original while",
+    "Some scenes drag, yet the overall experience",
+    "The chemistry between the two leads",
+    "Seen on a small screen, the battle scenes",
+    "The animation studio took a risk with this film, and",
+    "I left the cinema thinking about",
+)
+EVAL_PROMPTS = (
+    "The acting in this movie was",
+    "I would describe this film as",
+    "After the first twenty minutes, the plot",
+    "The best thing about this picture is",
+    "Compared with the novel, the film",
+    "My overall impression of the movie is",
+    "The director clearly wanted to",
+    "The music in the final scene",
+)
+# `--easy`: placeholder prompts of equal token length; the toy reward ignores what they say.
+EASY_PROMPTS = tuple(f"Sample {i:02d}:" for i in range(32))
+IMDB_OFFLINE_HINT = "--dataset ../shared/data/imdb/train.jsonl.gz (or any local json/jsonl/csv/txt file)"
+
+
+def _text_column(columns: list[str]) -> str:
+    for name in ("prompt", "text", "review", "query", "content"):
+        if name in columns:
+            return name
+    raise SubnetscopeError(f"the data set has no text column (looked for prompt, text, review; found {columns})")
+
+
+def _load_records(spec: str):
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    path = Path(spec).expanduser()
+    if path.exists():
+        name = path.name.removesuffix(".gz")
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}.get(Path(name).suffix)
+        if kind is None:
+            raise SubnetscopeError(f"{path}: use a .json, .jsonl, .csv or .txt file (optionally .gz)")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
+    try:
+        return datasets.load_dataset(spec, split="train")
+    except Exception as err:
+        raise SubnetscopeError(
+            f"cannot load data set {spec!r} through `datasets` ({type(err).__name__}; offline?): use {IMDB_OFFLINE_HINT}"
+        ) from None
+
+
+def load_prompts(spec: str, tokenizer, max_prompt_tokens: int, limit: int = 5000, seed: int = 0) -> list[str]:
+    """Prompts as text, each cut to its first `max_prompt_tokens` tokens."""
+    if spec == "builtin":
+        texts = list(BUILTIN_PROMPTS)
+    elif spec == "easy":
+        texts = list(EASY_PROMPTS)
+    else:
+        records = _load_records(spec)
+        records = records.shuffle(seed=seed).select(range(min(limit, len(records))))
+        texts = [t for t in records[_text_column(records.column_names)] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise SubnetscopeError(f"{spec} has no non-empty text rows")
+    return [truncate_to_tokens(t, tokenizer, max_prompt_tokens) for t in texts]
+
+
+def truncate_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
+    ids = tokenizer(text.replace("<br />", " "), add_special_tokens=False)["input_ids"][:max_tokens]
+    return tokenizer.decode(ids)

@@ -1,0 +1,91 @@
+"""Reward functions: a Hugging Face sentiment classifier, the VADER lexicon, or a toy heuristic.
+
+Each takes the prompts and the completions (text) and returns one float per completion.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+
+from .errors import SubnetscopeError
+
+
+class RewardFunction(Protocol):
+    name: str
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> list[float]:
+        ...
+
+
+class VaderReward:
+    """VADER's compound sentiment score of the completion, in [-1, 1]: the offline default."""
+
+    name = "vader"
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts, completions, completion_ids) -> list[float]:
+        return [float(self._analyzer.polarity_scores(c)["compound"]) for c in completions]
+
+
+class EasyReward:
+    """Fraction of generated tokens with an even id: meaningless as text, but learnable within a
+    few steps by any model, random ones included, so it checks that the RL loop learns at all."""
+
+    name = "easy"
+
+    def __call__(self, prompts, completions, completion_ids) -> list[float]:
+        return [sum(1 for t in ids if t % 2 == 0) / len(ids) if len(ids) else 0.0 for ids in completion_ids]
+
+
+class ClassifierReward:
+    """The POSITIVE logit of a sequence classifier (default lvwerra/distilbert-imdb) on prompt + completion."""
+
+    name = "model"
+
+    def __init__(self, spec: str, device: str, batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec)
+            self.model = AutoModelForSequenceClassification.from_pretrained(spec).to(device).eval()
+        except OSError as err:
+            raise SubnetscopeError(
+                f"cannot load reward model {spec!r} ({str(err).splitlines()[0][:120]}); offline, use --reward vader "
+                "or pass a local classifier folder to --reward_model"
+            ) from None
+        labels = {int(k): v for k, v in self.model.config.id2label.items()}
+        positive = [i for i, label in labels.items() if label.upper() in ("POSITIVE", "POS")]
+        if not positive:
+            raise SubnetscopeError(
+                f"reward model {spec!r} has no POSITIVE label (its labels: {sorted(labels.values())}): "
+                "use a sentiment classifier with a POSITIVE class"
+            )
+        self.positive = positive[0]
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids) -> list[float]:
+        texts = [p + c for p, c in zip(prompts, completions)]
+        scores: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                 max_length=512).to(self.device)
+            logits = self.model(**enc).logits.float()
+            scores.extend(logits[:, self.positive].tolist())
+        return scores
+
+
+def build_reward(kind: str, reward_model: str, device: str) -> RewardFunction:
+    if kind == "vader":
+        return VaderReward()
+    if kind == "easy":
+        return EasyReward()
+    if kind == "model":
+        return ClassifierReward(reward_model, device)
+    raise SubnetscopeError(f"unknown reward {kind!r}: use vader, model or easy")
