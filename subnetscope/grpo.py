@@ -45,6 +45,7 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     beta: float = 0.04
     epsilon: float = 0.2
+    kl_correction: bool = True
     adv_clip: float = 5.0
     temperature: float = 1.0
     max_prompt_tokens: int = 32
@@ -93,8 +94,14 @@ def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
                     temperature: float) -> torch.Tensor:
-    """Log-probabilities of the last `n_completion` tokens under softmax(logits / T), as sampled."""
+    """Log-probabilities of the last `n_completion` tokens under softmax(logits / T), as sampled.
+
+    Masked positions get the row's first real token instead of the pad token: a pad embedding of
+    zeros (random Gemma-3n inits) makes AltUp's magnitude sqrt give NaN gradients, mask or not.
+    """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    first_real = input_ids.gather(1, attention_mask.long().argmax(1, keepdim=True))
+    input_ids = torch.where(attention_mask.bool(), input_ids, first_real)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    logits_to_keep=n_completion + 1, use_cache=False).logits
     logits = logits[:, :-1, :] / temperature
@@ -116,15 +123,20 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> tor
 
 
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor, beta: float, epsilon: float) -> tuple[torch.Tensor, dict]:
-    """TRL's loss_type="grpo": clipped surrogate plus β·k3 KL, token mean per sequence, then mean."""
+              advantages: torch.Tensor, mask: torch.Tensor, beta: float, epsilon: float,
+              kl_correction: bool = True) -> tuple[torch.Tensor, dict]:
+    """TRL's loss_type="grpo": clipped surrogate plus β·k3 KL, token mean per sequence, then mean.
+
+    With `kl_correction` (TRL's use_bias_correction_kl, its default) the KL term is weighted by the
+    importance ratio, which keeps its gradient unbiased for samples drawn from the old policy.
+    """
     ratio = torch.exp(logps - old_logps)
     adv = advantages.unsqueeze(1)
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * adv)
     kl = None
     if beta != 0.0 and ref_logps is not None:
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
-        per_token = per_token + beta * kl
+        per_token = per_token + beta * (kl * ratio if kl_correction else kl)
     mask = mask.to(per_token.dtype)
     lengths = mask.sum(-1).clamp(min=1.0)
     loss = ((per_token * mask).sum(-1) / lengths).mean()
@@ -185,7 +197,8 @@ class GRPOTrainer:
         self.gemma3n = is_gemma3n(self.policy.config)
         disable_dropout(self.policy)
         if config.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            enable = getattr(self.policy, "activation_checkpointing_enable", None)  # transformers >= 5.20 name
+            (enable or self.policy.gradient_checkpointing_enable)()
         self.policy.to(self.device)
         self.ref_device = resolve_device(config.ref_device, self.device)
         self.ref = None
@@ -269,13 +282,15 @@ class GRPOTrainer:
                 rows.append(i * cfg.group_size + g)
         return prompts, torch.tensor(rows)
 
-    def _rewards(self, prompts: list[str], rollout: Rollout) -> torch.Tensor:
+    def _rewards(self, prompts: list[str], rollout: Rollout, training: bool = True) -> torch.Tensor:
+        """Rewards as a tensor; NaN/inf become NaN (advantage 0) and, in training, are counted."""
         ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
         values = self.reward_fn(prompts, rollout.texts, ids)
         rewards = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
         bad = ~torch.isfinite(rewards)
         if bad.any():
-            self.skipped_rewards += int(bad.sum())
+            if training:
+                self.skipped_rewards += int(bad.sum())
             rewards[bad] = float("nan")
         return rewards
 
@@ -310,12 +325,15 @@ class GRPOTrainer:
         for _ in range(cfg.inner_epochs):
             logps = per_token_logps(self.model, ids, mask, n_comp, cfg.temperature)
             loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps,
-                                    advantages, comp_mask, cfg.beta, cfg.epsilon)
+                                    advantages, comp_mask, cfg.beta, cfg.epsilon, cfg.kl_correction)
             self.accelerator.backward(loss)
             if cfg.max_grad_norm > 0:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()  # so that time/tracker holds the tracker's work alone
+        t_track = time.perf_counter()
         record = self.tracker.update(step)
         t_end = time.perf_counter()
         gathered = self.accelerator.gather(rewards.to(self.device))
@@ -323,7 +341,7 @@ class GRPOTrainer:
         metrics = {
             "reward/mean": float(torch.nanmean(gathered)), "reward/std": float(torch.nan_to_num(gathered).std()),
             "loss": float(loss.detach()), "skipped_rewards": self.skipped_rewards,
-            "time/step": t_end - t0, "time/generate": t_gen - t0,
+            "time/step": t_end - t0, "time/generate": t_gen - t0, "time/tracker": t_end - t_track,
             "throughput/tokens_per_s": float(tokens) / (t_end - t0),
             "completion_length": float(tokens) / gathered.numel(),
             **stats, **self.tracker.metrics(record),
@@ -340,7 +358,7 @@ class GRPOTrainer:
         for mode, greedy in (("greedy", True), ("sampled", False)):
             rollout = generate(unwrapped, self.tokenizer, self.eval_prompts, rows, seed=cfg.seed, step=EVAL_SEED_STEP,
                                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, greedy=greedy)
-            rewards = self._rewards(self.eval_prompts, rollout)
+            rewards = self._rewards(self.eval_prompts, rollout, training=False)
             out[f"eval/{mode}/reward"] = float(torch.nanmean(rewards))
             if self.ref is not None:
                 ids, mask = rollout.input_ids.to(self.device), rollout.attention_mask.to(self.device)

@@ -1,7 +1,7 @@
 """Model loading: Hub ids or folders, Gemma-3n's text model alone, and tiny random models.
 
 `tiny-gpt2` and `tiny-gemma3n` are random-weight models built from small configs with a built-in
-byte-level tokenizer, so that the whole pipeline runs offline on a laptop. Their numbers are
+word-level tokenizer, so that the whole pipeline runs offline on a laptop. Their numbers are
 plumbing checks, not findings: a random model says little about fine-tuning sparsity.
 """
 from __future__ import annotations
@@ -50,28 +50,30 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32, **k
     return model.to(dtype)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for each byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+# Mild sentiment words, so that a random tiny model's text carries something VADER can score.
+SENTIMENT_WORDS = (
+    "good great wonderful lovely enjoyable brilliant fun beautiful excellent happy best love liked charming "
+    "delightful superb fine nice warm funny clever bad boring dull awful poor weak terrible worst disappointing "
+    "hated messy tedious bland annoying sad ugly silly slow confusing"
+).split()
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 256-byte tokenizer plus <eos> (id 256), needing no files: the offline default of the tiny models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-case word-level tokenizer over the built-in prompts' words and some sentiment words,
+    plus <unk> and <eos>: the offline, file-free tokenizer of the tiny models."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    from .data import BUILTIN_PROMPTS, EASY_PROMPTS, EVAL_PROMPTS
+
+    words: dict[str, int] = {"<unk>": 0, "<eos>": 1}
+    splitter = pre_tokenizers.Whitespace()
+    for text in (*BUILTIN_PROMPTS, *EVAL_PROMPTS, *EASY_PROMPTS, " ".join(SENTIMENT_WORDS), ". , ! ?"):
+        for word, _ in splitter.pre_tokenize_str(text.lower()):
+            words.setdefault(word, len(words))
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = splitter
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
 def is_gemma3n(config) -> bool:
@@ -80,7 +82,7 @@ def is_gemma3n(config) -> bool:
 
 def load_tokenizer(spec: str):
     if spec in TINY_MODELS:
-        return byte_tokenizer()
+        return word_tokenizer()
     try:
         tok = AutoTokenizer.from_pretrained(spec)
     except OSError as err:

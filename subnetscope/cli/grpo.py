@@ -24,7 +24,7 @@ Presets (explicit flags win over them):
   --short  10 steps, checkpoints every 5; Gemma models get Adafactor and gradient checkpointing
   --easy   placeholder prompts and a toy reward (even token ids), no reward model
   --demo   the README's first command: short runs of tiny GPT-2 and tiny Gemma-3n, then the analysis
-Policies: a Hub id, a local folder, or tiny-gpt2 / tiny-gemma3n (random, offline, byte tokenizer).
+Policies: a Hub id, a local folder, or tiny-gpt2 / tiny-gemma3n (random weights, offline, word-level tokenizer).
 Many GPUs: accelerate launch --num_processes N main_grpo.py ...
 """
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     algo.add_argument("--inner_epochs", type=int, help=f"optimizer steps per rollout batch (default {d.inner_epochs})")
     algo.add_argument("--beta", type=float, help=f"KL penalty weight, k3 estimator; 0 = no reference model (default {d.beta})")
     algo.add_argument("--epsilon", type=float, help=f"ratio clipping range (default {d.epsilon})")
+    algo.add_argument("--no_kl_correction", dest="kl_correction", action="store_false",
+                      help="plain k3 KL; by default it is weighted by the importance ratio, as TRL's use_bias_correction_kl")
     algo.add_argument("--adv_clip", type=float, help=f"advantages are clipped to ±this (default {d.adv_clip})")
     opt = p.add_argument_group("optimizer and precision")
     opt.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")

@@ -1,0 +1,197 @@
+"""main_grpo.py end to end on CPU: learning, tracker vs offline diff, resume, DDP, TRL callback, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from subnetscope.changes import RULES, ChangeRules
+from subnetscope.checkpoint import find_step_checkpoints, open_checkpoint
+from subnetscope.engine import analyze_pair
+from subnetscope.grpo import GRPOConfig, GRPOTrainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def offline_counts(run: Path, step_dir: Path) -> dict[str, dict[str, int]]:
+    pair = analyze_pair(open_checkpoint(str(run / "base")), open_checkpoint(str(step_dir)), ChangeRules(), progress=False)
+    return {t.name: t.changed for t in pair.tensors}
+
+
+def easy_config(tmp_path, **kw) -> GRPOConfig:
+    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="float32", batch_size=4,
+                group_size=4, max_new_tokens=8, lr=3e-3, max_steps=6, save_every=3, eval_every=3,
+                output_dir=str(tmp_path / "run"), no_tqdm=True)
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def test_reward_rises_and_tracker_equals_offline_diff(tmp_path):
+    trainer = GRPOTrainer(easy_config(tmp_path, max_steps=24, save_every=8, eval_every=8))
+    trainer.train()
+    run = Path(trainer.config.output_dir)
+    rewards = [m["reward/mean"] for m in read_metrics(run)]
+    assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4 + 0.1
+    by_step = {r.step: r for r in trainer.tracker.history}
+    for ckpt in find_step_checkpoints(str(run)):
+        record = by_step[ckpt.step]
+        offline = offline_counts(run, ckpt.path)
+        for i, name in enumerate(record.names):
+            for rule in RULES:
+                assert record.vs_initial[rule][i] == offline[name][rule], (ckpt.step, name, rule)
+    assert (run / "final" / "model.safetensors").exists()
+    metrics = read_metrics(run)[-1]
+    assert {"eval/greedy/reward", "eval/sampled/reward", "eval/sampled/kl", "localization/relative/count/gini"} <= set(metrics)
+
+
+def test_first_changed_steps_and_ever_changed_mask(tmp_path):
+    trainer = GRPOTrainer(easy_config(tmp_path, max_steps=4, save_every=2, optimizer="sgd", lr=0.5))
+    trainer.train()
+    history = trainer.tracker.history
+    for name, first in trainer.tracker.first_changed.items():
+        i = history[0].names.index(name)
+        ever = (first >= 0).sum().item()
+        assert ever == history[-1].ever_changed[i]
+        assert ever >= history[-1].vs_initial["exact"][i]
+        for record in history:  # weights that first changed by step s: at least the ones changed at s
+            assert ((first >= 0) & (first <= record.step)).sum().item() >= record.vs_initial["exact"][i]
+        assert int(first.max()) <= 4
+
+
+def test_nan_rewards_are_skipped_and_counted(tmp_path):
+    def reward(prompts, completions, ids):
+        return [float("nan") if i % 3 == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+    trainer = GRPOTrainer(easy_config(tmp_path, max_steps=2, save_every=2), reward_fn=reward)
+    metrics = trainer.train()
+    assert trainer.skipped_rewards == 2 * 6  # rows 0, 3, ..., 15 of 16 completions, two steps
+    assert metrics["skipped_rewards"] == 12
+    assert all(torch.isfinite(p).all() for p in trainer.params.values())
+
+
+def cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "main_grpo.py"), *map(str, args)], capture_output=True,
+                          text=True, cwd=kw.get("cwd", ROOT), env={**os.environ, **(env or {})})
+
+
+def test_smoke_preset(tmp_path):
+    result = cli("--smoke", "--output_dir", tmp_path / "smoke", "--no_tqdm")
+    assert result.returncode == 0, result.stderr
+    assert "changed exact" in result.stdout.splitlines()[-1]
+    assert (tmp_path / "smoke" / "step_1" / "subnet.safetensors").exists()
+    config = json.loads((tmp_path / "smoke" / "run_config.json").read_text())["settings"]
+    assert config["policy"] == "tiny-gemma3n" and config["reward"] == "vader" and config["device"] == "cpu"
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--dtype", "float32", "--batch_size", "4",
+            "--max_new_tokens", "24", "--lr", "3e-3", "--max_steps", "10", "--save_every", "2", "--no_tqdm"]
+    full = cli(*args, "--output_dir", tmp_path / "full")
+    assert full.returncode == 0, full.stderr
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed_dir)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed_dir / "step_4").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "step_10").exists(), "the run finished before it could be killed"
+    resumed = cli(*args, "--output_dir", killed_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for step in (6, 8, 10):
+        a = load_file(str(tmp_path / "full" / f"step_{step}" / "subnet.safetensors"))
+        b = load_file(str(killed_dir / f"step_{step}" / "subnet.safetensors"))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        ta = load_file(str(tmp_path / "full" / f"step_{step}" / "tracker.safetensors"))
+        tb = load_file(str(killed_dir / f"step_{step}" / "tracker.safetensors"))
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    steps = [m["step"] for m in read_metrics(killed_dir)]
+    assert steps == list(range(1, 11))
+
+
+def test_two_processes_match_one(tmp_path):
+    args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--dtype", "float32", "--batch_size", "4",
+            "--max_steps", "2", "--lr", "1e-3", "--save_every", "1", "--no_tqdm"]
+    one = cli(*args, "--output_dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                          str(ROOT / "main_grpo.py"), *args, "--output_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-2000:]
+    m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert len(m1) == len(m2) == 2
+    for a, b in zip(m1, m2):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
+        for rule in RULES:
+            assert a[f"changed/{rule}"] == b[f"changed/{rule}"]
+            assert a[f"step_change/{rule}"] == b[f"step_change/{rule}"]
+
+
+def test_trl_grpo_trainer_with_callback_matches_its_checkpoints(tmp_path):
+    import datasets
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer as TRLTrainer
+
+    from subnetscope.callback import SubnetTrackerCallback
+    from subnetscope.models import word_tokenizer, tiny_model
+
+    tok = word_tokenizer()
+    tiny_model("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=2,
+                     max_completion_length=8, max_steps=3, save_steps=1, save_strategy="steps", report_to="none",
+                     use_cpu=True, logging_steps=1, learning_rate=1e-3, bf16=False, save_only_model=True)
+    ds = datasets.Dataset.from_dict({"prompt": [f"Sample {i:02d}:" for i in range(16)]})
+    callback = SubnetTrackerCallback()
+    trainer = TRLTrainer(model=str(tmp_path / "tiny"), args=args, train_dataset=ds, processing_class=tok,
+                         reward_funcs=lambda completions, completion_ids, **kw: [sum(t % 2 == 0 for t in ids) / len(ids) for ids in completion_ids],
+                         callbacks=[callback])
+    trainer.train()
+    run = tmp_path / "trl"
+    assert [r.step for r in callback.history] == [1, 2, 3]
+    for record in callback.history:
+        offline = offline_counts(run, run / f"checkpoint-{record.step}")
+        for i, name in enumerate(record.names):
+            for rule in RULES:
+                assert record.vs_initial[rule][i] == offline[name][rule]
+    assert len((run / "subnet_metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_wandb_offline_logging(tmp_path):
+    result = cli("--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--max_steps", "1", "--save_every", "1",
+                 "--output_dir", tmp_path / "run", "--wandb", "subnetscope-test", "--no_tqdm",
+                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("case", ["group", "offline_model", "other_model", "exists"])
+def test_bad_input_one_line_exit_2(tmp_path, case):
+    common = ["--easy", "--device", "cpu", "--max_steps", "1", "--no_tqdm"]
+    if case == "group":
+        result = cli(*common, "--group_size", "1", "--output_dir", tmp_path / "r")
+    elif case == "offline_model":
+        result = cli(*common, "--policy", "no-such-org/no-such-model", "--output_dir", tmp_path / "r",
+                     env={"HF_HUB_OFFLINE": "1"})
+    else:
+        first = cli(*common, "--policy", "tiny-gpt2", "--output_dir", tmp_path / "r")
+        assert first.returncode == 0, first.stderr
+        extra = ["--resume"] if case == "other_model" else []
+        result = cli(*common, "--policy", "tiny-gemma3n", "--output_dir", tmp_path / "r", *extra)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = {"group": "--group_size", "offline_model": "offline", "other_model": "another model", "exists": "--resume"}
+    assert expected[case] in lines[0] or "tiny-gpt2" in lines[0]
