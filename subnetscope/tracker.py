@@ -1,10 +1,15 @@
 """The update tracker: after every optimizer step, which weights differ from θ0 and from the last step.
 
-It works on the training device, tensor by tensor, with a single host sync per step (all counts
-are stacked on the device and copied once). State per parameter: the previous step's weights and
-the step at which each weight first changed (int16/int32; -1 = never), from which the "ever
-changed" mask follows. θ0 is borrowed from the frozen reference model when it holds the same
-weights, so it costs no extra copy.
+Parameters of one dtype and device form a group. Each step the group's parameters are gathered
+into one flat buffer (each tensor padded to a multiple of CHUNK), and a single function, fused
+by torch.compile on a GPU, compares it with θ0 and with the previous step under the three rules,
+updates the step at which each weight first changed, and returns counts per CHUNK; per-tensor
+counts are sums over each tensor's chunks. One host sync per step.
+
+State per parameter: the previous step's weights and the step at which each weight first changed
+(int16, or int32 past 32767 steps; -1 = never), from which the "ever changed" mask follows. θ0 is
+borrowed from the frozen reference model when it holds the same weights: it is gathered each step
+into a transient buffer, never kept as a second copy.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torch
 from .changes import RULES, ChangeRules, changed_masks
 from .metrics import block_localization
 from .naming import block_index, module_type
+
+CHUNK = 4096
 
 
 @dataclass
@@ -32,17 +39,60 @@ class StepCounts:
         return sum(getattr(self, which)[rule])
 
 
-def track_tensor(initial: torch.Tensor, previous: torch.Tensor, current: torch.Tensor, first_changed: torch.Tensor,
-                 step: torch.Tensor, atol: float, eta: float) -> torch.Tensor:
-    """One parameter's step, fusable by torch.compile: 7 counts (3 rules vs θ0, 3 vs previous, ever
-    changed), and in place: first_changed gets `step` where θ0's bits first differ, previous <- current."""
+def track_flat(initial: torch.Tensor, previous: torch.Tensor, current: torch.Tensor, first_changed: torch.Tensor,
+               step: torch.Tensor, atol: float, eta: float) -> torch.Tensor:
+    """One group's step on flat buffers: per-CHUNK counts (7, n/CHUNK) of the 3 rules vs θ0, the 3
+    vs the previous step and "ever changed"; in place, first_changed and previous are updated."""
     rules = ChangeRules(atol, eta)
     vs_init = changed_masks(initial, current, rules)
     vs_prev = changed_masks(previous, current, rules)
-    first_changed.copy_(torch.where(vs_init["exact"] & (first_changed < 0), step, first_changed))
+    first = torch.where(vs_init["exact"] & (first_changed < 0), step, first_changed)
+    first_changed.copy_(first)
     previous.copy_(current)
-    return torch.stack([*(vs_init[r].sum() for r in RULES), *(vs_prev[r].sum() for r in RULES),
-                        (first_changed >= 0).sum()])
+    masks = [vs_init[r] for r in RULES] + [vs_prev[r] for r in RULES] + [first >= 0]
+    return torch.stack([m.view(-1, CHUNK).sum(dim=1, dtype=torch.int32) for m in masks])
+
+
+class _FlatGroup:
+    """Parameters of one dtype and device, laid out in flat buffers padded to CHUNK boundaries."""
+
+    def __init__(self, names: list[str], params: dict[str, torch.Tensor], initial: dict[str, torch.Tensor],
+                 step_dtype: torch.dtype, compile: bool):
+        self.names = names
+        self.params = [params[n] for n in names]
+        self.initial = [initial[n] for n in names]
+        sizes = [p.numel() for p in self.params]
+        self.padded = [-(-s // CHUNK) * CHUNK for s in sizes]
+        self.offsets = [sum(self.padded[:i]) for i in range(len(names))]
+        total = sum(self.padded)
+        device, dtype = self.params[0].device, self.params[0].dtype
+        self.previous = self._gather(self.params)
+        self.first_changed = torch.full((total,), -1, dtype=step_dtype, device=device)
+        self.chunk_bounds = torch.tensor([o // CHUNK for o in self.offsets] + [total // CHUNK], device=device)
+        self._pads = {}
+        self._step_fn = torch.compile(track_flat, dynamic=False) if compile else track_flat
+        self.dtype = dtype
+
+    def _gather(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        pieces = []
+        for t, padded in zip(tensors, self.padded):
+            pieces.append(t.detach().reshape(-1))
+            pad = padded - t.numel()
+            if pad:
+                pieces.append(t.new_zeros(pad))
+        return torch.cat(pieces)
+
+    def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        return flat[self.offsets[i]:self.offsets[i] + self.params[i].numel()].view(self.params[i].shape)
+
+    def update(self, step: int, atol: float, eta: float) -> torch.Tensor:
+        """Per-tensor counts, shape (len(names), 7), still on the device."""
+        current = self._gather(self.params)
+        initial = self._gather(self.initial)
+        step_t = torch.tensor(step, dtype=self.first_changed.dtype, device=current.device)
+        partial = self._step_fn(initial, self.previous, current, self.first_changed, step_t, atol, eta)
+        cumulative = torch.nn.functional.pad(partial.long().cumsum(dim=1), (1, 0))
+        return (cumulative[:, self.chunk_bounds[1:]] - cumulative[:, self.chunk_bounds[:-1]]).T
 
 
 class UpdateTracker:
@@ -56,30 +106,33 @@ class UpdateTracker:
         missing = [n for n in params if n not in self.initial or self.initial[n].shape != params[n].shape]
         if missing:
             raise ValueError(f"θ0 lacks or mis-shapes {len(missing)} parameters, e.g. {missing[:3]}")
-        self.previous = {n: p.detach().clone() for n, p in params.items()}
         step_dtype = torch.int16 if max_steps < 2**15 else torch.int32
-        self.first_changed = {n: torch.full(p.shape, -1, dtype=step_dtype, device=p.device) for n, p in params.items()}
+        by_kind: dict[tuple, list[str]] = {}
+        for name, p in params.items():
+            by_kind.setdefault((p.dtype, p.device), []).append(name)
+        self.groups = [_FlatGroup(names, params, self.initial, step_dtype, compile and device.type == "cuda")
+                       for (_, device), names in by_kind.items()]
+        self.previous: dict[str, torch.Tensor] = {}
+        self.first_changed: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            for i, name in enumerate(group.names):
+                self.previous[name] = group.view(group.previous, i)
+                self.first_changed[name] = group.view(group.first_changed, i)
+        self.names = [n for g in self.groups for n in g.names]
         self.blocks = {n: block_index(n) for n in params}
         self.modules = {n: module_type(n) for n in params}
         self.history: list[StepCounts] = []
-        on_gpu = any(p.is_cuda for p in params.values())
-        self._track = torch.compile(track_tensor, dynamic=True) if (on_gpu and compile) else track_tensor
 
     @torch.no_grad()
     def update(self, step: int) -> StepCounts:
         """Call right after optimizer.step(); `step` is the number of optimizer steps taken so far."""
-        stacked = []
-        for name, param in self.params.items():
-            step_t = torch.tensor(step, dtype=self.first_changed[name].dtype, device=param.device)
-            stacked.append(self._track(self.initial[name].view(-1), self.previous[name].view(-1), param.detach().view(-1),
-                                       self.first_changed[name].view(-1), step_t, self.rules.atol, self.rules.eta))
-        counts = torch.stack(stacked).cpu().tolist() if stacked else []
-        names = list(self.params)
+        per_group = [g.update(step, self.rules.atol, self.rules.eta) for g in self.groups]
+        counts = torch.cat([c.cpu() for c in per_group]).tolist() if per_group else []
         record = StepCounts(
-            step=step, names=names, numel=[self.params[n].numel() for n in names],
-            vs_initial={r: [int(c[i]) for c in counts] for i, r in enumerate(RULES)},
-            vs_previous={r: [int(c[3 + i]) for c in counts] for i, r in enumerate(RULES)},
-            ever_changed=[int(c[6]) for c in counts],
+            step=step, names=self.names, numel=[self.params[n].numel() for n in self.names],
+            vs_initial={r: [c[i] for c in counts] for i, r in enumerate(RULES)},
+            vs_previous={r: [c[3 + i] for c in counts] for i, r in enumerate(RULES)},
+            ever_changed=[c[6] for c in counts],
         )
         self.history.append(record)
         return record
@@ -127,7 +180,7 @@ class UpdateTracker:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """What a resumed run needs besides θ0 and the weights: the step each weight first changed."""
-        return {f"first_changed::{n}": t for n, t in self.first_changed.items()}
+        return {f"first_changed::{n}": t.clone() for n, t in self.first_changed.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore after the weights were restored: the previous step's weights are the current ones."""
