@@ -248,7 +248,7 @@ class GRPOTrainer:
         if self.ref is None or self.ref_device != self.device:
             return None
         ref_params = dict(self.ref.named_parameters())
-        return {n: ref_params[n].detach() for n in self.params}
+        return {n: ref_params[n] for n in self.params}
 
     def _prepare_run_dir(self) -> Path | None:
         run = self.run_dir

@@ -8,8 +8,8 @@ counts are sums over each tensor's chunks. One host sync per step.
 
 State per parameter: the previous step's weights and the step at which each weight first changed
 (int16, or int32 past 32767 steps; -1 = never), from which the "ever changed" mask follows. θ0 is
-borrowed from the frozen reference model when it holds the same weights: it is gathered each step
-into a transient buffer, never kept as a second copy.
+borrowed from the frozen reference model when it holds the same weights: the reference model's
+parameters are rebound to views of the tracker's flat θ0 buffer, so no second copy exists.
 """
 from __future__ import annotations
 
@@ -54,43 +54,44 @@ def track_flat(initial: torch.Tensor, previous: torch.Tensor, current: torch.Ten
 
 
 class _FlatGroup:
-    """Parameters of one dtype and device, laid out in flat buffers padded to CHUNK boundaries."""
+    """Parameters of one dtype and device, laid out in flat buffers padded to CHUNK boundaries.
+
+    `current` is a scratch buffer refilled each step by one multi-tensor copy; padding stays zero
+    in every buffer, so it never counts as changed. A borrowed θ0 (the reference model's
+    parameters) is rebound to views of `initial`, so the reference model and the tracker share it.
+    """
 
     def __init__(self, names: list[str], params: dict[str, torch.Tensor], initial: dict[str, torch.Tensor],
-                 step_dtype: torch.dtype, compile: bool):
+                 borrowed: bool, step_dtype: torch.dtype, compile: bool):
         self.names = names
         self.params = [params[n] for n in names]
-        self.initial = [initial[n] for n in names]
         sizes = [p.numel() for p in self.params]
-        self.padded = [-(-s // CHUNK) * CHUNK for s in sizes]
-        self.offsets = [sum(self.padded[:i]) for i in range(len(names))]
-        total = sum(self.padded)
+        padded = [-(-s // CHUNK) * CHUNK for s in sizes]
+        self.offsets = [sum(padded[:i]) for i in range(len(names))]
+        total = sum(padded)
         device, dtype = self.params[0].device, self.params[0].dtype
-        self.previous = self._gather(self.params)
+        self.current = torch.zeros(total, dtype=dtype, device=device)
+        self._current_views = [self.view(self.current, i) for i in range(len(names))]
+        self.previous = torch.zeros_like(self.current)
+        self.initial = torch.zeros_like(self.current)
+        self._initial_views = [self.view(self.initial, i) for i in range(len(names))]
+        torch._foreach_copy_(self._initial_views, [initial[n].detach() for n in names])
+        if borrowed:  # the frozen reference now lives in our flat θ0 buffer: no second copy
+            for view, name in zip(self._initial_views, names):
+                initial[name].data = view
+        torch._foreach_copy_([self.view(self.previous, i) for i in range(len(names))], [p.detach() for p in self.params])
         self.first_changed = torch.full((total,), -1, dtype=step_dtype, device=device)
         self.chunk_bounds = torch.tensor([o // CHUNK for o in self.offsets] + [total // CHUNK], device=device)
-        self._pads = {}
         self._step_fn = torch.compile(track_flat, dynamic=False) if compile else track_flat
-        self.dtype = dtype
-
-    def _gather(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        pieces = []
-        for t, padded in zip(tensors, self.padded):
-            pieces.append(t.detach().reshape(-1))
-            pad = padded - t.numel()
-            if pad:
-                pieces.append(t.new_zeros(pad))
-        return torch.cat(pieces)
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         return flat[self.offsets[i]:self.offsets[i] + self.params[i].numel()].view(self.params[i].shape)
 
     def update(self, step: int, atol: float, eta: float) -> torch.Tensor:
         """Per-tensor counts, shape (len(names), 7), still on the device."""
-        current = self._gather(self.params)
-        initial = self._gather(self.initial)
-        step_t = torch.tensor(step, dtype=self.first_changed.dtype, device=current.device)
-        partial = self._step_fn(initial, self.previous, current, self.first_changed, step_t, atol, eta)
+        torch._foreach_copy_(self._current_views, [p.detach() for p in self.params])
+        step_t = torch.tensor(step, dtype=self.first_changed.dtype, device=self.current.device)
+        partial = self._step_fn(self.initial, self.previous, self.current, self.first_changed, step_t, atol, eta)
         cumulative = torch.nn.functional.pad(partial.long().cumsum(dim=1), (1, 0))
         return (cumulative[:, self.chunk_bounds[1:]] - cumulative[:, self.chunk_bounds[:-1]]).T
 
@@ -102,16 +103,20 @@ class UpdateTracker:
         self.params = params
         self.rules = rules
         self.topk = topk
-        self.initial = initial if initial is not None else {n: p.detach().clone() for n, p in params.items()}
-        missing = [n for n in params if n not in self.initial or self.initial[n].shape != params[n].shape]
+        borrowed = initial is not None
+        reference = initial if borrowed else {n: p.detach() for n, p in params.items()}
+        missing = [n for n in params if n not in reference or reference[n].shape != params[n].shape]
         if missing:
             raise ValueError(f"θ0 lacks or mis-shapes {len(missing)} parameters, e.g. {missing[:3]}")
         step_dtype = torch.int16 if max_steps < 2**15 else torch.int32
         by_kind: dict[tuple, list[str]] = {}
         for name, p in params.items():
             by_kind.setdefault((p.dtype, p.device), []).append(name)
-        self.groups = [_FlatGroup(names, params, self.initial, step_dtype, compile and device.type == "cuda")
+        self.groups = [_FlatGroup(names, params, reference, borrowed, step_dtype, compile and device.type == "cuda")
                        for (_, device), names in by_kind.items()]
+        # θ0 per tensor: the borrowed reference weights, or views into the groups' own copies
+        self.initial = dict(reference) if borrowed else {
+            n: g.view(g.initial, i) for g in self.groups for i, n in enumerate(g.names)}
         self.previous: dict[str, torch.Tensor] = {}
         self.first_changed: dict[str, torch.Tensor] = {}
         for group in self.groups:

@@ -41,12 +41,19 @@ def test_tracker_counts_equal_direct_masks_across_dtypes_and_ragged_sizes():
 
 
 def test_theta0_is_borrowed_not_copied():
-    params = {"w": torch.zeros(10)}
-    reference = {"w": torch.zeros(10)}
+    reference_model = torch.nn.Linear(5, 3)
+    policy = torch.nn.Linear(5, 3)
+    policy.load_state_dict(reference_model.state_dict())
+    params = dict(policy.named_parameters())
+    reference = dict(reference_model.named_parameters())
     tracker = UpdateTracker(params, initial=reference)
-    assert tracker.initial["w"] is reference["w"]
-    params["w"][3] = 1.0
-    assert tracker.update(1).vs_initial["exact"] == [1]
+    group = tracker.groups[0]
+    assert reference_model.weight.data_ptr() == group.initial.data_ptr()  # shares the tracker's θ0 buffer
+    x = torch.randn(2, 5)
+    torch.testing.assert_close(reference_model(x), policy(x))  # and still computes the same function
+    with torch.no_grad():
+        policy.weight[1, 3] += 1.0
+    assert tracker.update(1).vs_initial["exact"] == [1, 0]
 
 
 def test_state_roundtrip_restores_first_changed():
