@@ -112,8 +112,9 @@ def run_child(task: str, base: Path, tuned: Path, device: str) -> dict:
 def child(task: str, base: str, tuned: str, device: str) -> None:
     if task != "read":
         import torch  # noqa: F401  (import cost is not part of the work being timed)
-        import transformers  # noqa: F401
         import subnetscope.engine  # noqa: F401
+        if task == "usual":
+            import transformers  # noqa: F401
         if device.startswith("cuda"):
             torch.zeros(1, device=device)  # CUDA context start-up is not part of the work
     start_rss = current_rss_mb()
