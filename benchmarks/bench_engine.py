@@ -96,17 +96,15 @@ TASKS = {"read": task_read, "engine": task_engine, "usual": task_usual}
 
 
 def run_child(task: str, base: Path, tuned: Path, device: str) -> dict:
-    """Time one task in a fresh process and read that process's own peak RSS (wait4)."""
+    """Time one task in a fresh process; it reports its own peak RSS (VmHWM: wait4's ru_maxrss would
+    include the parent's memory at fork time, which Linux carries across exec)."""
     cmd = [sys.executable, __file__, "--child", task, "--base", str(base), "--tuned", str(tuned), "--device", device]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"benchmark task {task} failed ({proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def child(task: str, base: str, tuned: str, device: str) -> None:
@@ -122,6 +120,7 @@ def child(task: str, base: str, tuned: str, device: str) -> None:
     result = TASKS[task](base, tuned, device)
     result["seconds"] = time.perf_counter() - t0
     result["rss_before_work_mb"] = start_rss
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -168,11 +167,19 @@ def main() -> None:
           f"excess over the pair = {e['peak_rss_mb'] - e['rss_before_work_mb'] - largest_pair_mb:.0f} MB (target <= 1024)")
 
 
-def current_rss_mb() -> float:
+def _status_mb(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def current_rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    return _status_mb("VmHWM")
 
 
 def largest_tensor_pair_mb(folder: Path) -> float:
