@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -66,7 +66,6 @@ class GRPOConfig:
     eta: float = 1e-3
     topk: int = 3
     no_tqdm: bool = False
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.group_size < 2:

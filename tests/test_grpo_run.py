@@ -126,7 +126,7 @@ def test_two_processes_match_one(tmp_path):
             "--max_steps", "2", "--lr", "1e-3", "--save_every", "1", "--no_tqdm"]
     one = cli(*args, "--output_dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           str(ROOT / "main_grpo.py"), *args, "--output_dir", str(tmp_path / "two")],
                          capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]

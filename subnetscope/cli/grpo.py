@@ -25,7 +25,7 @@ Presets (explicit flags win over them):
   --easy   placeholder prompts and a toy reward (even token ids), no reward model
   --demo   the README's first command: short runs of tiny GPT-2 and tiny Gemma-3n, then the analysis
 Policies: a Hub id, a local folder, or tiny-gpt2 / tiny-gemma3n (random weights, offline, word-level tokenizer).
-Many GPUs: accelerate launch --num_processes N main_grpo.py ...
+Many GPUs: accelerate launch --num_processes N main_grpo.py ...; many CPU processes: torchrun --nproc_per_node N
 """
 
 PRESETS = {
