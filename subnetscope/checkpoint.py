@@ -18,11 +18,11 @@ import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -64,7 +64,9 @@ class TensorSource:
     def dtype(self, name: str) -> torch.dtype:
         raise NotImplementedError
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: "ScratchBuffer | None" = None) -> torch.Tensor:
+        """The tensor `name`. With `scratch`, a reader may fill that reusable buffer instead and return
+        a view of it, valid until the buffer's next use: no new pages to fault in per tensor."""
         raise NotImplementedError
 
     def numel(self, name: str) -> int:
@@ -75,6 +77,29 @@ class TensorSource:
 
     def nbytes(self) -> int:
         return sum(self.numel(n) * self.dtype(n).itemsize for n in self.names())
+
+
+class ScratchBuffer:
+    """A grow-only byte buffer, pinned when its contents go to a GPU (asynchronous copies)."""
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self._buf = torch.empty(0, dtype=torch.uint8)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self._buf.numel():
+            self._buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        return self._buf[:nbytes]
+
+
+def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of each tensor, from the safetensors header (8-byte length + JSON)."""
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    start = 8 + length
+    return {k: (start + v["data_offsets"][0], start + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
 
 
 class SafetensorsSource(TensorSource):
@@ -93,10 +118,14 @@ class SafetensorsSource(TensorSource):
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._handles: dict[Path, list] = {}
         self._lock = threading.Lock()
+        self._offsets: dict[str, tuple[int, int]] = {}
+        self._fds: dict[Path, int] = {}
         for path in files:
             handle = self._open(path)
             self._handles[path] = [handle, 0]
+            offsets = _data_offsets(path)
             for key in handle.keys():
+                self._offsets[canonical_name(key)] = offsets[key]
                 sl = handle.get_slice(key)
                 self._where[canonical_name(key)] = (path, key)
                 self._meta[canonical_name(key)] = (tuple(sl.get_shape()), _SAFETENSORS_DTYPES[sl.get_dtype()])
@@ -120,7 +149,9 @@ class SafetensorsSource(TensorSource):
     def dtype(self, name: str) -> torch.dtype:
         return self._meta[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: ScratchBuffer | None = None) -> torch.Tensor:
+        if scratch is not None:
+            return self._read_into(name, scratch)
         path, key = self._where[name]
         with self._lock:
             slot = self._handles[path]
@@ -132,6 +163,28 @@ class SafetensorsSource(TensorSource):
             return handle.get_tensor(key)
         except Exception as err:
             raise SubnetscopeError(f"{self.label}: cannot read tensor {key!r} ({err})") from None
+
+    def _read_into(self, name: str, scratch: ScratchBuffer) -> torch.Tensor:
+        """pread the tensor's bytes into `scratch` (thread-safe: no shared file position)."""
+        path, key = self._where[name]
+        start, end = self._offsets[name]
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = scratch.take(end - start)
+        view, done = memoryview(buf.numpy()), 0
+        while done < end - start:
+            n = os.preadv(fd, [view[done:]], start + done)
+            if n <= 0:
+                raise SubnetscopeError(f"{path}: tensor {key!r} is cut short: the file is truncated; re-save it")
+            done += n
+        shape, dtype = self._meta[name]
+        return buf.view(dtype).view(shape)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
 
 
 class TorchBinSource(TensorSource):
@@ -158,7 +211,7 @@ class TorchBinSource(TensorSource):
     def dtype(self, name: str) -> torch.dtype:
         return self._tensors[name].dtype
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: ScratchBuffer | None = None) -> torch.Tensor:
         return self._tensors[name]
 
 
@@ -195,7 +248,7 @@ class CompactSource(TensorSource):
     def changed_mask(self, name: str) -> torch.Tensor:
         return unpack_bits(self._read(f"{name}::mask"), self.numel(name)).view(self._shapes[name])
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, scratch: ScratchBuffer | None = None) -> torch.Tensor:
         weights = self.base.get(name).clone()
         weights[self.changed_mask(name)] = self._read(f"{name}::values").to(weights.dtype)
         return weights

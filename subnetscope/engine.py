@@ -6,6 +6,7 @@ checkpoint's copy of one tensor, then the next tensor), so peak memory stays a f
 from __future__ import annotations
 
 import os
+import threading
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .changes import RULES, ChangeRules, changed_masks, diff_stats, wider_dtype
-from .checkpoint import TensorSource
+from .checkpoint import ScratchBuffer, TensorSource
 from .errors import SubnetscopeError, warn
 from .metrics import block_localization, overlap, shell_density, shell_edges, update_rank
 from .naming import block_index, module_type, neuron_axis
@@ -121,8 +122,10 @@ def _pair_names(base: TensorSource, tuned: TensorSource) -> tuple[list[str], lis
     return common, only_base, only_tuned
 
 
-def _load_pair(base: TensorSource, tuned: TensorSource, name: str, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, str]:
-    a, b = base.get(name), tuned.get(name)
+def _load_pair(base: TensorSource, tuned: TensorSource, name: str, notes: list[str],
+               scratch: tuple[ScratchBuffer, ScratchBuffer] | tuple[None, None] = (None, None)
+               ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    a, b = base.get(name, scratch[0]), tuned.get(name, scratch[1])
     note = []
     if a.dim() != b.dim():
         raise SubnetscopeError(f"{name}: {tuple(a.shape)} vs {tuple(b.shape)} have different ranks and cannot be compared")
@@ -139,8 +142,9 @@ def _load_pair(base: TensorSource, tuned: TensorSource, name: str, notes: list[s
 
 
 def default_workers() -> int:
-    """Tensors compared at once: reading one overlaps computing another (torch releases the GIL)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """Tensors compared at once: reading one overlaps computing another (pread and torch release
+    the GIL). Each worker keeps two scratch buffers of the largest tensor, so few workers."""
+    return max(1, min(2, os.cpu_count() or 1))
 
 
 def analyze_pair(
@@ -157,9 +161,13 @@ def analyze_pair(
     common, only_base, only_tuned = _pair_names(base, tuned)
     result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned)
     shell_acc: dict[tuple[str, int], dict] = {}
+    local = threading.local()
+    pin = torch.device(device).type == "cuda"
 
     def compare(name: str):
-        a, b, note = _load_pair(base, tuned, name, result.notes)
+        if not hasattr(local, "scratch"):
+            local.scratch = (ScratchBuffer(pin), ScratchBuffer(pin))
+        a, b, note = _load_pair(base, tuned, name, result.notes, local.scratch)
         axis = neuron_axis(name, tuple(a.shape))
         stats = diff_stats(a, b, rules, per_row_col=axis is not None, device=device)
         tr = TensorResult(

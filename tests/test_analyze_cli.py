@@ -12,7 +12,7 @@ from subnetscope.checkpoint import write_compact_checkpoint
 from subnetscope.cli.analyze import main
 from subnetscope.models import tiny_model
 
-from .conftest import plant, save_state
+from .conftest import save_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

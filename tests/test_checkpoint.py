@@ -23,6 +23,17 @@ def test_sharded_safetensors_reads_every_tensor(tiny_gpt2_pair):
         assert src.dtype(name) == torch.bfloat16 and src.shape(name) == tuple(value.shape)
 
 
+def test_scratch_reads_equal_mapped_reads(tiny_gpt2_pair):
+    from subnetscope.checkpoint import ScratchBuffer
+
+    base, _, _, state = tiny_gpt2_pair
+    src, scratch = open_checkpoint(str(base)), ScratchBuffer()
+    for name in state:
+        got = src.get(name, scratch)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, src.get(name))
+        assert got.data_ptr() == scratch.take(1).data_ptr()  # filled the reusable buffer
+
+
 def test_pytorch_bin_fallback(tmp_path):
     state = {"a.weight": torch.randn(3, 4), "b.bias": torch.randn(4)}
     torch.save(state, tmp_path / "pytorch_model.bin")

@@ -13,7 +13,7 @@ from subnetscope.errors import SubnetscopeError
 from subnetscope.models import load_causal_lm, tiny_gemma3n_config, tiny_model, word_tokenizer
 from subnetscope.rewards import ClassifierReward, VaderReward
 
-from .conftest import IMDB_JSONL, TINY_GPT2_DIR, requires_shared, save_state
+from .conftest import IMDB_JSONL, TINY_GPT2_DIR, requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 

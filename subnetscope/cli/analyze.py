@@ -10,7 +10,7 @@ from ..engine import analyze_overlap, analyze_pair, analyze_series
 from ..errors import SubnetscopeError, cli_main
 from ..report import (format_pair_table, write_json, write_overlap_outputs, write_pair_outputs,
                       write_series_outputs)
-from .common import add_rule_args, add_run_args, resolve_device, rules_from_args, shells_from_args
+from .common import add_rule_args, add_run_args, settings_from_args
 
 DESCRIPTION = """\
 Compare fine-tuned checkpoints with their starting point and report which weights changed
@@ -69,12 +69,8 @@ def _figures_for_pair(pair, out: Path, rule: str) -> list[Path]:
 
 def run(args: argparse.Namespace) -> dict:
     mode = _pick_mode(args)
-    rules = rules_from_args(args)
-    device = resolve_device(args.device)
-    shells = shells_from_args(args.shells)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_tqdm
+    cfg = settings_from_args(args)
+    rules, device, out, progress = cfg.rules, cfg.device, cfg.out, cfg.progress
     summary: dict = {"mode": mode}
     if mode == "pair":
         base, tuned = open_checkpoint(args.base), open_checkpoint(args.tuned)
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         summary["series"] = write_series_outputs(series, out, args.rule)
         plots.density_coverage_curves(series, out / "density_coverage.png")
         plots.hot_histogram(series, args.rule, out / "hot_histogram.png")
-    pair = analyze_pair(base, tuned, rules, device, args.rank, shells, progress)
+    pair = analyze_pair(base, tuned, rules, device, args.rank, cfg.shells, progress)
     summary["pair"] = write_pair_outputs(pair, out, args.topk)
     if args.overlap_with:
         other = open_checkpoint(args.overlap_with)

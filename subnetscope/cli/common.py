@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,3 +55,20 @@ def shells_from_args(values: list[int] | None) -> tuple[int, ...]:
     if any(b <= 0 for b in shells) or list(shells) != sorted(set(shells)):
         raise SubnetscopeError("--shells takes increasing positive neuron counts, e.g. --shells 8192 16384")
     return shells
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    rules: ChangeRules
+    device: str
+    shells: tuple[int, ...]
+    out: Path
+    progress: bool
+
+
+def settings_from_args(args: argparse.Namespace) -> RunSettings:
+    """Check the shared flags and create the output folder."""
+    settings = RunSettings(rules_from_args(args), resolve_device(args.device), shells_from_args(args.shells),
+                           Path(args.output_dir), not args.no_tqdm)
+    settings.out.mkdir(parents=True, exist_ok=True)
+    return settings

@@ -11,7 +11,7 @@ from ..engine import analyze_pair, analyze_series
 from ..errors import SubnetscopeError, cli_main
 from ..report import write_csv, write_json, write_pair_outputs
 from ..stats import bootstrap_ci, concentration_statistics, more_concentrated_test
-from .common import add_rule_args, add_run_args, resolve_device, rules_from_args, shells_from_args
+from .common import add_rule_args, add_run_args, settings_from_args
 
 DESCRIPTION = """\
 Side-by-side localization of several fine-tuning runs (e.g. GPT-2 vs Gemma-3n with one RL recipe):
@@ -60,12 +60,8 @@ def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> dict:
     labels, models = _check_lengths(args)
-    rules = rules_from_args(args)
-    device = resolve_device(args.device)
-    shells = shells_from_args(args.shells)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = not args.no_tqdm
+    cfg = settings_from_args(args)
+    rules, device, shells, out, progress = cfg.rules, cfg.device, cfg.shells, cfg.out, cfg.progress
     statistics = concentration_statistics(args.topk)
     profiles, per_model, series_curves = [], [], []
     for label, model, run_dir in zip(labels, models, args.ckpt_dirs):
