@@ -47,6 +47,7 @@ def run_ours(model: str, steps: int, naive: bool) -> dict:
     import torch
 
     import subnetscope.grpo as grpo
+    import subnetscope.rl as rl
     from subnetscope.tracker import UpdateTracker
 
     class NaiveTracker(UpdateTracker):
@@ -71,7 +72,7 @@ def run_ours(model: str, steps: int, naive: bool) -> dict:
                               [0] * len(names))
 
     if naive:
-        grpo.UpdateTracker = NaiveTracker
+        rl.UpdateTracker = NaiveTracker
     cfg = grpo.GRPOConfig(policy=model, reward="easy", dataset="builtin", batch_size=BATCH, group_size=GROUP,
                           max_prompt_tokens=PROMPT_TOKENS, max_new_tokens=NEW_TOKENS, max_steps=steps,
                           save_every=10**6, eval_every=10**6, dtype="bfloat16", device="cuda", lr=1e-6,

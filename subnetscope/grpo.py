@@ -2,109 +2,43 @@
 
 One step: `batch_size` prompts, `group_size` sampled completions each, rewards, group-relative
 advantages, then `inner_epochs` passes of the clipped surrogate with a k3 KL penalty to the frozen
-reference (TRL's loss_type="grpo"), one optimizer step, and the tracker's update. Data-parallel
-through accelerate: each process takes whole groups, so advantages never need other ranks.
+reference (TRL's loss_type="grpo"), and the tracker's update (once per step, after the last pass).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from .changes import ChangeRules
-from .data import EVAL_PROMPTS, load_prompts
-from .errors import SubnetscopeError, warn
-from .logger import MetricsLogger
-from .models import DTYPES, is_gemma3n, load_causal_lm, load_tokenizer
-from .rewards import RewardFunction, build_reward
-from .runstate import check_resumable, init_run_dir, latest_step, load_step, save_step
-from .sampling import Rollout, generate
-from .tracker import UpdateTracker
+from .errors import SubnetscopeError
+from .rewards import RewardFunction
+from .rl import RLConfig, RLTrainer, per_token_logps
 
 ADV_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not NaN
-EVAL_SEED_STEP = 1_000_000_007
 
 
 @dataclass
-class GRPOConfig:
-    policy: str = "tiny-gpt2"
-    reward: str = "vader"
-    reward_model: str = "lvwerra/distilbert-imdb"
-    dataset: str = "builtin"
-    batch_size: int = 8
+class GRPOConfig(RLConfig):
     group_size: int = 4
-    max_steps: int = 20
     inner_epochs: int = 1
-    lr: float = 1e-5
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     beta: float = 0.04
     epsilon: float = 0.2
     kl_correction: bool = True
     adv_clip: float = 5.0
-    temperature: float = 1.0
-    max_prompt_tokens: int = 32
-    max_new_tokens: int = 32
-    dtype: str = "auto"
-    device: str = "auto"
-    reward_device: str = "auto"
-    ref_device: str = "auto"
-    gradient_checkpointing: bool = False
-    eval_every: int = 10
-    save_every: int = 10
-    full_checkpoints: bool = False
     output_dir: str = "checkpoints/grpo"
-    resume: bool = False
-    wandb: str | None = None
-    seed: int = 0
-    atol: float = 1e-5
-    eta: float = 1e-3
-    topk: int = 3
-    no_tqdm: bool = False
 
     def validate(self) -> None:
+        super().validate()
         if self.group_size < 2:
             raise SubnetscopeError("--group_size must be at least 2: GRPO compares completions within a group")
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise SubnetscopeError("--batch_size and --max_steps must be at least 1")
-        for flag in ("lr", "beta", "epsilon", "adv_clip", "temperature"):
+        if self.inner_epochs < 1:
+            raise SubnetscopeError("--inner_epochs must be at least 1")
+        for flag in ("beta", "epsilon", "adv_clip"):
             value = getattr(self, flag)
-            if not math.isfinite(value) or value < 0 or (flag in ("lr", "temperature") and value == 0):
-                raise SubnetscopeError(f"--{flag} must be a positive number (got {value})")
-        if self.save_every < 1 or self.eval_every < 1 or self.inner_epochs < 1:
-            raise SubnetscopeError("--save_every, --eval_every and --inner_epochs must be at least 1")
-        if self.optimizer not in ("adamw", "adafactor", "sgd"):
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use adamw, adafactor or sgd")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise SubnetscopeError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
-
-
-def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[targets] in float32, one row at a time to bound memory."""
-    rows = [torch.log_softmax(row.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
-            for row, t in zip(logits, targets)]
-    return torch.stack(rows)
-
-
-def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int,
-                    temperature: float) -> torch.Tensor:
-    """Log-probabilities of the last `n_completion` tokens under softmax(logits / T), as sampled.
-
-    Masked positions get the row's first real token instead of the pad token: a pad embedding of
-    zeros (random Gemma-3n inits) makes AltUp's magnitude sqrt give NaN gradients, mask or not.
-    """
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    first_real = input_ids.gather(1, attention_mask.long().argmax(1, keepdim=True))
-    input_ids = torch.where(attention_mask.bool(), input_ids, first_real)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=n_completion + 1, use_cache=False).logits
-    logits = logits[:, :-1, :] / temperature
-    return selective_log_softmax(logits, input_ids[:, -n_completion:])
+            if not math.isfinite(value) or value < 0:
+                raise SubnetscopeError(f"--{flag} must be a non-negative number (got {value})")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:
@@ -145,170 +79,20 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     return loss, stats
 
 
-def resolve_device(spec: str, fallback: str) -> str:
-    if spec == "auto":
-        return fallback
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise SubnetscopeError(f"device {spec} was asked for but no CUDA GPU is visible: use cpu")
-    return spec
+class GRPOTrainer(RLTrainer):
+    name = "GRPO"
 
-
-def pick_dtype(spec: str, policy: str, device: str) -> torch.dtype:
-    if spec != "auto":
-        return DTYPES[spec]
-    if "gemma" in policy.lower() or device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.float32
-
-
-def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    from transformers.optimization import Adafactor
-
-    return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False,
-                     warmup_init=False)
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """RL log-ratios must compare the same function: no dropout in policy or reference."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
-class GRPOTrainer:
     def __init__(self, config: GRPOConfig, reward_fn: RewardFunction | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        self.completions_per_prompt = config.group_size
+        super().__init__(config, reward_fn)
 
-        config.validate()
-        self.config = config
-        self.accelerator = Accelerator(cpu=config.device == "cpu")
-        set_seed(config.seed)
-        self.device = str(self.accelerator.device)
-        self.run_dir = Path(config.output_dir)
-        self.dtype = pick_dtype(config.dtype, config.policy, self.device)
-        self.tokenizer = load_tokenizer(config.policy)
-        self.policy = load_causal_lm(config.policy, self.dtype, seed=config.seed, vocab_size=len(self.tokenizer))
-        self.gemma3n = is_gemma3n(self.policy.config)
-        disable_dropout(self.policy)
-        if config.gradient_checkpointing:
-            enable = getattr(self.policy, "activation_checkpointing_enable", None)  # transformers >= 5.20 name
-            (enable or self.policy.gradient_checkpointing_enable)()
-        self.policy.to(self.device)
-        self.ref_device = resolve_device(config.ref_device, self.device)
-        self.ref = None
-        if config.beta != 0.0:
-            self.ref = load_causal_lm(config.policy, self.dtype, seed=config.seed, vocab_size=len(self.tokenizer))
-            disable_dropout(self.ref)
-            self.ref.to(self.ref_device).eval().requires_grad_(False)
-        reward_device = resolve_device(config.reward_device, self.device)
-        self.reward_fn = reward_fn or build_reward(config.reward, config.reward_model, reward_device)
-        self.prompts = load_prompts(config.dataset, self.tokenizer, config.max_prompt_tokens, seed=config.seed)
-        self.eval_prompts = self._split_eval_prompts()
-        world = self.accelerator.num_processes
-        if config.batch_size % world:
-            raise SubnetscopeError(
-                f"--batch_size {config.batch_size} does not split over {world} processes: use a multiple of {world}"
-            )
-        self.params = dict(self.policy.named_parameters())
-        self.optimizer = build_optimizer(config.optimizer, self.policy.parameters(), config.lr, config.weight_decay)
-        self.start_step = 0
-        resume_from = self._prepare_run_dir()
-        self.tracker = UpdateTracker(self.params, ChangeRules(config.atol, config.eta), initial=self._theta0(),
-                                     max_steps=config.max_steps, topk=config.topk)
-        if resume_from is not None:
-            self.start_step, tracker_state, _ = load_step(resume_from, self.params, self.optimizer)
-            self.tracker.load_state_dict({k: v.to(self.device) for k, v in tracker_state.items()})
-            self._print(f"resumed from {resume_from} at step {self.start_step}")
-        self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), self.start_step,
-                                    enabled=self.accelerator.is_main_process)
-        self.skipped_rewards = 0
-
-    def _print(self, msg: str) -> None:
-        if self.accelerator.is_main_process:
-            tqdm.write(msg)
-
-    def _split_eval_prompts(self) -> list[str]:
-        if self.config.dataset == "builtin":
-            return list(EVAL_PROMPTS)
-        if self.config.dataset == "easy":
-            return self.prompts[:8]
-        held_out = self.prompts[-16:]
-        self.prompts = self.prompts[:-16] or held_out
-        return held_out
-
-    def _theta0(self) -> dict[str, torch.Tensor] | None:
-        """The reference model's weights serve as θ0 when they sit where the policy's do."""
-        if self.ref is None or self.ref_device != self.device:
-            return None
-        ref_params = dict(self.ref.named_parameters())
-        return {n: ref_params[n] for n in self.params}
-
-    def _prepare_run_dir(self) -> Path | None:
-        run = self.run_dir
-        if self.config.resume:
-            check_resumable(run, self.policy)
-            folder = latest_step(run)
-            if folder is None:
-                self._print(f"--resume: {run} has no complete checkpoint yet; starting from step 0")
-            return folder
-        if (run / "run_config.json").exists():
-            raise SubnetscopeError(f"{run} already holds a run: pass --resume to continue it, or a new --output_dir")
-        if self.accelerator.is_main_process:
-            init_run_dir(run, self.policy, self.tokenizer, {**asdict(self.config), "dtype_used": str(self.dtype)})
-        self.accelerator.wait_for_everyone()
-        return None
-
-    def _step_prompts(self, step: int) -> tuple[list[str], torch.Tensor]:
-        """This process's prompts for `step` (repeated per group) and their global row ids."""
-        cfg = self.config
-        n = len(self.prompts)
-        start = (step - 1) * cfg.batch_size
-        epoch = start // n
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
-        global_idx = [order[(start + i) % n] for i in range(cfg.batch_size)]
-        per_rank = cfg.batch_size // self.accelerator.num_processes
-        lo = self.accelerator.process_index * per_rank
-        prompts, rows = [], []
-        for local, i in enumerate(range(lo, lo + per_rank)):
-            for g in range(cfg.group_size):
-                prompts.append(self.prompts[global_idx[i]])
-                rows.append(i * cfg.group_size + g)
-        return prompts, torch.tensor(rows)
-
-    def _rewards(self, prompts: list[str], rollout: Rollout, training: bool = True) -> torch.Tensor:
-        """Rewards as a tensor; NaN/inf become NaN (advantage 0) and, in training, are counted."""
-        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-        values = self.reward_fn(prompts, rollout.texts, ids)
-        rewards = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
-        bad = ~torch.isfinite(rewards)
-        if bad.any():
-            if training:
-                self.skipped_rewards += int(bad.sum())
-            rewards[bad] = float("nan")
-        return rewards
-
-    @torch.no_grad()
-    def _ref_logps(self, rollout: Rollout) -> torch.Tensor | None:
-        if self.ref is None:
-            return None
-        ids = rollout.input_ids.to(self.ref_device)
-        mask = rollout.attention_mask.to(self.ref_device)
-        return per_token_logps(self.ref, ids, mask, rollout.completion_ids.shape[1], self.config.temperature).to(self.device)
+    def uses_reference(self) -> bool:
+        return self.config.beta != 0.0
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         t0 = time.perf_counter()
-        prompts, rows = self._step_prompts(step)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        rollout = generate(unwrapped, self.tokenizer, prompts, rows, seed=cfg.seed, step=step,
-                           max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           static_cache=self.device.startswith("cuda") and not cfg.gradient_checkpointing)
+        prompts, rollout = self._rollout(step)
         t_gen = time.perf_counter()
         rewards = self._rewards(prompts, rollout)
         advantages = group_advantages(rewards, cfg.group_size, cfg.adv_clip).to(self.device)
@@ -325,77 +109,7 @@ class GRPOTrainer:
             logps = per_token_logps(self.model, ids, mask, n_comp, cfg.temperature)
             loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps,
                                     advantages, comp_mask, cfg.beta, cfg.epsilon, cfg.kl_correction)
-            self.accelerator.backward(loss)
-            if cfg.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()  # so that time/tracker holds the tracker's work alone
-        t_track = time.perf_counter()
-        record = self.tracker.update(step)
-        t_end = time.perf_counter()
-        gathered = self.accelerator.gather(rewards.to(self.device))
-        tokens = self.accelerator.gather(comp_mask.sum().reshape(1)).sum()
-        metrics = {
-            "reward/mean": float(torch.nanmean(gathered)), "reward/std": float(torch.nan_to_num(gathered).std()),
-            "loss": float(loss.detach()), "skipped_rewards": self.skipped_rewards,
-            "time/step": t_end - t0, "time/generate": t_gen - t0, "time/tracker": t_end - t_track,
-            "throughput/tokens_per_s": float(tokens) / (t_end - t0),
-            "completion_length": float(tokens) / gathered.numel(),
-            **stats, **self.tracker.metrics(record),
-        }
-        return metrics
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward and KL on the held-out prompts, greedy and sampled (fixed noise)."""
-        cfg = self.config
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        out = {}
-        rows = torch.arange(len(self.eval_prompts))
-        for mode, greedy in (("greedy", True), ("sampled", False)):
-            rollout = generate(unwrapped, self.tokenizer, self.eval_prompts, rows, seed=cfg.seed, step=EVAL_SEED_STEP,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, greedy=greedy)
-            rewards = self._rewards(self.eval_prompts, rollout, training=False)
-            out[f"eval/{mode}/reward"] = float(torch.nanmean(rewards))
-            if self.ref is not None:
-                ids, mask = rollout.input_ids.to(self.device), rollout.attention_mask.to(self.device)
-                n = rollout.completion_ids.shape[1]
-                logps = per_token_logps(unwrapped, ids, mask, n, cfg.temperature)
-                ref = self._ref_logps(rollout)
-                cm = rollout.completion_mask.to(self.device).float()
-                kl = torch.exp(ref - logps) - (ref - logps) - 1
-                out[f"eval/{mode}/kl"] = float(((kl * cm).sum(-1) / cm.sum(-1).clamp(min=1)).mean())
-        return out
-
-    def _save(self, step: int) -> None:
-        if self.accelerator.is_main_process:
-            save_step(self.run_dir, step, self.params, self.tracker.exact_masks(), self.optimizer,
-                      self.tracker.state_dict(), self.config.full_checkpoints,
-                      extra={"skipped_rewards": self.skipped_rewards})
-        self.accelerator.wait_for_everyone()
-
-    def train(self) -> dict[str, float]:
-        cfg = self.config
-        last: dict[str, float] = {}
-        bar = tqdm(range(self.start_step + 1, cfg.max_steps + 1), initial=self.start_step, total=cfg.max_steps,
-                   desc="GRPO", disable=cfg.no_tqdm or not self.accelerator.is_main_process)
-        for step in bar:
-            metrics = self.train_step(step)
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                metrics.update(self.evaluate())
-            self.logger.log(step, metrics)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics.get('kl', 0.0):.4f}",
-                            changed=f"{metrics['changed/relative']:.2%}")
-            if step % cfg.save_every == 0 or step == cfg.max_steps:
-                self._save(step)
-            last = metrics
-        if self.accelerator.is_main_process:
-            final = self.run_dir / "final"
-            self.accelerator.unwrap_model(self.model).save_pretrained(final)
-            self.tokenizer.save_pretrained(final)
-        self.logger.close()
-        if self.skipped_rewards:
-            warn(f"{self.skipped_rewards} completions had NaN or inf rewards; they got advantage 0")
-        return last
+            self._optimizer_step(loss)
+        tracked, tracker_s = self._track(step)
+        return {**self._common_metrics(rewards, comp_mask, t0, t_gen, tracker_s), "loss": float(loss.detach()),
+                **stats, **tracked}

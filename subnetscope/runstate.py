@@ -27,6 +27,7 @@ from .models import model_signature
 TRAINER_STATE = "trainer_state.pt"
 TRACKER_STATE = "tracker.safetensors"
 RUN_CONFIG = "run_config.json"
+EXTRA_TENSORS = "extra.safetensors"
 
 
 def _rng_state() -> dict:
@@ -79,8 +80,9 @@ def check_resumable(run_dir: Path, model: torch.nn.Module) -> None:
 
 def save_step(run_dir: Path, step: int, params: dict[str, torch.Tensor], changed: dict[str, torch.Tensor],
               optimizer: torch.optim.Optimizer, tracker_state: dict[str, torch.Tensor], full: bool,
-              extra: dict | None = None) -> Path:
-    """Write step_N atomically: the weights (compact or full), optimizer, RNG and tracker state."""
+              extra: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write step_N atomically: the weights (compact or full), optimizer, RNG and tracker state, and
+    a trainer's own tensors (PPO's value head) in extra.safetensors."""
     folder = run_dir / f"step_{step}"
 
     def write(tmp: Path) -> None:
@@ -90,6 +92,8 @@ def save_step(run_dir: Path, step: int, params: dict[str, torch.Tensor], changed
         else:
             save_compact(tmp / COMPACT_FILE, step, f"../{BASE_DIR}", {n: (p, changed[n]) for n, p in params.items()})
         save_file({k: v.cpu().contiguous() for k, v in tracker_state.items()}, str(tmp / TRACKER_STATE))
+        if extra_tensors:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA_TENSORS))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "extra": extra or {}},
                    tmp / TRAINER_STATE)
 
@@ -107,8 +111,10 @@ def latest_step(run_dir: Path) -> Path | None:
     return complete[-1].path if complete else None
 
 
-def load_step(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> tuple[int, dict, dict]:
-    """Restore weights, optimizer state and RNG from a step folder; returns (step, tracker state, extra)."""
+def load_step(folder: Path, params: dict[str, torch.Tensor],
+              optimizer: torch.optim.Optimizer) -> tuple[int, dict, dict, dict[str, torch.Tensor]]:
+    """Restore weights, optimizer state and RNG from a step folder; returns
+    (step, tracker state, the trainer's extra state, the trainer's extra tensors)."""
     from .checkpoint import open_checkpoint
 
     source = open_checkpoint(str(folder))
@@ -119,4 +125,6 @@ def load_step(folder: Path, params: dict[str, torch.Tensor], optimizer: torch.op
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_state(state["rng"])
     tracker_state = load_file(str(folder / TRACKER_STATE))
-    return int(state["step"]), tracker_state, state.get("extra", {})
+    extra_path = folder / EXTRA_TENSORS
+    tensors = load_file(str(extra_path)) if extra_path.is_file() else {}
+    return int(state["step"]), tracker_state, state.get("extra", {}), tensors

@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from subnetscope.grpo import disable_dropout, group_advantages, grpo_loss, per_token_logps
+from subnetscope.grpo import group_advantages, grpo_loss
+from subnetscope.rl import disable_dropout, per_token_logps
 from subnetscope.models import word_tokenizer, tiny_model
 from subnetscope.sampling import completion_mask_after_eos, gumbel_noise
 
