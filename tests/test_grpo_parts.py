@@ -106,13 +106,13 @@ def test_gemma3n_multimodal_checkpoint_loads_as_text_model(tmp_path):
 
 def test_short_preset_on_gemma_turns_on_adafactor_and_checkpointing():
     parse = grpo_cli.build_parser().parse_args
-    cfg = grpo_cli.config_from_args(parse(["--short", "--policy", "google/gemma-3n-E2B-it"]))
+    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "google/gemma-3n-E2B-it"]))
     assert (cfg.max_steps, cfg.save_every, cfg.optimizer, cfg.gradient_checkpointing) == (10, 5, "adafactor", True)
-    cfg = grpo_cli.config_from_args(parse(["--short", "--policy", "google/gemma-3n-E2B-it", "--optimizer", "sgd"]))
+    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "google/gemma-3n-E2B-it", "--optimizer", "sgd"]))
     assert cfg.optimizer == "sgd"
-    cfg = grpo_cli.config_from_args(parse(["--short", "--policy", "gpt2"]))
+    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "gpt2"]))
     assert cfg.optimizer == "adamw" and not cfg.gradient_checkpointing
-    cfg = grpo_cli.config_from_args(parse(["--smoke", "--max_steps", "3"]))
+    cfg = grpo_cli.grpo_config(parse(["--smoke", "--max_steps", "3"]))
     assert cfg.policy == "tiny-gemma3n" and cfg.max_steps == 3
 
 

@@ -23,8 +23,8 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def offline_counts(run: Path, step_dir: Path) -> dict[str, dict[str, int]]:
-    pair = analyze_pair(open_checkpoint(str(run / "base")), open_checkpoint(str(step_dir)), ChangeRules(), progress=False)
+def offline_counts(run: Path, step_dir: Path, rules: ChangeRules = ChangeRules()) -> dict[str, dict[str, int]]:
+    pair = analyze_pair(open_checkpoint(str(run / "base")), open_checkpoint(str(step_dir)), rules, progress=False)
     return {t.name: t.changed for t in pair.tensors}
 
 

@@ -1,0 +1,117 @@
+"""Flags, presets and the run wrapper shared by main_grpo.py and main_ppo.py."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import torch
+import transformers
+
+from ..errors import SubnetscopeError
+from ..models import TINY_MODELS
+from ..rl import RLConfig, RLTrainer
+
+PRESETS = {
+    "smoke": dict(device="cpu", policy="tiny-gemma3n", dataset="builtin", reward="vader", max_steps=1,
+                  batch_size=2, max_new_tokens=8, save_every=1, eval_every=1),
+    "short": dict(max_steps=10, save_every=5, eval_every=5),
+    "easy": dict(reward="easy", dataset="easy"),
+}
+PRESET_HELP = {
+    "smoke": "CPU, tiny Gemma-3n (random weights), built-in prompts, VADER, 1 step, checkpoint, summary",
+    "short": "10 steps, checkpoints every 5; Gemma models get Adafactor and gradient checkpointing",
+    "easy": "placeholder prompts and a toy reward (even token ids), no reward model",
+}
+
+
+def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
+    """Every flag but the algorithm's own; defaults are shown from the config dataclass `d`."""
+    model = p.add_argument_group("model and data")
+    model.add_argument("--policy", help=f"policy to fine-tune: Hub id, folder, or {' / '.join(TINY_MODELS)} (default {d.policy})")
+    model.add_argument("--reward", choices=("vader", "model", "easy"),
+                       help=f"reward: VADER lexicon, a classifier (--reward_model), or the toy reward (default {d.reward})")
+    model.add_argument("--reward_model", help=f"sequence classifier for --reward model; score = POSITIVE logit (default {d.reward_model})")
+    model.add_argument("--dataset", help="prompts: builtin, easy, imdb (through datasets), or a .json/.jsonl/.csv/.txt[.gz] "
+                                         f"file such as ../shared/data/imdb/train.jsonl.gz (default {d.dataset})")
+    model.add_argument("--max_prompt_tokens", type=int, help=f"prompts are cut to this many tokens (default {d.max_prompt_tokens})")
+    model.add_argument("--max_new_tokens", type=int, help=f"completion length (default {d.max_new_tokens})")
+    model.add_argument("--temperature", type=float, help=f"sampling temperature (default {d.temperature})")
+    loop = p.add_argument_group("loop")
+    loop.add_argument("--batch_size", type=int, help=f"prompts per step, over all processes (default {d.batch_size})")
+    loop.add_argument("--max_steps", type=int, help=f"updates (default {d.max_steps})")
+    opt = p.add_argument_group("optimizer and precision")
+    opt.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
+    opt.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    opt.add_argument("--weight_decay", type=float, help=f"(default {d.weight_decay})")
+    opt.add_argument("--max_grad_norm", type=float, help=f"gradient clipping; 0 = off (default {d.max_grad_norm})")
+    opt.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+                     help="weights' dtype; auto = bfloat16 on a GPU and for Gemma models, else float32")
+    opt.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
+    place = p.add_argument_group("devices")
+    place.add_argument("--device", help="training device: auto (accelerate's choice), cpu, cuda")
+    place.add_argument("--ref_device", help="reference model's device (auto = the training device); cpu saves GPU memory")
+    place.add_argument("--reward_device", help="reward model's device (auto = the training device)")
+    track = p.add_argument_group("tracking")
+    track.add_argument("--atol", type=float, help=f"absolute rule |Δ| > atol (default {d.atol})")
+    track.add_argument("--eta", type=float, help=f"relative rule |Δ| > eta·max(|w|,|w'|) (default {d.eta})")
+    track.add_argument("--topk", type=int, help=f"k of the top-k block concentration (default {d.topk})")
+    track.add_argument("--no_localization", dest="log_localization", action="store_false",
+                       help="do not log per-block Gini / entropy / top-k every step")
+    io = p.add_argument_group("checkpoints and logging")
+    io.add_argument("--output_dir", help=f"run folder (default {d.output_dir})")
+    io.add_argument("--save_every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
+    io.add_argument("--full_checkpoints", action="store_true", help="write full safetensors instead of compact ones")
+    io.add_argument("--eval_every", type=int, help=f"held-out reward and KL every N steps (default {d.eval_every})")
+    io.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
+    io.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (works with WANDB_MODE=offline)")
+    io.add_argument("--no_tqdm", action="store_true", help="no progress bar (for logs)")
+    io.add_argument("--seed", type=int, help=f"seed of initialisation, prompt order and sampling (default {d.seed})")
+    pre = p.add_argument_group("presets")
+    for name, text in PRESET_HELP.items():
+        pre.add_argument(f"--{name}", action="store_true", help=text)
+
+
+def quiet_transformers() -> None:
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def config_from_args(config_cls: type[RLConfig], args: argparse.Namespace, preset_extra: dict | None = None) -> RLConfig:
+    """Dataclass defaults, then the presets' values, then the flags given."""
+    values: dict = {}
+    for preset in ("smoke", "short", "easy"):
+        if getattr(args, preset, False):
+            values.update(PRESETS[preset])
+            values.update((preset_extra or {}).get(preset, {}))
+    explicit = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
+    values.update(explicit)
+    if getattr(args, "short", False) and "gemma" in values.get("policy", config_cls.policy).lower():
+        if "optimizer" not in explicit:
+            values["optimizer"] = "adafactor"
+        if "gradient_checkpointing" not in explicit:
+            values["gradient_checkpointing"] = True
+    return config_cls(**values)
+
+
+def summary_line(trainer: RLTrainer, metrics: dict) -> str:
+    total = sum(p.numel() for p in trainer.params.values())
+    return (f"step {trainer.config.max_steps}: changed exact {metrics['changed/exact']:.2%}, atol "
+            f"{metrics['changed/atol']:.2%}, relative {metrics['changed/relative']:.2%} of {total:,} weights; "
+            f"reward {metrics['reward/mean']:.3f}; run in {trainer.run_dir}")
+
+
+def run(trainer_cls: type[RLTrainer], config: RLConfig) -> tuple[RLTrainer, dict]:
+    """Train, turning CUDA running out of memory into a one-line error that names the remedies."""
+    try:
+        trainer = trainer_cls(config)
+        metrics = trainer.train()
+    except torch.cuda.OutOfMemoryError:
+        raise SubnetscopeError(
+            "CUDA ran out of memory: try --optimizer adafactor, --gradient_checkpointing, --ref_device cpu, "
+            "--reward_device cpu, or shorter --max_prompt_tokens / --max_new_tokens"
+        ) from None
+    if trainer.accelerator.is_main_process:
+        print(summary_line(trainer, metrics))
+    return trainer, metrics
+
+
