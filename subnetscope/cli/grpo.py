@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import cli_main
 from ..grpo import GRPOConfig, GRPOTrainer
-from .training import add_common_args, config_from_args, quiet_transformers, run
+from .training import config_from_args, new_parser, quiet_transformers, run
 
 DESCRIPTION = """\
 Fine-tune a causal LM with GRPO (our own loop; TRL's loss_type="grpo") and track, after every
@@ -23,10 +23,8 @@ PRESET_EXTRA = {"smoke": {"group_size": 2, "output_dir": "checkpoints/smoke"}}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
     d = GRPOConfig()
-    add_common_args(p, d)
+    p = new_parser(DESCRIPTION, d)
     algo = p.add_argument_group("GRPO")
     algo.add_argument("--group_size", type=int, help=f"completions per prompt, at least 2 (default {d.group_size})")
     algo.add_argument("--inner_epochs", type=int, help=f"optimizer steps per rollout batch (default {d.inner_epochs})")

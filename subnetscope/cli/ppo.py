@@ -5,7 +5,7 @@ import argparse
 
 from ..errors import cli_main
 from ..ppo import PPOConfig, PPOTrainer
-from .training import add_common_args, config_from_args, quiet_transformers, run
+from .training import config_from_args, new_parser, quiet_transformers, run
 
 DESCRIPTION = """\
 Fine-tune a causal LM with PPO (our own loop: TRL removed its PPOTrainer in 1.13): value head on
@@ -22,10 +22,8 @@ PRESET_EXTRA = {"smoke": {"mini_batch_size": 2, "ppo_epochs": 1, "output_dir": "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                argument_default=argparse.SUPPRESS)
     d = PPOConfig()
-    add_common_args(p, d)
+    p = new_parser(DESCRIPTION, d)
     algo = p.add_argument_group("PPO")
     algo.add_argument("--gamma", type=float, help=f"discount (default {d.gamma})")
     algo.add_argument("--lam", type=float, help=f"GAE lambda (default {d.lam})")

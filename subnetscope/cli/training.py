@@ -24,6 +24,14 @@ PRESET_HELP = {
 }
 
 
+def new_parser(description: str, defaults: RLConfig) -> argparse.ArgumentParser:
+    """A trainer's parser with every shared flag; flags not given stay absent (presets can tell)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    add_common_args(p, defaults)
+    return p
+
+
 def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     """Every flag but the algorithm's own; defaults are shown from the config dataclass `d`."""
     model = p.add_argument_group("model and data")
