@@ -1,0 +1,144 @@
+"""SFT and DPO baselines through TRL's trainers, with the update tracker attached as a callback.
+
+Both start from the same policy and prompts as the RL runs. SFT trains on reference continuations:
+for each prompt, the best of `candidates` samples from the initial policy under the reward
+(rejection sampling). DPO trains on pairs from the same samples: the best as chosen, the worst as
+rejected (ties dropped). The run folder holds base/ (θ0, written by the callback), the trainer's
+checkpoint-N folders, and subnet_metrics.jsonl, so every analysis reads it unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .changes import ChangeRules
+from .callback import SubnetTrackerCallback
+from .data import load_prompts
+from .errors import SubnetscopeError
+from .models import DTYPES, load_causal_lm, load_tokenizer
+from .rewards import build_reward
+from .sampling import generate
+
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
+
+
+@dataclass
+class BaselineConfig:
+    task: str = "sft"
+    policy: str = "tiny-gpt2"
+    reward: str = "vader"
+    reward_model: str = "lvwerra/distilbert-imdb"
+    dataset: str = "builtin"
+    candidates: int = 4
+    max_prompts: int = 256
+    batch_size: int = 8
+    max_steps: int = 20
+    lr: float = 1e-5
+    optimizer: str = "adamw"
+    dpo_beta: float = 0.1
+    max_prompt_tokens: int = 32
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    dtype: str = "float32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    save_every: int = 10
+    output_dir: str = "checkpoints/sft"
+    resume: bool = False
+    wandb: str | None = None
+    seed: int = 0
+    atol: float = 1e-5
+    eta: float = 1e-3
+    topk: int = 3
+
+    def validate(self) -> None:
+        if self.task not in ("sft", "dpo"):
+            raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
+        if self.candidates < 2:
+            raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
+        if min(self.batch_size, self.max_steps, self.save_every, self.max_prompts) < 1:
+            raise SubnetscopeError("--batch_size, --max_steps, --save_every and --max_prompts must be at least 1")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise SubnetscopeError(f"--lr must be a positive number (got {self.lr})")
+        if self.optimizer not in OPTIMIZERS:
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use adamw, adafactor or sgd")
+        if self.dtype not in DTYPES:
+            raise SubnetscopeError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
+
+
+@torch.no_grad()
+def scored_samples(model, tokenizer, prompts: list[str], reward_fn, candidates: int, seed: int,
+                   max_new_tokens: int, temperature: float) -> list[list[tuple[float, str]]]:
+    """`candidates` samples per prompt from `model`, each with its reward, best first."""
+    repeated = [p for p in prompts for _ in range(candidates)]
+    rows = torch.arange(len(repeated))
+    rollout = generate(model, tokenizer, repeated, rows, seed=seed, step=0, max_new_tokens=max_new_tokens,
+                       temperature=temperature)
+    ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
+    rewards = reward_fn(repeated, rollout.texts, ids)
+    out = []
+    for i in range(len(prompts)):
+        group = [(float(r), t) for r, t in zip(rewards[i * candidates:(i + 1) * candidates],
+                                               rollout.texts[i * candidates:(i + 1) * candidates])
+                 if r is not None and math.isfinite(r)]
+        out.append(sorted(group, key=lambda x: -x[0]))
+    return out
+
+
+def sft_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> dict[str, list[str]]:
+    keep = [(p, s[0][1]) for p, s in zip(prompts, samples) if s]
+    return {"prompt": [p for p, _ in keep], "completion": [" " + c.strip() for _, c in keep]}
+
+
+def dpo_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> dict[str, list[str]]:
+    keep = [(p, s[0][1], s[-1][1]) for p, s in zip(prompts, samples) if len(s) >= 2 and s[0][0] > s[-1][0]]
+    if not keep:
+        raise SubnetscopeError("no prompt got samples of different reward, so DPO has no pairs: "
+                               "raise --candidates or --max_new_tokens, or use another reward")
+    return {"prompt": [k[0] for k in keep], "chosen": [" " + k[1].strip() for k in keep],
+            "rejected": [" " + k[2].strip() for k in keep]}
+
+
+def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
+    """Build the data set from the initial policy's samples, then train with TRL and the tracker."""
+    import datasets
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    config.validate()
+    device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if config.device == "auto" else config.device)
+    tokenizer = load_tokenizer(config.policy)
+    dtype = DTYPES[config.dtype]
+    model = load_causal_lm(config.policy, dtype, seed=config.seed, vocab_size=len(tokenizer)).to(device)
+    reward_fn = build_reward(config.reward, config.reward_model, device)
+    prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
+    samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,
+                             config.max_new_tokens, config.temperature)
+    records = sft_records(prompts, samples) if config.task == "sft" else dpo_records(prompts, samples)
+    data = datasets.Dataset.from_dict(records)
+    common = dict(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
+                  save_strategy="steps", per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+                  optim=OPTIMIZERS[config.optimizer], seed=config.seed, logging_steps=1,
+                  report_to=["wandb"] if config.wandb else "none", use_cpu=device == "cpu",
+                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                  gradient_checkpointing=config.gradient_checkpointing)
+    if config.wandb:
+        import os
+
+        os.environ.setdefault("WANDB_PROJECT", config.wandb)
+    callback = SubnetTrackerCallback(ChangeRules(config.atol, config.eta), topk=config.topk)
+    if config.task == "sft":
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
+                             callbacks=[callback])
+    else:
+        trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), train_dataset=data,
+                             args=DPOConfig(beta=config.dpo_beta, **common), processing_class=tokenizer,
+                             callbacks=[callback])
+    resume = config.resume and any(Path(config.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model(str(Path(config.output_dir) / "final"))
+    return callback

@@ -1,0 +1,70 @@
+"""main_sft.py: the SFT and DPO baselines (TRL's trainers) with the update tracker attached."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import torch
+
+from ..baselines import BaselineConfig, train_baseline
+from ..errors import SubnetscopeError, cli_main
+from ..models import TINY_MODELS
+from .training import quiet_transformers
+
+DESCRIPTION = """\
+Train the same policy on the same prompts as main_grpo.py / main_ppo.py, with TRL's SFTTrainer
+(--task sft: on the best of --candidates samples of the initial policy under the reward) or
+DPOTrainer (--task dpo: best vs worst of those samples), while the update tracker records which
+weights change. The run folder (base/, checkpoint-N/, subnet_metrics.jsonl, final/) is read by
+analyze_sparse_subnetwork.py --ckpt_dir and localization_analysis.py like an RL run.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = BaselineConfig()
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--task", choices=("sft", "dpo"), help=f"which baseline (default {d.task})")
+    p.add_argument("--policy", help=f"Hub id, folder, or {' / '.join(TINY_MODELS)} (default {d.policy})")
+    p.add_argument("--reward", choices=("vader", "model", "easy"), help=f"ranks the samples (default {d.reward})")
+    p.add_argument("--reward_model", help=f"classifier for --reward model (default {d.reward_model})")
+    p.add_argument("--dataset", help=f"prompts: builtin, easy, imdb, or a local file (default {d.dataset})")
+    p.add_argument("--candidates", type=int, help=f"samples per prompt to rank (default {d.candidates})")
+    p.add_argument("--max_prompts", type=int, help=f"prompts used to build the data set (default {d.max_prompts})")
+    p.add_argument("--max_prompt_tokens", type=int, help=f"prompt length cut (default {d.max_prompt_tokens})")
+    p.add_argument("--max_new_tokens", type=int, help=f"sample length (default {d.max_new_tokens})")
+    p.add_argument("--temperature", type=float, help=f"sampling temperature (default {d.temperature})")
+    p.add_argument("--batch_size", type=int, help=f"examples per device per step (default {d.batch_size})")
+    p.add_argument("--max_steps", type=int, help=f"optimizer steps (default {d.max_steps})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
+    p.add_argument("--dpo_beta", type=float, help=f"DPO's beta (default {d.dpo_beta})")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=f"weights' dtype (default {d.dtype})")
+    p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--save_every", type=int, help=f"checkpoint-N every N steps (default {d.save_every})")
+    p.add_argument("--output_dir", help=f"run folder (default {d.output_dir})")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --output_dir")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
+    p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    p.add_argument("--atol", type=float, help=f"tracker's absolute rule (default {d.atol})")
+    p.add_argument("--eta", type=float, help=f"tracker's relative rule (default {d.eta})")
+    p.add_argument("--topk", type=int, help=f"top-k block concentration (default {d.topk})")
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quiet_transformers()
+    config = BaselineConfig(**{f.name: getattr(args, f.name) for f in fields(BaselineConfig) if hasattr(args, f.name)})
+    try:
+        callback = train_baseline(config)
+    except torch.cuda.OutOfMemoryError:
+        raise SubnetscopeError("CUDA ran out of memory: try --optimizer adafactor, --gradient_checkpointing, "
+                               "a smaller --batch_size or shorter --max_new_tokens") from None
+    if callback.history:
+        last = callback.tracker.metrics(callback.history[-1])
+        print(f"{config.task} step {callback.history[-1].step}: changed exact {last['changed/exact']:.2%}, atol "
+              f"{last['changed/atol']:.2%}, relative {last['changed/relative']:.2%}; run in {config.output_dir}")
+    return 0
