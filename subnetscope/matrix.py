@@ -1,0 +1,250 @@
+"""The run matrix: a YAML/JSON file of runs (task × model × lr × optimizer × seed ...), run one after
+another, resumable, then aggregated into summary.csv, grouped_summary.csv and plots.
+
+    output_dir: checkpoints/matrix
+    base: {dataset: easy, reward: easy, max_steps: 6, device: cpu}      # every run
+    grid: {task: [rl-grpo, sft], policy: [tiny-gpt2], lr: [1e-3], seed: [0, 1]}
+    per_task: {rl-grpo: {group_size: 4}}                                  # only that task's runs
+
+Every key and value is checked against the task's config before anything runs. A run that fails
+is recorded as failed, with its error, and the sweep goes on; a finished run (done.json) is
+skipped when the sweep is started again, a half-done one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import statistics
+import traceback
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from .baselines import BaselineConfig, train_baseline
+from .changes import RULES, ChangeRules
+from .checkpoint import find_step_checkpoints, open_checkpoint
+from .data import EVAL_PROMPTS
+from .engine import analyze_pair
+from .errors import SubnetscopeError
+from .grpo import GRPOConfig, GRPOTrainer
+from .models import load_causal_lm, load_tokenizer
+from .ppo import PPOConfig, PPOTrainer
+from .report import write_csv, write_json
+from .rewards import build_reward
+from .sampling import generate
+
+TASKS = {"rl-grpo": GRPOConfig, "rl-ppo": PPOConfig, "sft": BaselineConfig, "dpo": BaselineConfig}
+TOP_KEYS = {"output_dir", "base", "grid", "per_task"}
+MANAGED = {"output_dir", "resume", "task"}
+
+
+def load_matrix(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SubnetscopeError(f"{path} does not exist: pass a matrix file (.yaml, .yml or .json)")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    elif p.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise SubnetscopeError(f"{path}: use a .yaml, .yml or .json matrix file")
+    if not isinstance(data, dict):
+        raise SubnetscopeError(f"{path}: the matrix file must be a mapping with keys {sorted(TOP_KEYS)}")
+    return data
+
+
+def _check_value(task: str, key: str, value, config_cls) -> object:
+    """The value converted to the field's type, or an error naming the key and the value."""
+    field = {f.name: f for f in fields(config_cls)}.get(key)
+    if field is None or key in MANAGED:
+        raise SubnetscopeError(f"matrix: {key!r} is not a setting of {task} runs")
+    hints = typing.get_type_hints(config_cls)
+    kind = hints[key]
+    allowed = [t for t in typing.get_args(kind)] or [kind]
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if t is int and float(value) != int(value):
+                continue
+            return t(value)
+        if t is str and isinstance(value, str):
+            return value
+    raise SubnetscopeError(f"matrix: {key}={value!r} is not a valid value for {task} runs (expected {kind})")
+
+
+def expand(matrix: dict) -> list[dict]:
+    """Every run of the matrix as {task, name, settings}, each checked by its config's validate()."""
+    unknown = set(matrix) - TOP_KEYS
+    if unknown:
+        raise SubnetscopeError(f"matrix: unknown top-level key(s) {sorted(unknown)}; use {sorted(TOP_KEYS)}")
+    base = matrix.get("base") or {}
+    grid = matrix.get("grid") or {}
+    per_task = matrix.get("per_task") or {}
+    tasks = grid.get("task", base.get("task", ["rl-grpo"]))
+    tasks = tasks if isinstance(tasks, list) else [tasks]
+    for task in [*tasks, *per_task]:
+        if task not in TASKS:
+            raise SubnetscopeError(f"matrix: unknown task {task!r}; use {sorted(TASKS)}")
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items() if k != "task"}
+    runs = []
+    for task in tasks:
+        config_cls = TASKS[task]
+        for combo in itertools.product(*axes.values()) if axes else [()]:
+            raw = {**{k: v for k, v in base.items() if k != "task"}, **dict(zip(axes, combo)),
+                   **(per_task.get(task) or {})}
+            settings = {k: _check_value(task, k, v, config_cls) for k, v in raw.items()}
+            if config_cls is BaselineConfig:
+                settings["task"] = task
+            config_cls(**settings).validate()
+            name = _run_name(task, dict(zip(axes, combo)))
+            runs.append({"task": task, "name": name, "settings": settings, "axes": dict(zip(axes, combo))})
+    names = [r["name"] for r in runs]
+    if len(set(names)) != len(names):
+        raise SubnetscopeError("matrix: two runs have the same settings; remove the duplicate grid values")
+    return runs
+
+
+def _run_name(task: str, axes: dict) -> str:
+    parts = [task] + [f"{k}={v}" for k, v in axes.items()]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))
+
+
+def run_one(run: dict, folder: Path) -> dict:
+    """Train one run (resuming it if half done) and measure what the summary needs."""
+    settings = {**run["settings"], "output_dir": str(folder)}
+    started = folder.exists()
+    task = run["task"]
+    if task in ("sft", "dpo"):
+        train_baseline(BaselineConfig(**settings, resume=started))
+        checkpoint_dir = find_step_checkpoints(str(folder))[-1].path
+    else:
+        config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if task == "rl-grpo" else (PPOConfig, PPOTrainer)
+        settings.setdefault("no_tqdm", True)
+        trainer_cls(config_cls(**settings, resume=started)).train()
+        checkpoint_dir = find_step_checkpoints(str(folder))[-1].path
+    return measure(folder, checkpoint_dir, run["settings"])
+
+
+def measure(folder: Path, checkpoint_dir: Path, settings: dict) -> dict:
+    """Final sparsity per rule, per-block Gini and evaluation reward of a finished run."""
+    config_rules = {"atol": settings.get("atol", 1e-5), "eta": settings.get("eta", 1e-3)}
+    pair = analyze_pair(open_checkpoint(str(folder / "base")), open_checkpoint(str(checkpoint_dir)),
+                        ChangeRules(**config_rules), device="cpu", progress=False)
+    loc = pair.localization(settings.get("topk", 3))
+    out = {f"changed_{r}": pair.fraction(r) for r in RULES}
+    out["gini_relative"] = loc["relative"]["count_per_weight"]["gini"]
+    out["final_step"] = int(checkpoint_dir.name.split("-")[-1].split("_")[-1])
+    out["eval_reward"] = eval_reward(folder / "final", settings)
+    return out
+
+
+@torch.no_grad()
+def eval_reward(model_dir: Path, settings: dict) -> float:
+    """Mean reward of greedy completions of the fixed evaluation prompts: the same test for every task."""
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_causal_lm(str(model_dir), torch.float32).eval()
+    reward = build_reward(settings.get("reward", "vader"), settings.get("reward_model", "lvwerra/distilbert-imdb"), "cpu")
+    prompts = list(EVAL_PROMPTS)
+    rollout = generate(model, tokenizer, prompts, torch.arange(len(prompts)), seed=0, step=0,
+                       max_new_tokens=settings.get("max_new_tokens", 32), greedy=True)
+    ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
+    values = [v for v in reward(prompts, rollout.texts, ids) if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_matrix(path: str, output_dir: str | None = None, log=print) -> Path:
+    matrix = load_matrix(path)
+    runs = expand(matrix)
+    out = Path(output_dir or matrix.get("output_dir") or "checkpoints/matrix")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, run in enumerate(runs, 1):
+        folder = out / "runs" / run["name"]
+        done = folder / "done.json"
+        if done.is_file():
+            result = json.loads(done.read_text())
+            log(f"[{i}/{len(runs)}] {run['name']}: done before, skipped")
+        else:
+            log(f"[{i}/{len(runs)}] {run['name']}: running")
+            try:
+                result = {"status": "ok", **run_one(run, folder)}
+                write_json(done, result)
+            except Exception as err:  # a failed run is recorded with its error; the sweep goes on
+                message = str(err).splitlines()[0] if str(err) else type(err).__name__
+                result = {"status": "failed", "error": f"{type(err).__name__}: {message}"}
+                (out / "runs").mkdir(parents=True, exist_ok=True)
+                (out / "runs" / f"{run['name']}.error.txt").write_text(traceback.format_exc())
+                log(f"[{i}/{len(runs)}] {run['name']}: failed: {result['error']}")
+        rows.append({"run": run["name"], "task": run["task"], **run["settings"], **result})
+    write_summaries(rows, out)
+    return out
+
+
+def write_summaries(rows: list[dict], out: Path) -> None:
+    write_csv(out / "summary.csv", rows)
+    metrics = [f"changed_{r}" for r in RULES] + ["gini_relative", "eval_reward"]
+    groups: dict[tuple, list[dict]] = {}
+    keys = sorted({k for r in rows for k in r} - set(metrics) - {"run", "seed", "status", "error", "final_step",
+                                                                 "output_dir"})
+    for row in rows:
+        if row.get("status") == "ok":
+            groups.setdefault(tuple((k, json.dumps(row.get(k))) for k in keys), []).append(row)
+    grouped = []
+    for key, members in groups.items():
+        entry = {k: json.loads(v) for k, v in key}
+        entry["seeds"] = len(members)
+        for m in metrics:
+            values = [r[m] for r in members if r.get(m) is not None and math.isfinite(r[m])]
+            entry[f"{m}_mean"] = statistics.mean(values) if values else None
+            entry[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+        grouped.append(entry)
+    write_csv(out / "grouped_summary.csv", grouped)
+    plot_sweep(rows, out / "sparsity_vs_settings.png")
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Fraction of weights changed (relative rule) against learning rate, optimizer and task."""
+    from . import plots  # noqa: F401  (selects the Agg backend)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ok = [r for r in rows if r.get("status") == "ok"]
+    tasks = sorted({r["task"] for r in ok})
+
+    def mean_of(task: str, key: str, value) -> float:
+        ys = [r["changed_relative"] for r in ok if r["task"] == task and r.get(key) == value]
+        return statistics.mean(ys) if ys else float("nan")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    lrs = sorted({r["lr"] for r in ok if isinstance(r.get("lr"), (int, float))})
+    for task in tasks:
+        axes[0].plot(lrs, [mean_of(task, "lr", lr) for lr in lrs], marker="o", label=task)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("learning rate")
+    axes[0].legend()
+    optimizers = sorted({str(r.get("optimizer")) for r in ok})
+    width = 0.8 / max(1, len(tasks))
+    for i, task in enumerate(tasks):
+        heights = [mean_of(task, "optimizer", v) for v in optimizers]
+        axes[1].bar(np.arange(len(optimizers)) + (i - (len(tasks) - 1) / 2) * width, heights, width, label=task)
+    axes[1].set_xticks(range(len(optimizers)), optimizers)
+    axes[1].set_xlabel("optimizer")
+    axes[2].bar(tasks, [mean_of(t, "task", t) for t in tasks], color=[f"C{i}" for i in range(len(tasks))])
+    axes[2].set_xlabel("task")
+    for ax in axes:
+        ax.set_ylabel("fraction changed (relative rule)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("update density across the sweep (mean over seeds and the other settings)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
