@@ -89,7 +89,7 @@ def run_ours(model: str, steps: int, naive: bool) -> dict:
     warm = slice(2, None)
     step_time = statistics.median(times[warm])
     return {"step_s": step_time, "tracker_s": statistics.median(tracker_times[warm]),
-            "generate_s": m["time/generate"],
+            "rollout_s": m["time/rollout"],
             "tokens_per_s": statistics.mean(tokens[warm]) / step_time, "steps_per_s": 1 / step_time,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30, "all_step_s": [round(t, 3) for t in times]}
 

@@ -89,27 +89,40 @@ class GRPOTrainer(RLTrainer):
     def uses_reference(self) -> bool:
         return self.config.beta != 0.0
 
+    def _prepare(self, step: int) -> dict:
+        """A fresh rollout for `step`, its rewards, advantages and reference log-probs."""
+        cfg = self.config
+        prompts, rollout = self._rollout(step)
+        rewards = self._rewards(prompts, rollout)
+        return {"rollout": rollout, "rewards": rewards,
+                "advantages": group_advantages(rewards, cfg.group_size, cfg.adv_clip).to(self.device),
+                "ids": rollout.input_ids.to(self.device), "mask": rollout.attention_mask.to(self.device),
+                "comp_mask": rollout.completion_mask.to(self.device), "n_comp": rollout.completion_ids.shape[1],
+                "ref_logps": self._ref_logps(rollout)}
+
+    def _loss(self, batch: dict, old_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        logps = per_token_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"], cfg.temperature)
+        return grpo_loss(logps, logps.detach() if old_logps is None else old_logps, batch["ref_logps"],
+                         batch["advantages"], batch["comp_mask"], cfg.beta, cfg.epsilon, cfg.kl_correction)
+
+    def policy_gradient_loss(self, step: int) -> torch.Tensor:
+        """The loss of one fresh rollout batch, without an optimizer step (for gradient studies)."""
+        return self._loss(self._prepare(step), None)[0]
+
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config
         t0 = time.perf_counter()
-        prompts, rollout = self._rollout(step)
+        batch = self._prepare(step)
         t_gen = time.perf_counter()
-        rewards = self._rewards(prompts, rollout)
-        advantages = group_advantages(rewards, cfg.group_size, cfg.adv_clip).to(self.device)
-        ids, mask = rollout.input_ids.to(self.device), rollout.attention_mask.to(self.device)
-        comp_mask = rollout.completion_mask.to(self.device)
-        n_comp = rollout.completion_ids.shape[1]
-        ref_logps = self._ref_logps(rollout)
         old_logps = None
         if cfg.inner_epochs > 1:
             with torch.no_grad():
-                old_logps = per_token_logps(self.model, ids, mask, n_comp, cfg.temperature)
+                old_logps = per_token_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"], cfg.temperature)
         stats: dict = {}
         for _ in range(cfg.inner_epochs):
-            logps = per_token_logps(self.model, ids, mask, n_comp, cfg.temperature)
-            loss, stats = grpo_loss(logps, logps.detach() if old_logps is None else old_logps, ref_logps,
-                                    advantages, comp_mask, cfg.beta, cfg.epsilon, cfg.kl_correction)
+            loss, stats = self._loss(batch, old_logps)
             self._optimizer_step(loss)
         tracked, tracker_s = self._track(step)
-        return {**self._common_metrics(rewards, comp_mask, t0, t_gen, tracker_s), "loss": float(loss.detach()),
-                **stats, **tracked}
+        return {**self._common_metrics(batch["rewards"], batch["comp_mask"], t0, t_gen, tracker_s),
+                "loss": float(loss.detach()), **stats, **tracked}

@@ -304,7 +304,7 @@ class RLTrainer:
         tokens = float(self.accelerator.gather(completion_mask.sum().reshape(1)).sum())
         return {
             "reward/mean": float(torch.nanmean(gathered)), "reward/std": float(torch.nan_to_num(gathered).std()),
-            "skipped_rewards": self.skipped_rewards, "time/step": t_end - t0, "time/generate": t_gen - t0,
+            "skipped_rewards": self.skipped_rewards, "time/step": t_end - t0, "time/rollout": t_gen - t0,
             "time/tracker": tracker_s, "throughput/tokens_per_s": tokens / (t_end - t0),
             "completion_length": tokens / gathered.numel(),
         }

@@ -1,0 +1,127 @@
+"""gradient_rank.py: the spectrum of k per-batch gradients, RL (GRPO) against SFT, per matrix and global."""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..baselines import scored_samples, sft_records
+from ..errors import SubnetscopeError, cli_main
+from ..gradrank import ENERGY, gradient_spectra
+from ..grpo import GRPOConfig, GRPOTrainer
+from ..report import write_csv, write_json
+from ..rl import per_token_logps
+from .training import quiet_transformers
+
+DESCRIPTION = f"""\
+Measure how many directions k per-batch policy gradients span (experiment 1C): for the same
+policy, k GRPO batches (fresh rollouts) and k SFT batches (best-of-candidates continuations),
+then the singular values of each parameter matrix's k × numel gradient stack and of the whole
+model's, from k × k Gram matrices on --device. Reports the numerical rank (σ > σ_max·k·eps) and
+the effective rank at {ENERGY:.0%} energy, as % of k: gradient_rank.csv (per matrix), spectra.csv
+(global σ), summary.json and spectrum.png. Memory: k copies of the 2-D parameters in float32.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", default="tiny-gpt2", help="Hub id, folder, or tiny-gpt2 / tiny-gemma3n")
+    p.add_argument("--reward", default="vader", choices=("vader", "model", "easy"), help="reward of both tasks")
+    p.add_argument("--reward_model", default="lvwerra/distilbert-imdb", help="classifier for --reward model")
+    p.add_argument("--dataset", default="builtin", help="prompts: builtin, easy, imdb, or a local file")
+    p.add_argument("--k", type=int, default=100, help="gradients (batches) per task (default 100)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--group_size", type=int, default=4, help="GRPO completions per prompt (default 4)")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="completion length (default 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda: where gradients and Gram matrices live")
+    p.add_argument("--seed", type=int, default=0, help="(default 0)")
+    p.add_argument("--output_dir", default="plots/gradient_rank", help="results folder")
+    return p
+
+
+def sft_loss_fn(model, tokenizer, pairs: dict[str, list[str]], batch_size: int, device: str):
+    """NLL of the reference continuations, batch i = pairs i·batch_size … (cycled)."""
+    n = len(pairs["prompt"])
+
+    def loss(i: int) -> torch.Tensor:
+        idx = [(i * batch_size + j) % n for j in range(batch_size)]
+        tokenizer.padding_side = "left"
+        prompt = tokenizer([pairs["prompt"][j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        tokenizer.padding_side = "right"
+        completion = tokenizer([pairs["completion"][j] for j in idx], return_tensors="pt", padding=True,
+                               add_special_tokens=False)
+        ids = torch.cat([prompt["input_ids"], completion["input_ids"]], 1).to(device)
+        mask = torch.cat([prompt["attention_mask"], completion["attention_mask"]], 1).to(device)
+        comp_mask = completion["attention_mask"].to(device).float()
+        logps = per_token_logps(model, ids, mask, comp_mask.shape[1], 1.0)
+        return -((logps * comp_mask).sum(1) / comp_mask.sum(1).clamp(min=1)).mean()
+
+    return loss
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.k < 2 or args.batch_size < 1:
+        raise SubnetscopeError("--k must be at least 2 and --batch_size at least 1")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = GRPOTrainer(GRPOConfig(policy=args.policy, reward=args.reward, reward_model=args.reward_model,
+                                         dataset=args.dataset, batch_size=args.batch_size, group_size=args.group_size,
+                                         max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
+                                         max_steps=args.k, output_dir=str(Path(tmp) / "run"), no_tqdm=True))
+        device = trainer.device
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        results = {"rl": gradient_spectra(model, lambda i: trainer.policy_gradient_loss(i + 1), args.k, device)}
+        samples = scored_samples(model, trainer.tokenizer, trainer.prompts, trainer.reward_fn, 4, args.seed,
+                                 args.max_new_tokens, 1.0)
+        pairs = sft_records(trainer.prompts, samples)
+        results["sft"] = gradient_spectra(model, sft_loss_fn(model, trainer.tokenizer, pairs, args.batch_size, device),
+                                          args.k, device)
+    rows, spectra, summary = [], [], {"k": args.k, "energy": ENERGY, "tasks": {}}
+    for task, (total, per_matrix) in results.items():
+        for s in [total, *per_matrix]:
+            rows.append({"task": task, "matrix": s.name, "k": s.k, "numerical_rank": s.numerical_rank,
+                         "effective_rank": s.effective_rank, "effective_rank_percent": 100 * s.effective_rank / s.k})
+        spectra += [{"task": task, "index": i, "sigma": v, "sigma_normalized": v / total.singular_values[0]}
+                    for i, v in enumerate(total.singular_values)]
+        summary["tasks"][task] = {"global_numerical_rank": total.numerical_rank,
+                                  "global_effective_rank": total.effective_rank,
+                                  "mean_matrix_effective_rank_percent":
+                                      sum(100 * s.effective_rank / s.k for s in per_matrix) / max(1, len(per_matrix))}
+    write_csv(out / "gradient_rank.csv", rows)
+    write_csv(out / "spectra.csv", spectra)
+    write_json(out / "summary.json", summary)
+    plot_spectra(spectra, out / "spectrum.png")
+    for task, s in summary["tasks"].items():
+        print(f"{task}: global numerical rank {s['global_numerical_rank']}/{args.k}, effective ({ENERGY:.0%} energy) "
+              f"{s['global_effective_rank']}/{args.k}; mean per-matrix effective rank "
+              f"{s['mean_matrix_effective_rank_percent']:.1f}% of k")
+    print(f"results in {out}/")
+    return summary
+
+
+def plot_spectra(spectra: list[dict], path: Path) -> None:
+    from .. import plots  # noqa: F401  (selects the Agg backend)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in sorted({s["task"] for s in spectra}):
+        values = [s["sigma_normalized"] for s in spectra if s["task"] == task]
+        ax.semilogy(range(1, len(values) + 1), [max(v, 1e-12) for v in values], marker="o", markersize=3, label=task)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("σ_i / σ_1 (whole model)")
+    ax.set_title("spectrum of k per-batch gradients")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    quiet_transformers()
+    run(build_parser().parse_args(argv))
+    return 0
