@@ -113,7 +113,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
         "cpu" if config.device == "auto" else config.device)
     tokenizer = load_tokenizer(config.policy)
     dtype = DTYPES[config.dtype]
-    model = load_causal_lm(config.policy, dtype, seed=config.seed, vocab_size=len(tokenizer)).to(device)
+    model = load_causal_lm(config.policy, dtype, vocab_size=len(tokenizer)).to(device)
     reward_fn = build_reward(config.reward, config.reward_model, device)
     prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
     samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,

@@ -96,7 +96,10 @@ def load_tokenizer(spec: str):
 
 
 def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
-    """A causal LM by Hub id or folder; Gemma-3n multimodal checkpoints load as the text model alone."""
+    """A causal LM by Hub id or folder; Gemma-3n multimodal checkpoints load as the text model alone.
+
+    The tiny models are built with `seed` (0 by default for every run, like a pretrained checkpoint:
+    runs of different training seeds then share θ0, so their subnetworks can be compared)."""
     if spec == "tiny-gpt2":
         return tiny_model("gpt2", seed, dtype, vocab_size=vocab_size or 257)
     if spec == "tiny-gemma3n":

@@ -150,7 +150,7 @@ class RLTrainer:
         self.run_dir = Path(config.output_dir)
         self.dtype = pick_dtype(config.dtype, config.policy, self.device)
         self.tokenizer = load_tokenizer(config.policy)
-        self.policy = load_causal_lm(config.policy, self.dtype, seed=config.seed, vocab_size=len(self.tokenizer))
+        self.policy = load_causal_lm(config.policy, self.dtype, vocab_size=len(self.tokenizer))
         self.gemma3n = is_gemma3n(self.policy.config)
         disable_dropout(self.policy)
         if config.gradient_checkpointing:
@@ -160,7 +160,7 @@ class RLTrainer:
         self.ref_device = resolve_device(config.ref_device, self.device)
         self.ref = None
         if self.uses_reference():
-            self.ref = load_causal_lm(config.policy, self.dtype, seed=config.seed, vocab_size=len(self.tokenizer))
+            self.ref = load_causal_lm(config.policy, self.dtype, vocab_size=len(self.tokenizer))
             disable_dropout(self.ref)
             self.ref.to(self.ref_device).eval().requires_grad_(False)
         reward_device = resolve_device(config.reward_device, self.device)

@@ -73,7 +73,7 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     io.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
     io.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (works with WANDB_MODE=offline)")
     io.add_argument("--no_tqdm", action="store_true", help="no progress bar (for logs)")
-    io.add_argument("--seed", type=int, help=f"seed of initialisation, prompt order and sampling (default {d.seed})")
+    io.add_argument("--seed", type=int, help=f"seed of prompt order, sampling and new heads; tiny models keep one init (default {d.seed})")
     pre = p.add_argument_group("presets")
     for name, text in PRESET_HELP.items():
         pre.add_argument(f"--{name}", action="store_true", help=text)

@@ -1,0 +1,101 @@
+"""compare_architectures.py: one RL recipe on several models and seeds, then the localization study.
+
+Trains every model × seed with the same recipe (PPO or GRPO), runs localization_analysis.py on the
+first seed's runs (side-by-side figures, Gini / entropy / top-k with bootstrap intervals, the
+concentration test, per-model tables including Gemma-3n's MatFormer shells), and, with several
+seeds, the overlap of each model's subnetworks across seeds against the random baseline.
+Finished runs are reused when the command is started again; half-done ones resume.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+from ..changes import ChangeRules
+from ..checkpoint import find_step_checkpoints, open_checkpoint
+from ..engine import analyze_overlap
+from ..errors import SubnetscopeError, cli_main
+from ..grpo import GRPOConfig, GRPOTrainer
+from ..ppo import PPOConfig, PPOTrainer
+from ..report import write_csv, write_json
+from . import localize
+from .training import quiet_transformers
+
+ALGOS = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-gemma3n"],
+                   help="policies to compare (default tiny-gpt2 tiny-gemma3n; on a GPU e.g. gpt2-medium "
+                        "google/gemma-3n-E2B-it)")
+    p.add_argument("--labels", nargs="+", help="names for the figures (default: the model names)")
+    p.add_argument("--algo", choices=sorted(ALGOS), default="ppo", help="the RL recipe (default ppo)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
+    p.add_argument("--max_steps", type=int, default=8, help="updates per run (default 8)")
+    p.add_argument("--save_every", type=int, default=4, help="checkpoint every N updates (default 4)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per update (default 8)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3, for tiny models)")
+    p.add_argument("--reward", default="vader", choices=("vader", "model", "easy"), help="reward (default vader)")
+    p.add_argument("--reward_model", default="lvwerra/distilbert-imdb", help="classifier for --reward model")
+    p.add_argument("--dataset", default="builtin", help="prompts: builtin, easy, imdb, or a local file")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="completion length (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--runs_dir", default="checkpoints/comparison", help="where the runs go")
+    p.add_argument("--output_dir", default="plots/comparative", help="figures and tables")
+    return p
+
+
+def _train(args: argparse.Namespace, policy: str, label: str, seed: int) -> Path:
+    folder = Path(args.runs_dir) / f"{label}-seed{seed}"
+    config_cls, trainer_cls = ALGOS[args.algo]
+    extra = {"mini_batch_size": min(4, args.batch_size), "ppo_epochs": 2, "init_kl_coef": 0.02,
+             "target_kl": None} if args.algo == "ppo" else {}
+    config = config_cls(policy=policy, reward=args.reward, reward_model=args.reward_model, dataset=args.dataset,
+                        batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every,
+                        eval_every=args.max_steps, lr=args.lr, max_new_tokens=args.max_new_tokens,
+                        device=args.device, seed=seed, output_dir=str(folder), no_tqdm=True,
+                        resume=folder.exists(), **extra)
+    if (folder / "final").is_dir():
+        print(f"{folder}: finished before, reused")
+        return folder
+    trainer_cls(config).train()
+    return folder
+
+
+def run(args: argparse.Namespace) -> dict:
+    labels = args.labels or [m.replace("/", "_") for m in args.models]
+    if len(labels) != len(args.models) or len(args.models) < 2:
+        raise SubnetscopeError("give at least two --models, and as many --labels as models")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SubnetscopeError("--seeds must be distinct")
+    runs = {label: [_train(args, model, label, seed) for seed in args.seeds]
+            for model, label in zip(args.models, labels)}
+    out = Path(args.output_dir)
+    localize.main(["--ckpt_dirs", *[str(r[0]) for r in runs.values()], "--labels", *labels,
+                   "--output_dir", str(out), "--no_tqdm", "--device", "cpu"])
+    rows = []
+    for label, folders in runs.items():
+        base = open_checkpoint(str(folders[0] / "base"))
+        finals = {f: open_checkpoint(str(find_step_checkpoints(str(f))[-1].path)) for f in folders}
+        for a, b in itertools.combinations(folders, 2):
+            result = analyze_overlap(base, finals[a], finals[b], ChangeRules(), progress=False)
+            for rule, o in result.global_.items():
+                rows.append({"model": label, "run_a": a.name, "run_b": b.name, "rule": rule, **o})
+    summary = {"runs": {k: [str(f) for f in v] for k, v in runs.items()}, "seed_overlap": rows}
+    if rows:
+        write_csv(out / "seed_overlap.csv", rows)
+        for row in rows:
+            if row["rule"] == "relative":
+                print(f"{row['model']} {row['run_a']} vs {row['run_b']}: o1={row['o1']} (random {row['o1_random']:.4f}), "
+                      f"jaccard={row['jaccard']} (random {row['jaccard_random']})")
+    write_json(out / "comparison.json", summary)
+    return summary
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    quiet_transformers()
+    run(build_parser().parse_args(argv))
+    return 0
