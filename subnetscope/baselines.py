@@ -20,6 +20,7 @@ from .callback import SubnetTrackerCallback
 from .data import load_prompts
 from .errors import SubnetscopeError
 from .models import DTYPES, load_causal_lm, load_tokenizer
+from .rl import RunConfig
 from .rewards import build_reward
 from .sampling import generate
 
@@ -27,47 +28,24 @@ OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
 
 
 @dataclass
-class BaselineConfig:
+class BaselineConfig(RunConfig):
     task: str = "sft"
-    policy: str = "tiny-gpt2"
-    reward: str = "vader"
-    reward_model: str = "lvwerra/distilbert-imdb"
-    dataset: str = "builtin"
     candidates: int = 4
     max_prompts: int = 256
-    batch_size: int = 8
-    max_steps: int = 20
-    lr: float = 1e-5
-    optimizer: str = "adamw"
     dpo_beta: float = 0.1
-    max_prompt_tokens: int = 32
-    max_new_tokens: int = 32
-    temperature: float = 1.0
     dtype: str = "float32"
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    save_every: int = 10
     output_dir: str = "checkpoints/sft"
-    resume: bool = False
-    wandb: str | None = None
-    seed: int = 0
-    atol: float = 1e-5
-    eta: float = 1e-3
-    topk: int = 3
 
     def validate(self) -> None:
+        super().validate()
         if self.task not in ("sft", "dpo"):
             raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
         if self.candidates < 2:
             raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
-        if min(self.batch_size, self.max_steps, self.save_every, self.max_prompts) < 1:
-            raise SubnetscopeError("--batch_size, --max_steps, --save_every and --max_prompts must be at least 1")
-        if not math.isfinite(self.lr) or self.lr <= 0:
-            raise SubnetscopeError(f"--lr must be a positive number (got {self.lr})")
-        if self.optimizer not in OPTIMIZERS:
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use adamw, adafactor or sgd")
-        if self.dtype not in DTYPES:
-            raise SubnetscopeError(f"--dtype {self.dtype!r}: use float32, bfloat16 or float16")
+        if self.max_prompts < 1:
+            raise SubnetscopeError("--max_prompts must be at least 1")
+        if self.dtype == "auto":
+            raise SubnetscopeError("--dtype: give float32, bfloat16 or float16 for a baseline")
 
 
 @torch.no_grad()

@@ -28,7 +28,9 @@ EVAL_SEED_STEP = 1_000_000_007
 
 
 @dataclass
-class RLConfig:
+class RunConfig:
+    """Settings of every fine-tuning run here, RL or baseline."""
+
     policy: str = "tiny-gpt2"
     reward: str = "vader"
     reward_model: str = "lvwerra/distilbert-imdb"
@@ -37,19 +39,13 @@ class RLConfig:
     max_steps: int = 20
     lr: float = 1e-5
     optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
     temperature: float = 1.0
     max_prompt_tokens: int = 32
     max_new_tokens: int = 32
     dtype: str = "auto"
     device: str = "auto"
-    reward_device: str = "auto"
-    ref_device: str = "auto"
     gradient_checkpointing: bool = False
-    eval_every: int = 10
     save_every: int = 10
-    full_checkpoints: bool = False
     output_dir: str = "checkpoints/run"
     resume: bool = False
     wandb: str | None = None
@@ -57,22 +53,35 @@ class RLConfig:
     atol: float = 1e-5
     eta: float = 1e-3
     topk: int = 3
-    log_localization: bool = True
-    no_tqdm: bool = False
 
     def validate(self) -> None:
-        if self.batch_size < 1 or self.max_steps < 1:
-            raise SubnetscopeError("--batch_size and --max_steps must be at least 1")
+        if min(self.batch_size, self.max_steps, self.save_every) < 1:
+            raise SubnetscopeError("--batch_size, --max_steps and --save_every must be at least 1")
         for flag in ("lr", "temperature"):
             value = getattr(self, flag)
             if not math.isfinite(value) or value <= 0:
                 raise SubnetscopeError(f"--{flag} must be a positive number (got {value})")
-        if self.save_every < 1 or self.eval_every < 1:
-            raise SubnetscopeError("--save_every and --eval_every must be at least 1")
         if self.optimizer not in ("adamw", "adafactor", "sgd"):
             raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use adamw, adafactor or sgd")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise SubnetscopeError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+
+
+@dataclass
+class RLConfig(RunConfig):
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    reward_device: str = "auto"
+    ref_device: str = "auto"
+    eval_every: int = 10
+    full_checkpoints: bool = False
+    log_localization: bool = True
+    no_tqdm: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        if self.eval_every < 1:
+            raise SubnetscopeError("--eval_every must be at least 1")
 
 
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
