@@ -89,7 +89,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     config.validate()
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
         "cpu" if config.device == "auto" else config.device)
-    tokenizer = load_tokenizer(config.policy)
+    tokenizer = load_tokenizer(config.policy, config.tokenizer)
     dtype = DTYPES[config.dtype]
     model = load_causal_lm(config.policy, dtype, vocab_size=len(tokenizer)).to(device)
     reward_fn = build_reward(config.reward, config.reward_model, device)

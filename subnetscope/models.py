@@ -16,6 +16,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2C
 from .errors import SubnetscopeError
 
 TINY_MODELS = ("tiny-gpt2", "tiny-gemma3n")
+# Random weights in real shapes, for speed and memory runs without the Hub; vocabulary = the tokenizer's.
+RANDOM_SHAPED = ("random-gpt2-medium", "random-gemma3n-e2b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,6 +37,23 @@ def tiny_gemma3n_config(vocab_size: int = 50257, num_layers: int = 4, hidden: in
         layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"], sliding_window=32,
         max_position_embeddings=512, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,
+    )
+
+
+def random_shaped_config(name: str, vocab_size: int):
+    """GPT-2-medium, or Gemma-3n E2B's text model (30 layers, hidden 2048, FFN 8192, AltUp, LAuReL,
+    per-layer embeddings of 256, KV sharing in the last 10 layers), with `vocab_size` tokens."""
+    if name == "random-gpt2-medium":
+        return GPT2Config(n_layer=24, n_embd=1024, n_head=16, vocab_size=vocab_size, n_positions=1024,
+                          bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    layers = 30
+    return Gemma3nTextConfig(
+        vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, hidden_size=2048, intermediate_size=8192,
+        num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=2, head_dim=256,
+        hidden_size_per_layer_input=256, num_kv_shared_layers=10, laurel_rank=64, altup_num_inputs=4,
+        activation_sparsity_pattern=[0.95] * 10 + [0.0] * (layers - 10),
+        layer_types=[("full_attention" if (i + 1) % 5 == 0 else "sliding_attention") for i in range(layers)],
+        pad_token_id=0, eos_token_id=vocab_size - 1, bos_token_id=vocab_size - 2,
     )
 
 
@@ -80,15 +99,17 @@ def is_gemma3n(config) -> bool:
     return getattr(config, "model_type", "") in ("gemma3n", "gemma3n_text")
 
 
-def load_tokenizer(spec: str):
-    if spec in TINY_MODELS:
+def load_tokenizer(spec: str, tokenizer: str | None = None):
+    """The policy's tokenizer; `tokenizer` (a Hub id or folder) for policies without one."""
+    if spec in TINY_MODELS and tokenizer is None:
         return word_tokenizer()
+    source = tokenizer or ("gpt2" if spec in RANDOM_SHAPED else spec)
     try:
-        tok = AutoTokenizer.from_pretrained(spec)
+        tok = AutoTokenizer.from_pretrained(source)
     except OSError as err:
         raise SubnetscopeError(
-            f"cannot load a tokenizer from {spec!r} ({str(err).splitlines()[0][:120]}); offline, pass a local "
-            "model folder, or use --policy tiny-gpt2 / tiny-gemma3n"
+            f"cannot load a tokenizer from {source!r} ({str(err).splitlines()[0][:120]}); offline, pass a local "
+            "folder (--tokenizer ../shared/models/tiny-gpt2 has GPT-2's), or use --policy tiny-gpt2 / tiny-gemma3n"
         ) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -104,6 +125,11 @@ def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int
         return tiny_model("gpt2", seed, dtype, vocab_size=vocab_size or 257)
     if spec == "tiny-gemma3n":
         return tiny_model("gemma3n", seed, dtype, vocab_size=vocab_size or 257)
+    if spec in RANDOM_SHAPED:
+        torch.manual_seed(seed)
+        config = random_shaped_config(spec, vocab_size or 50257)
+        cls = GPT2LMHeadModel if spec == "random-gpt2-medium" else Gemma3nForCausalLM
+        return cls(config).to(dtype)
     try:
         config = AutoConfig.from_pretrained(spec)
     except OSError as err:

@@ -32,6 +32,7 @@ class RunConfig:
     """Settings of every fine-tuning run here, RL or baseline."""
 
     policy: str = "tiny-gpt2"
+    tokenizer: str | None = None
     reward: str = "vader"
     reward_model: str = "lvwerra/distilbert-imdb"
     dataset: str = "builtin"
@@ -158,7 +159,7 @@ class RLTrainer:
         self.device = str(self.accelerator.device)
         self.run_dir = Path(config.output_dir)
         self.dtype = pick_dtype(config.dtype, config.policy, self.device)
-        self.tokenizer = load_tokenizer(config.policy)
+        self.tokenizer = load_tokenizer(config.policy, config.tokenizer)
         self.policy = load_causal_lm(config.policy, self.dtype, vocab_size=len(self.tokenizer))
         self.gemma3n = is_gemma3n(self.policy.config)
         disable_dropout(self.policy)

@@ -154,3 +154,27 @@ def test_batch_that_does_not_split_over_processes(tmp_path):
     assert result.returncode != 0
     assert "error: --batch_size 3 does not split over 2 processes: use a multiple of 2" in result.stderr
     assert "Traceback (most recent call last)" not in result.stderr.split("error: --batch_size")[0][-500:]
+
+
+def test_random_shaped_policies_have_the_real_shapes():
+    from transformers import GPT2LMHeadModel, Gemma3nForCausalLM
+
+    from subnetscope.models import random_shaped_config
+
+    with torch.device("meta"):
+        gemma = Gemma3nForCausalLM(random_shaped_config("random-gemma3n-e2b", 50257))
+        gpt2 = GPT2LMHeadModel(random_shaped_config("random-gpt2-medium", 50257))
+    shapes = {n: tuple(p.shape) for n, p in gemma.named_parameters()}
+    assert sum(1 for n in shapes if n.endswith("mlp.gate_proj.weight")) == 30
+    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (8192, 2048)
+    assert shapes["model.layers.0.laurel.linear_left.weight"] == (64, 2048)
+    assert shapes["model.embed_tokens_per_layer.weight"] == (50257, 30 * 256)
+    assert 354e6 < sum(p.numel() for p in gpt2.parameters()) < 356e6  # GPT-2-medium: 355M
+
+
+@requires_shared(TINY_GPT2_DIR)
+def test_random_shaped_policy_takes_the_given_tokenizer():
+    from subnetscope.models import load_tokenizer
+
+    tok = load_tokenizer("random-gpt2-medium", str(TINY_GPT2_DIR))
+    assert len(tok) == 50257 and tok.pad_token == tok.eos_token

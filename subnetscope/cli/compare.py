@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-gemma3n"],
                    help="policies to compare (default tiny-gpt2 tiny-gemma3n; on a GPU e.g. gpt2-medium "
                         "google/gemma-3n-E2B-it)")
+    p.add_argument("--tokenizer", help="tokenizer for random-* policies (default gpt2; offline ../shared/models/tiny-gpt2)")
     p.add_argument("--labels", nargs="+", help="names for the figures (default: the model names)")
     p.add_argument("--algo", choices=sorted(ALGOS), default="ppo", help="the RL recipe (default ppo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
@@ -52,7 +53,7 @@ def _train(args: argparse.Namespace, policy: str, label: str, seed: int) -> Path
     config_cls, trainer_cls = ALGOS[args.algo]
     extra = {"mini_batch_size": min(4, args.batch_size), "ppo_epochs": 2, "init_kl_coef": 0.02,
              "target_kl": None} if args.algo == "ppo" else {}
-    config = config_cls(policy=policy, reward=args.reward, reward_model=args.reward_model, dataset=args.dataset,
+    config = config_cls(policy=policy, tokenizer=args.tokenizer, reward=args.reward, reward_model=args.reward_model, dataset=args.dataset,
                         batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every,
                         eval_every=args.max_steps, lr=args.lr, max_new_tokens=args.max_new_tokens,
                         device=args.device, seed=seed, output_dir=str(folder), no_tqdm=True,

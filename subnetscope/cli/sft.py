@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--task", choices=("sft", "dpo"), help=f"which baseline (default {d.task})")
     p.add_argument("--policy", help=f"Hub id, folder, or {' / '.join(TINY_MODELS)} (default {d.policy})")
+    p.add_argument("--tokenizer", help="tokenizer for policies without one (random-*; default gpt2)")
     p.add_argument("--reward", choices=("vader", "model", "easy"), help=f"ranks the samples (default {d.reward})")
     p.add_argument("--reward_model", help=f"classifier for --reward model (default {d.reward_model})")
     p.add_argument("--dataset", help=f"prompts: builtin, easy, imdb, or a local file (default {d.dataset})")

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from ..errors import SubnetscopeError
-from ..models import TINY_MODELS
+from ..models import RANDOM_SHAPED, TINY_MODELS
 from ..rl import RLConfig, RLTrainer
 
 PRESETS = {
@@ -35,7 +35,10 @@ def new_parser(description: str, defaults: RLConfig) -> argparse.ArgumentParser:
 def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     """Every flag but the algorithm's own; defaults are shown from the config dataclass `d`."""
     model = p.add_argument_group("model and data")
-    model.add_argument("--policy", help=f"policy to fine-tune: Hub id, folder, or {' / '.join(TINY_MODELS)} (default {d.policy})")
+    model.add_argument("--policy", help=f"policy to fine-tune: Hub id, folder, {' / '.join(TINY_MODELS)} (random, offline), or "
+                       f"{' / '.join(RANDOM_SHAPED)} (random weights in real shapes) (default {d.policy})")
+    model.add_argument("--tokenizer", help="tokenizer for policies that have none (random-gpt2-medium, "
+                                           "random-gemma3n-e2b: default gpt2 from the Hub; offline ../shared/models/tiny-gpt2)")
     model.add_argument("--reward", choices=("vader", "model", "easy"),
                        help=f"reward: VADER lexicon, a classifier (--reward_model), or the toy reward (default {d.reward})")
     model.add_argument("--reward_model", help=f"sequence classifier for --reward model; score = POSITIVE logit (default {d.reward_model})")
