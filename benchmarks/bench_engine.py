@@ -182,17 +182,10 @@ def peak_rss_mb() -> float:
 
 
 def largest_tensor_pair_mb(folder: Path) -> float:
-    from safetensors import safe_open
+    from subnetscope.checkpoint import open_checkpoint
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
-        sizes = []
-        for k in f.keys():
-            s = f.get_slice(k)
-            n = 1
-            for d in s.get_shape():
-                n *= d
-            sizes.append(n * 2)
-    return 2 * max(sizes) / 2**20
+    src = open_checkpoint(str(folder))
+    return 2 * max(src.numel(n) * src.dtype(n).itemsize for n in src.names()) / 2**20
 
 
 if __name__ == "__main__":

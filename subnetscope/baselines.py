@@ -21,7 +21,7 @@ from .data import load_prompts
 from .errors import SubnetscopeError
 from .models import DTYPES, load_causal_lm, load_tokenizer
 from .rl import RunConfig
-from .rewards import build_reward
+from .rewards import build_reward, score_rollout
 from .sampling import generate
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
@@ -42,8 +42,7 @@ class BaselineConfig(RunConfig):
             raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
         if self.candidates < 2:
             raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
-        if self.max_prompts < 1:
-            raise SubnetscopeError("--max_prompts must be at least 1")
+        self.require_counts("max_prompts")
         if self.dtype == "auto":
             raise SubnetscopeError("--dtype: give float32, bfloat16 or float16 for a baseline")
 
@@ -56,13 +55,11 @@ def scored_samples(model, tokenizer, prompts: list[str], reward_fn, candidates: 
     rows = torch.arange(len(repeated))
     rollout = generate(model, tokenizer, repeated, rows, seed=seed, step=0, max_new_tokens=max_new_tokens,
                        temperature=temperature)
-    ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
-    rewards = reward_fn(repeated, rollout.texts, ids)
+    rewards = score_rollout(reward_fn, repeated, rollout).tolist()
     out = []
     for i in range(len(prompts)):
-        group = [(float(r), t) for r, t in zip(rewards[i * candidates:(i + 1) * candidates],
-                                               rollout.texts[i * candidates:(i + 1) * candidates])
-                 if r is not None and math.isfinite(r)]
+        group = [(r, t) for r, t in zip(rewards[i * candidates:(i + 1) * candidates],
+                                        rollout.texts[i * candidates:(i + 1) * candidates]) if not math.isnan(r)]
         out.append(sorted(group, key=lambda x: -x[0]))
     return out
 

@@ -45,23 +45,26 @@ def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(view) != b.view(view)
 
 
+def apply_rules(exact: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor,
+                rules: ChangeRules) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The three rules' masks from the bitwise mask and both sides in the compute dtype, and |Δ|."""
+    absd = (fb - fa).abs_()
+    atol = exact & ~(absd <= rules.atol)
+    relative = exact & ~(absd <= torch.maximum(fa.abs(), fb.abs()).mul_(rules.eta))
+    return {"exact": exact, "atol": atol, "relative": relative}, absd
+
+
 def changed_masks(a: torch.Tensor, b: torch.Tensor, rules: ChangeRules) -> dict[str, torch.Tensor]:
     """Boolean masks of the changed weights under each rule, for two same-shaped tensors."""
     common = wider_dtype(a.dtype, b.dtype)
     a, b = a.to(common), b.to(common)
-    exact = bits_differ(a, b)
     calc = compute_dtype(common)
-    fa, fb = a.to(calc), b.to(calc)
-    absd = (fb - fa).abs_()
-    atol = exact & ~(absd <= rules.atol)
-    scale = torch.maximum(fa.abs(), fb.abs()).mul_(rules.eta)
-    relative = exact & ~(absd <= scale)
-    return {"exact": exact, "atol": atol, "relative": relative}
+    return apply_rules(bits_differ(a, b), a.to(calc), b.to(calc), rules)[0]
 
 
 @dataclass
 class DiffStats:
-    """Everything the analysis reports about one tensor pair, accumulated chunk by chunk."""
+    """Everything the analysis reports about one tensor pair."""
 
     numel: int
     changed: dict[str, int] = field(default_factory=lambda: {r: 0 for r in RULES})
@@ -116,12 +119,8 @@ def diff_stats(
     fb_all = b.reshape(-1).to(dev, non_blocking=b.is_pinned()).to(common)
     changed_idx = bits_differ(fa_all, fb_all).nonzero().squeeze(1)
     va, vb = fa_all[changed_idx].to(calc), fb_all[changed_idx].to(calc)
-    absd = (vb - va).abs_()
-    masks = {
-        "exact": torch.ones_like(absd, dtype=torch.bool),
-        "atol": ~(absd <= rules.atol),
-        "relative": ~(absd <= torch.maximum(va.abs(), vb.abs()).mul_(rules.eta)),
-    }
+    every = torch.ones(changed_idx.shape, dtype=torch.bool, device=dev)  # the subset differs bitwise by construction
+    masks, absd = apply_rules(every, va, vb, rules)
     finite = torch.isfinite(absd)
     absd = torch.where(finite, absd, torch.zeros((), dtype=calc, device=dev))
     base_sq = torch.linalg.vector_norm(fa_all, dtype=calc).double().square()

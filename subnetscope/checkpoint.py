@@ -282,13 +282,6 @@ def save_compact(path: Path, step: int, base_rel: str, tensors: dict[str, tuple[
     save_file(payload, str(path), metadata=meta)
 
 
-def write_compact_checkpoint(
-    folder: Path, step: int, base_rel: str, tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-) -> None:
-    """Write `folder/subnet.safetensors` atomically (a temporary folder renamed into place)."""
-    atomic_save_dir(folder, lambda tmp: save_compact(tmp / COMPACT_FILE, step, base_rel, tensors))
-
-
 def atomic_save_dir(folder: Path, write) -> None:
     """Build a folder under a temporary name beside it, then rename it into place."""
     folder = Path(folder)

@@ -6,7 +6,6 @@ reference (TRL's loss_type="grpo"), and the tracker's update (once per step, aft
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -33,12 +32,8 @@ class GRPOConfig(RLConfig):
         super().validate()
         if self.group_size < 2:
             raise SubnetscopeError("--group_size must be at least 2: GRPO compares completions within a group")
-        if self.inner_epochs < 1:
-            raise SubnetscopeError("--inner_epochs must be at least 1")
-        for flag in ("beta", "epsilon", "adv_clip"):
-            value = getattr(self, flag)
-            if not math.isfinite(value) or value < 0:
-                raise SubnetscopeError(f"--{flag} must be a non-negative number (got {value})")
+        self.require_counts("inner_epochs")
+        self.require_numbers("beta", "epsilon", "adv_clip")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:

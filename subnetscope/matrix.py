@@ -34,7 +34,7 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .models import load_causal_lm, load_tokenizer
 from .ppo import PPOConfig, PPOTrainer
 from .report import write_csv, write_json
-from .rewards import build_reward
+from .rewards import build_reward, score_rollout
 from .sampling import generate
 
 TASKS = {"rl-grpo": GRPOConfig, "rl-ppo": PPOConfig, "sft": BaselineConfig, "dpo": BaselineConfig}
@@ -157,9 +157,7 @@ def eval_reward(model_dir: Path, settings: dict) -> float:
     prompts = list(EVAL_PROMPTS)
     rollout = generate(model, tokenizer, prompts, torch.arange(len(prompts)), seed=0, step=0,
                        max_new_tokens=settings.get("max_new_tokens", 32), greedy=True)
-    ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids, rollout.completion_mask)]
-    values = [v for v in reward(prompts, rollout.texts, ids) if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else float("nan")
+    return float(torch.nanmean(score_rollout(reward, prompts, rollout)))
 
 
 def run_matrix(path: str, output_dir: str | None = None, log=print) -> Path:

@@ -6,9 +6,6 @@ plumbing checks, not findings: a random model says little about fine-tuning spar
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
                           Gemma3nForCausalLM, Gemma3nTextConfig, PreTrainedTokenizerFast)
@@ -148,7 +145,3 @@ def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int
 def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:
     """Parameter names and shapes: what a resumed run must match."""
     return {n: list(p.shape) for n, p in model.named_parameters()}
-
-
-def write_signature(path: Path, model: torch.nn.Module, policy: str) -> None:
-    path.write_text(json.dumps({"policy": policy, "parameters": model_signature(model)}))

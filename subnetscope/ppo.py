@@ -9,7 +9,6 @@ tau (atol) 1e-6, localization logged, top-3 blocks.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -46,15 +45,11 @@ class PPOConfig(RLConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.ppo_epochs < 1 or self.mini_batch_size < 1 or self.horizon < 1:
-            raise SubnetscopeError("--ppo_epochs, --mini_batch_size and --horizon must be at least 1")
+        self.require_counts("ppo_epochs", "mini_batch_size", "horizon")
         for flag in ("gamma", "lam"):
             if not 0 <= getattr(self, flag) <= 1:
                 raise SubnetscopeError(f"--{flag} must lie in [0, 1]")
-        for flag in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef"):
-            value = getattr(self, flag)
-            if not math.isfinite(value) or value < 0:
-                raise SubnetscopeError(f"--{flag} must be a non-negative number (got {value})")
+        self.require_numbers("cliprange", "cliprange_value", "vf_coef", "init_kl_coef")
         if self.target_kl is not None and self.target_kl <= 0:
             raise SubnetscopeError("--target_kl must be positive (leave it out for a fixed KL coefficient)")
 

@@ -81,6 +81,13 @@ class ClassifierReward:
         return scores
 
 
+def score_rollout(reward_fn: RewardFunction, prompts: Sequence[str], rollout) -> torch.Tensor:
+    """One float32 reward per completion of `rollout`; None, NaN and inf all become NaN."""
+    values = reward_fn(prompts, rollout.texts, rollout.completion_token_lists())
+    rewards = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
+    return torch.where(torch.isfinite(rewards), rewards, torch.full_like(rewards, float("nan")))
+
+
 def build_reward(kind: str, reward_model: str, device: str) -> RewardFunction:
     if kind == "vader":
         return VaderReward()

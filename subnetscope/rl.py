@@ -18,8 +18,8 @@ from .changes import ChangeRules
 from .data import EVAL_PROMPTS, load_prompts
 from .errors import SubnetscopeError, warn
 from .logger import MetricsLogger
-from .models import DTYPES, is_gemma3n, load_causal_lm, load_tokenizer
-from .rewards import RewardFunction, build_reward
+from .models import DTYPES, load_causal_lm, load_tokenizer
+from .rewards import RewardFunction, build_reward, score_rollout
 from .runstate import check_resumable, init_run_dir, latest_step, load_step, save_step
 from .sampling import Rollout, generate
 from .tracker import UpdateTracker
@@ -55,13 +55,22 @@ class RunConfig:
     eta: float = 1e-3
     topk: int = 3
 
-    def validate(self) -> None:
-        if min(self.batch_size, self.max_steps, self.save_every) < 1:
-            raise SubnetscopeError("--batch_size, --max_steps and --save_every must be at least 1")
-        for flag in ("lr", "temperature"):
+    def require_counts(self, *flags: str) -> None:
+        """Each named setting must be a count of at least 1."""
+        if any(getattr(self, f) < 1 for f in flags):
+            raise SubnetscopeError(", ".join(f"--{f}" for f in flags) + " must be at least 1")
+
+    def require_numbers(self, *flags: str, positive: bool = False) -> None:
+        """Each named setting must be a finite number >= 0 (> 0 with `positive`)."""
+        for flag in flags:
             value = getattr(self, flag)
-            if not math.isfinite(value) or value <= 0:
-                raise SubnetscopeError(f"--{flag} must be a positive number (got {value})")
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                kind = "positive" if positive else "non-negative"
+                raise SubnetscopeError(f"--{flag} must be a {kind} number (got {value})")
+
+    def validate(self) -> None:
+        self.require_counts("batch_size", "max_steps", "save_every")
+        self.require_numbers("lr", "temperature", positive=True)
         if self.optimizer not in ("adamw", "adafactor", "sgd"):
             raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use adamw, adafactor or sgd")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -81,8 +90,7 @@ class RLConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.eval_every < 1:
-            raise SubnetscopeError("--eval_every must be at least 1")
+        self.require_counts("eval_every")
 
 
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -161,7 +169,6 @@ class RLTrainer:
         self.dtype = pick_dtype(config.dtype, config.policy, self.device)
         self.tokenizer = load_tokenizer(config.policy, config.tokenizer)
         self.policy = load_causal_lm(config.policy, self.dtype, vocab_size=len(self.tokenizer))
-        self.gemma3n = is_gemma3n(self.policy.config)
         disable_dropout(self.policy)
         if config.gradient_checkpointing:
             enable = getattr(self.policy, "activation_checkpointing_enable", None)  # transformers >= 5.20 name
@@ -273,14 +280,9 @@ class RLTrainer:
 
     def _rewards(self, prompts: list[str], rollout: Rollout, training: bool = True) -> torch.Tensor:
         """Rewards as a tensor; NaN/inf become NaN (advantage 0) and, in training, are counted."""
-        ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
-        values = self.reward_fn(prompts, rollout.texts, ids)
-        rewards = torch.tensor([float("nan") if v is None else float(v) for v in values], dtype=torch.float32)
-        bad = ~torch.isfinite(rewards)
-        if bad.any():
-            if training:
-                self.skipped_rewards += int(bad.sum())
-            rewards[bad] = float("nan")
+        rewards = score_rollout(self.reward_fn, prompts, rollout)
+        if training:
+            self.skipped_rewards += int(torch.isnan(rewards).sum())
         return rewards
 
     @torch.no_grad()

@@ -65,6 +65,10 @@ class Rollout:
     completion_mask: torch.Tensor  # 1 up to and including the first EOS
     texts: list[str]
 
+    def completion_token_lists(self) -> list[list[int]]:
+        """Each completion's tokens up to and including its first EOS."""
+        return [row[mask.bool()].tolist() for row, mask in zip(self.completion_ids, self.completion_mask)]
+
     @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.completion_ids], dim=1)

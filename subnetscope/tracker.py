@@ -132,7 +132,7 @@ class UpdateTracker:
     def update(self, step: int) -> StepCounts:
         """Call right after optimizer.step(); `step` is the number of optimizer steps taken so far."""
         per_group = [g.update(step, self.rules.atol, self.rules.eta) for g in self.groups]
-        counts = torch.cat([c.cpu() for c in per_group]).tolist() if per_group else []
+        counts = torch.cat([c.to(per_group[0].device) for c in per_group]).cpu().tolist() if per_group else []
         record = StepCounts(
             step=step, names=self.names, numel=[self.params[n].numel() for n in self.names],
             vs_initial={r: [c[i] for c in counts] for i, r in enumerate(RULES)},
@@ -145,9 +145,6 @@ class UpdateTracker:
     def exact_masks(self) -> dict[str, torch.Tensor]:
         """Weights whose stored bits now differ from θ0: what a compact checkpoint stores."""
         return {n: changed_masks(self.initial[n], p.detach(), self.rules)["exact"] for n, p in self.params.items()}
-
-    def ever_changed_masks(self) -> dict[str, torch.Tensor]:
-        return {n: f >= 0 for n, f in self.first_changed.items()}
 
     def metrics(self, record: StepCounts) -> dict[str, float]:
         """Global sparsity, per-block localization and per-module fractions for logging."""

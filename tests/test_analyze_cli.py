@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from subnetscope.checkpoint import write_compact_checkpoint
+from subnetscope.checkpoint import COMPACT_FILE, atomic_save_dir, save_compact
 from subnetscope.cli.analyze import main
 from subnetscope.models import tiny_model
 
@@ -73,7 +73,7 @@ def gemma_run(tmp_path, steps_masks):
             mask = masks.get(name, torch.zeros_like(w0, dtype=torch.bool))
             w = torch.where(mask, (w0.float() + 0.5 * (w0.float().abs() + 0.1)).to(w0.dtype), w0)
             tensors[name] = (w, mask)
-        write_compact_checkpoint(run / f"step_{step}", step, "../base", tensors)
+        atomic_save_dir(run / f"step_{step}", lambda tmp: save_compact(tmp / COMPACT_FILE, step, "../base", tensors))
     return run, theta0
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from subnetscope.checkpoint import (CompactSource, find_step_checkpoints, open_checkpoint, pack_bits, unpack_bits,
-                                    write_compact_checkpoint)
+from subnetscope.checkpoint import (COMPACT_FILE, CompactSource, atomic_save_dir, find_step_checkpoints,
+                                    open_checkpoint, pack_bits, save_compact, unpack_bits)
 from subnetscope.errors import SubnetscopeError
 from subnetscope.models import tiny_model
 
@@ -83,7 +83,8 @@ def test_compact_checkpoint_roundtrip_is_exact(tmp_path):
     tuned["b"][0] = float("nan")
     masks = {k: (tuned[k].view(torch.int16 if v.dtype == torch.bfloat16 else torch.int32)
                  != v.view(torch.int16 if v.dtype == torch.bfloat16 else torch.int32)) for k, v in base_state.items()}
-    write_compact_checkpoint(tmp_path / "run" / "step_5", 5, "../base", {k: (tuned[k], masks[k]) for k in tuned})
+    atomic_save_dir(tmp_path / "run" / "step_5",
+                    lambda tmp: save_compact(tmp / COMPACT_FILE, 5, "../base", {k: (tuned[k], masks[k]) for k in tuned}))
     src = open_checkpoint(str(tmp_path / "run" / "step_5"))
     assert isinstance(src, CompactSource) and src.step == 5
     for k in tuned:

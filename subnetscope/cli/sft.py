@@ -8,7 +8,7 @@ import torch
 
 from ..baselines import BaselineConfig, train_baseline
 from ..errors import SubnetscopeError, cli_main
-from ..models import TINY_MODELS
+from ..models import RANDOM_SHAPED, TINY_MODELS
 from .training import quiet_transformers
 
 DESCRIPTION = """\
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--task", choices=("sft", "dpo"), help=f"which baseline (default {d.task})")
-    p.add_argument("--policy", help=f"Hub id, folder, or {' / '.join(TINY_MODELS)} (default {d.policy})")
+    p.add_argument("--policy", help=f"Hub id, folder, {' / '.join(TINY_MODELS)} (random, offline), or "
+                                    f"{' / '.join(RANDOM_SHAPED)} (random weights in real shapes) (default {d.policy})")
     p.add_argument("--tokenizer", help="tokenizer for policies without one (random-*; default gpt2)")
     p.add_argument("--reward", choices=("vader", "model", "easy"), help=f"ranks the samples (default {d.reward})")
     p.add_argument("--reward_model", help=f"classifier for --reward model (default {d.reward_model})")
