@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 RULES = ("exact", "atol", "relative")
@@ -102,6 +103,54 @@ def _nonfinite_count(x: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(x)).sum()
 
 
+_NORM_CHUNK = 1 << 22
+
+
+def changed_indices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Flat int64 indices where the bits of two flat same-dtype tensors differ.
+
+    numpy's flatnonzero is about twice as fast as torch's nonzero on the CPU."""
+    differ = bits_differ(a, b)
+    if differ.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(differ.numpy()))
+    return differ.nonzero().squeeze(1)
+
+
+def _to_calc(x: torch.Tensor, calc: torch.dtype) -> torch.Tensor:
+    """x in the compute dtype; bf16 → float32 on the CPU by a 16-bit shift, which is exact and
+    faster than torch's conversion."""
+    if x.dtype == torch.bfloat16 and calc == torch.float32 and x.device.type == "cpu":
+        return torch.from_numpy((x.view(torch.int16).numpy().astype(np.int32) << 16).view(np.float32))
+    return x.to(calc)
+
+
+def squared_norm(x: torch.Tensor, calc: torch.dtype) -> torch.Tensor:
+    """Σx² of a flat tensor in float64; NaN or inf when x holds any. On the CPU from chunked dot
+    products (several times faster than vector_norm on bf16); on a GPU from one norm kernel, since
+    a dot would start cuBLAS, whose first use costs more than the whole comparison of a small model."""
+    if x.device.type != "cpu":
+        return torch.linalg.vector_norm(x, dtype=calc).double().square()
+    parts = [torch.dot(c, c) for c in (_to_calc(x[i:i + _NORM_CHUNK], calc) for i in range(0, x.numel(), _NORM_CHUNK))]
+    if not parts:
+        return torch.zeros((), dtype=torch.float64, device=x.device)
+    return torch.stack(parts).double().sum()
+
+
+def _finite_squared_norm(x: torch.Tensor, calc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σx² over the finite entries, and the count of the others."""
+    finite = torch.isfinite(x)
+    zero = torch.zeros((), dtype=calc, device=x.device)
+    return torch.where(finite, x.to(calc), zero).double().square().sum(), (~finite).sum()
+
+
+def _rule_counts_along(index: torch.Tensor, code: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
+    """Changed counts per row (or column) under each rule, from one bincount of index·4 + code,
+    where code = atol + 2·relative (every entry listed is changed under `exact`)."""
+    table = torch.bincount(index * 4 + code, minlength=4 * length).view(length, 4)
+    return {"exact": table.sum(1).cpu(), "atol": (table[:, 1] + table[:, 3]).cpu(),
+            "relative": (table[:, 2] + table[:, 3]).cpu()}
+
+
 def diff_stats(
     a: torch.Tensor, b: torch.Tensor, rules: ChangeRules, per_row_col: bool = False, device: str = "cpu"
 ) -> DiffStats:
@@ -109,7 +158,7 @@ def diff_stats(
 
     One bitwise pass finds the changed entries; every float operation then runs on that subset
     only, since an unchanged entry contributes exactly zero to every |Δ| statistic. ‖W‖ comes
-    from one fused norm pass over `a`, whose finiteness also tells whether `a` holds NaN or inf.
+    from one dot-product pass over `a`, whose finiteness also tells whether `a` holds NaN or inf.
     """
     dev = torch.device(device)
     common = wider_dtype(a.dtype, b.dtype)
@@ -117,17 +166,15 @@ def diff_stats(
     shape = tuple(a.shape)
     fa_all = a.reshape(-1).to(dev, non_blocking=a.is_pinned()).to(common)
     fb_all = b.reshape(-1).to(dev, non_blocking=b.is_pinned()).to(common)
-    changed_idx = bits_differ(fa_all, fb_all).nonzero().squeeze(1)
-    va, vb = fa_all[changed_idx].to(calc), fb_all[changed_idx].to(calc)
+    changed_idx = changed_indices(fa_all, fb_all)
+    va, vb = fa_all.index_select(0, changed_idx).to(calc), fb_all.index_select(0, changed_idx).to(calc)
     every = torch.ones(changed_idx.shape, dtype=torch.bool, device=dev)  # the subset differs bitwise by construction
     masks, absd = apply_rules(every, va, vb, rules)
     finite = torch.isfinite(absd)
     absd = torch.where(finite, absd, torch.zeros((), dtype=calc, device=dev))
-    base_sq = torch.linalg.vector_norm(fa_all, dtype=calc).double().square()
+    base_sq = squared_norm(fa_all, calc)
     if not bool(torch.isfinite(base_sq)):
-        finite_a = torch.isfinite(fa_all)
-        nonfinite_a = (~finite_a).sum()
-        base_sq = torch.where(finite_a, fa_all.to(calc), torch.zeros((), dtype=calc, device=dev)).double().square().sum()
+        base_sq, nonfinite_a = _finite_squared_norm(fa_all, calc)
     else:
         nonfinite_a = torch.zeros((), dtype=torch.int64, device=dev)
     nonfinite_b = nonfinite_a - _nonfinite_count(va) + _nonfinite_count(vb)
@@ -142,7 +189,7 @@ def diff_stats(
     stats.nonfinite_base, stats.nonfinite_tuned = int(summary[4]), int(summary[5])
     stats.abs_max, stats.abs_sum, stats.abs_sq_sum, stats.base_sq_sum = summary[6:10]
     if per_row_col and len(shape) == 2:
-        rows, cols = changed_idx // shape[1], changed_idx % shape[1]
-        stats.row_changed = {r: torch.bincount(rows[m], minlength=shape[0]).cpu() for r, m in masks.items()}
-        stats.col_changed = {r: torch.bincount(cols[m], minlength=shape[1]).cpu() for r, m in masks.items()}
+        code = masks["atol"].long() + 2 * masks["relative"].long()
+        stats.row_changed = _rule_counts_along(changed_idx // shape[1], code, shape[0])
+        stats.col_changed = _rule_counts_along(changed_idx % shape[1], code, shape[1])
     return stats

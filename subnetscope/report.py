@@ -26,6 +26,7 @@ def _clean(value):
 
 
 def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(_clean(data), indent=2))
     os.replace(tmp, path)
@@ -36,6 +37,7 @@ def write_csv(path: Path, rows: Iterable[dict]) -> None:
     fields: list[str] = []
     for row in rows:
         fields.extend(k for k in row if k not in fields)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)

@@ -314,12 +314,15 @@ class RLTrainer:
         t_end = time.perf_counter()
         gathered = self.accelerator.gather(rewards.to(self.device))
         tokens = float(self.accelerator.gather(completion_mask.sum().reshape(1)).sum())
-        return {
+        metrics = {
             "reward/mean": float(torch.nanmean(gathered)), "reward/std": float(torch.nan_to_num(gathered).std()),
             "skipped_rewards": self.skipped_rewards, "time/step": t_end - t0, "time/rollout": t_gen - t0,
             "time/tracker": tracker_s, "throughput/tokens_per_s": tokens / (t_end - t0),
             "completion_length": tokens / gathered.numel(),
         }
+        if self.device.startswith("cuda"):
+            metrics["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        return metrics
 
     def _track(self, step: int) -> tuple[dict[str, float], float]:
         """The tracker's update and metrics, and the seconds it took (its work alone)."""

@@ -1,6 +1,10 @@
 """Fixtures: tiny models saved the way users save them, and planted deltas with known counts."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,16 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 TINY_GPT2_DIR = SHARED / "models" / "tiny-gpt2"
 IMDB_JSONL = SHARED / "data" / "imdb" / "train.jsonl.gz"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+
+
+def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float = 120) -> None:
+    """Start `command`, SIGKILL it as soon as `marker` exists (a checkpoint folder): a killed run."""
+    proc = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def requires_shared(path: Path):

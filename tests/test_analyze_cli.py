@@ -48,6 +48,14 @@ def test_pair_counts_equal_planted(tiny_gpt2_pair, tmp_path):
         assert (out / png).stat().st_size > 1000
 
 
+def test_worker_count_does_not_change_results(tiny_gpt2_pair, tmp_path):
+    base, tuned, _, _ = tiny_gpt2_pair
+    for workers in (1, 3):
+        run_cli("--base", base, "--tuned", tuned, "--output_dir", tmp_path / str(workers), "--workers", workers)
+    assert read_csv(tmp_path / "1" / "per_tensor.csv") == read_csv(tmp_path / "3" / "per_tensor.csv")
+    assert read_csv(tmp_path / "1" / "shells.csv") == read_csv(tmp_path / "3" / "shells.csv")
+
+
 def test_rank_of_planted_rank_one_update(tmp_path):
     base_state = {"transformer.h.0.mlp.c_fc.weight": torch.randn(16, 24), "transformer.h.0.ln_1.weight": torch.ones(16)}
     tuned_state = dict(base_state)
@@ -177,7 +185,7 @@ def run_script(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.mark.parametrize("case", ["missing", "single", "nothing"])
+@pytest.mark.parametrize("case", ["missing", "single", "nothing", "workers"])
 def test_bad_input_exits_2_with_one_line(tmp_path, case):
     if case == "missing":
         result = run_script("--base", tmp_path / "nope", "--tuned", tmp_path / "nope2")
@@ -185,6 +193,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
         save_state(tmp_path / "run" / "base", {"w": torch.zeros(3)})
         save_state(tmp_path / "run" / "step_10", {"w": torch.ones(3)})
         result = run_script("--ckpt_dir", tmp_path / "run", "--output_dir", tmp_path / "o")
+    elif case == "workers":
+        save_state(tmp_path / "a", {"w": torch.zeros(3)})
+        result = run_script("--base", tmp_path / "a", "--tuned", tmp_path / "a", "--workers", "0")
     else:
         result = run_script()
     assert result.returncode == 2
@@ -197,5 +208,5 @@ def test_help_explains_every_flag():
     result = run_script("--help")
     assert result.returncode == 0
     for flag in ("--ckpt_dir", "--model", "--max_step", "--step_interval", "--base", "--tuned", "--atol", "--eta",
-                 "--device", "--rank", "--output_dir", "--overlap_with", "--shells", "--rule", "--topk"):
+                 "--device", "--rank", "--workers", "--output_dir", "--overlap_with", "--shells", "--rule", "--topk"):
         assert flag in result.stdout

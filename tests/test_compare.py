@@ -2,6 +2,9 @@
 import csv
 import json
 
+import pytest
+from transformers import AutoModelForCausalLM
+
 from subnetscope.cli.compare import main
 
 
@@ -18,6 +21,16 @@ def test_comparison_end_to_end(tmp_path, capsys):
         assert 0 <= float(r["o1"]) <= 1 and float(r["o1_random"]) == float(r["density_2"])
     assert (out / "tiny-gemma3n" / "shells.csv").exists() and (out / "localization_stats.csv").exists()
     json.loads((out / "comparison.json").read_text())
+    with open(out / "runs.csv") as fh:
+        speed = {(r["model"], r["seed"]): r for r in csv.DictReader(fh)}
+    assert len(speed) == 4
+    row = speed[("tiny-gpt2", "1")]
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny-gpt2-seed1" / "metrics.jsonl").read_text().splitlines()]
+    step2 = [r for r in records if r.get("step") == 2 and "time/step" in r][0]
+    assert int(row["steps"]) == 2 and float(row["steps_per_s"]) == pytest.approx(1 / step2["time/step"])
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "tiny-gpt2-seed1" / "base")
+    assert int(row["parameters"]) == base.num_parameters()  # tied lm_head counted once
+    assert row["peak_gpu_gb"] == ""  # on the CPU there is no GPU peak to report
     capsys.readouterr()
     main(args)  # finished runs are reused, not retrained
     assert capsys.readouterr().out.count("finished before, reused") == 4

@@ -1,10 +1,8 @@
 """main_grpo.py end to end on CPU: learning, tracker vs offline diff, resume, DDP, TRL callback, bad input."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ from subnetscope.changes import RULES, ChangeRules
 from subnetscope.checkpoint import find_step_checkpoints, open_checkpoint
 from subnetscope.engine import analyze_pair
 from subnetscope.grpo import GRPOConfig, GRPOTrainer
+
+from .conftest import kill_when_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,13 +99,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     full = cli(*args, "--output_dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr
     killed_dir = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed_dir)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed_dir / "step_4").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_exists([str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed_dir)], ROOT, killed_dir / "step_4")
     assert not (killed_dir / "step_10").exists(), "the run finished before it could be killed"
     resumed = cli(*args, "--output_dir", killed_dir, "--resume")
     assert resumed.returncode == 0, resumed.stderr

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shells", type=int, nargs="+", metavar="N",
                    help="MatFormer shell boundaries in FFN neurons (default 8192 16384: E2B inside E4B); "
                         "matrices of another width are scaled in proportion")
+    p.add_argument("--workers", type=int,
+                   help="tensors compared at once in the base-vs-tuned pass, reading overlapping compute (default: up to 8, "
+                        "fewer with few cores or large tensors, to bound the scratch memory)")
     p.add_argument("--output_dir", default="plots/analysis", help="results folder (default plots/analysis)")
     return p
 
@@ -69,6 +72,8 @@ def _figures_for_pair(pair, out: Path, rule: str) -> list[Path]:
 
 def run(args: argparse.Namespace) -> dict:
     mode = _pick_mode(args)
+    if args.workers is not None and args.workers < 1:
+        raise SubnetscopeError(f"--workers {args.workers}: needs at least 1")
     cfg = settings_from_args(args)
     rules, device, out, progress = cfg.rules, cfg.device, cfg.out, cfg.progress
     summary: dict = {"mode": mode}
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> dict:
         summary["series"] = write_series_outputs(series, out, args.rule)
         plots.density_coverage_curves(series, out / "density_coverage.png")
         plots.hot_histogram(series, args.rule, out / "hot_histogram.png")
-    pair = analyze_pair(base, tuned, rules, device, args.rank, cfg.shells, progress)
+    pair = analyze_pair(base, tuned, rules, device, args.rank, cfg.shells, progress, args.workers)
     summary["pair"] = write_pair_outputs(pair, out, args.topk)
     if args.overlap_with:
         other = open_checkpoint(args.overlap_with)

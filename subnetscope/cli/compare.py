@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import statistics
 from pathlib import Path
 
 from ..changes import ChangeRules
@@ -65,6 +67,30 @@ def _train(args: argparse.Namespace, policy: str, label: str, seed: int) -> Path
     return folder
 
 
+def _parameter_count(folder: Path) -> int:
+    source = open_checkpoint(str(folder / "base"))
+    return sum(source.numel(name) for name in source.names())
+
+
+def run_speed(folder: Path, model: str, seed: int) -> dict:
+    """Steps/s (median step, the first excluded as warm-up), peak GPU memory and reward of one run."""
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = [r for r in records if "time/step" in r]
+    if not records:
+        raise SubnetscopeError(f"{folder}/metrics.jsonl has no training steps: delete the folder and run again")
+    times = [r["time/step"] for r in (records[1:] or records)]
+    median = statistics.median(times)
+    peaks = [r["memory/peak_gpu_gb"] for r in records if r.get("memory/peak_gpu_gb") is not None]
+    return {
+        "model": model, "seed": seed, "parameters": _parameter_count(folder),
+        "steps": records[-1]["step"], "median_step_s": median, "steps_per_s": 1 / median if median > 0 else None,
+        "tokens_per_s": statistics.median(r["throughput/tokens_per_s"] for r in records),
+        "peak_gpu_gb": max(peaks) if peaks else None,
+        "reward_first": records[0]["reward/mean"], "reward_last": records[-1]["reward/mean"],
+        "changed_exact_final": records[-1].get("changed/exact"),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     labels = args.labels or [m.replace("/", "_") for m in args.models]
     if len(labels) != len(args.models) or len(args.models) < 2:
@@ -74,8 +100,15 @@ def run(args: argparse.Namespace) -> dict:
     runs = {label: [_train(args, model, label, seed) for seed in args.seeds]
             for model, label in zip(args.models, labels)}
     out = Path(args.output_dir)
+    speed = [run_speed(folder, label, seed) for label, folders in runs.items() for folder, seed in zip(folders, args.seeds)]
+    write_csv(out / "runs.csv", speed)
+    for row in speed:
+        peak = f"{row['peak_gpu_gb']:.1f} GB" if row["peak_gpu_gb"] is not None else "n/a (CPU)"
+        print(f"{row['model']} seed {row['seed']}: {row['parameters'] / 1e6:.0f}M parameters, {row['steps']} steps, "
+              f"{row['steps_per_s']:.3f} steps/s, peak GPU memory {peak}, "
+              f"reward {row['reward_first']:.3f} -> {row['reward_last']:.3f}")
     localize.main(["--ckpt_dirs", *[str(r[0]) for r in runs.values()], "--labels", *labels,
-                   "--output_dir", str(out), "--no_tqdm", "--device", "cpu"])
+                   "--output_dir", str(out), "--no_tqdm", "--device", args.device])
     rows = []
     for label, folders in runs.items():
         base = open_checkpoint(str(folders[0] / "base"))
@@ -84,7 +117,7 @@ def run(args: argparse.Namespace) -> dict:
             result = analyze_overlap(base, finals[a], finals[b], ChangeRules(), progress=False)
             for rule, o in result.global_.items():
                 rows.append({"model": label, "run_a": a.name, "run_b": b.name, "rule": rule, **o})
-    summary = {"runs": {k: [str(f) for f in v] for k, v in runs.items()}, "seed_overlap": rows}
+    summary = {"runs": {k: [str(f) for f in v] for k, v in runs.items()}, "speed": speed, "seed_overlap": rows}
     if rows:
         write_csv(out / "seed_overlap.csv", rows)
         for row in rows:

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Tables and figures from a folder of pruning runs. See --help."""
+import sys
+
+from subnetscope.cli.results import main
+
+if __name__ == "__main__":
+    sys.exit(main())

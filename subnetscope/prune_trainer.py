@@ -1,0 +1,257 @@
+"""Train a GPT-2 from a small config on a text file while magnitude-pruning it on a schedule.
+
+nanoGPT's recipe (random windows of the token stream, AdamW) plus `pruning.py`'s schedule. The
+run folder holds metrics.jsonl, checkpoint-N/ (model.safetensors + trainer_state.pt, written
+atomically) and final/; `--resume` continues from the newest checkpoint with identical batches.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from .checkpoint import atomic_save_dir
+from .errors import SubnetscopeError
+from .logger import MetricsLogger
+from .pruning import (PruneSchedule, magnitude_prune_, prunable_weights, reapply_masks_, revival_rate, slope,
+                      structure_metrics, zeroed_grad_norm)
+
+DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TRAINER_STATE = "trainer_state.pt"
+MASKS_FILE = "prune_masks.safetensors"
+SLOPE_WINDOW = 5
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a pruning run; each is a key of the YAML config and a flag."""
+
+    data: str = DEFAULT_TEXT
+    tokenizer: str = "gpt2"
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    batch_size: int = 32
+    epochs: int = 10
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    val_fraction: float = 0.1
+    target_sparsity: float = 0.5
+    warmup_ratio: float = 0.15
+    final_prune_ratio: float = 0.85
+    prune_applications: int = 10
+    ramp: str = "linear"
+    hard_mask: bool = False
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    rank_metrics: bool = True
+    device: str = "auto"
+    seed: int = 0
+    output_dir: str = "checkpoints/prune"
+    resume: bool = False
+    wandb: str | None = None
+    no_tqdm: bool = False
+
+    def validate(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "epochs", "log_every",
+                    "eval_every", "eval_batches", "save_every"):
+            if getattr(self, key) < 1:
+                raise SubnetscopeError(f"{key} {getattr(self, key)}: needs at least 1")
+        if self.n_embd % self.n_head:
+            raise SubnetscopeError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SubnetscopeError(f"val_fraction {self.val_fraction}: must be in (0, 1)")
+        if self.lr <= 0:
+            raise SubnetscopeError(f"lr {self.lr}: must be positive")
+
+
+def load_text_tokenizer(spec: str):
+    """GPT-2's tokenizer by Hub id, or from a folder when the Hub is out of reach."""
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except OSError as err:
+        raise SubnetscopeError(
+            f"cannot load a tokenizer from {spec!r} ({str(err).splitlines()[0][:100]}); offline, pass a local "
+            "folder: tokenizer: ../shared/models/tiny-gpt2 has GPT-2's"
+        ) from None
+
+
+def load_token_splits(path: str, tokenizer, val_fraction: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text's GPT-2 tokens, split into train (first part) and validation (the rest)."""
+    file = Path(path)
+    if not file.is_file():
+        raise SubnetscopeError(
+            f"{path} does not exist: pass data: PATH (a plain text file, e.g. Tiny Shakespeare from {TINY_SHAKESPEARE_URL})"
+        )
+    ids = torch.tensor(tokenizer(file.read_text(encoding="utf-8", errors="replace"))["input_ids"], dtype=torch.long)
+    n_val = int(len(ids) * val_fraction)
+    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
+    if min(len(train), len(val)) <= block_size:
+        raise SubnetscopeError(
+            f"{path} has {len(ids)} tokens: too short for windows of block_size {block_size} in both splits "
+            f"(train {len(train)}, val {len(val)}); use a longer text or a smaller block_size"
+        )
+    return train, val
+
+
+def sample_windows(tokens: torch.Tensor, batch_size: int, block_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, next-token targets) from random windows; the seed fixes them, so a resumed run sees
+    the same batches."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=gen)
+    rows = torch.stack([tokens[s: s + block_size + 1] for s in starts.tolist()])
+    return rows[:, :-1], rows[:, 1:]
+
+
+class PruneTrainer:
+    def __init__(self, config: PruneConfig):
+        config.validate()
+        self.config = config
+        self.device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = load_text_tokenizer(config.tokenizer)
+        self.train_tokens, self.val_tokens = load_token_splits(config.data, self.tokenizer, config.val_fraction,
+                                                               config.block_size)
+        self.batches_per_epoch = max(1, len(self.train_tokens) // (config.batch_size * config.block_size))
+        self.total_steps = config.epochs * self.batches_per_epoch
+        self.schedule = PruneSchedule(config.target_sparsity, self.total_steps, config.warmup_ratio,
+                                      config.final_prune_ratio, config.prune_applications, config.ramp)
+        self.schedule.validate()
+        self.plan = self.schedule.plan() if config.target_sparsity > 0 else {}
+        torch.manual_seed(config.seed)
+        model_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
+                                  n_positions=config.block_size, vocab_size=len(self.tokenizer),
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                  bos_token_id=self.tokenizer.eos_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        self.model = GPT2LMHeadModel(model_config).to(self.device)
+        self.weights = prunable_weights(self.model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.run_dir = Path(config.output_dir)
+        self.masks: dict[str, torch.Tensor] = {}
+        self.state = {"step": 0, "level": 0.0, "elapsed": 0.0, "revival_history": [], "sparsity_history": []}
+        if config.resume:
+            self._load_latest()
+        elif (self.run_dir / "metrics.jsonl").exists():
+            raise SubnetscopeError(f"{self.run_dir} holds a run already: pass --resume, or pick a new output_dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(
+            {**asdict(config), "total_steps": self.total_steps, "batches_per_epoch": self.batches_per_epoch,
+             "prune_plan": {str(k): v for k, v in self.plan.items()}, "parameters": self.model.num_parameters()}, indent=1))
+        self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), resume_step=self.state["step"])
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda"))
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(inputs.to(self.device)).logits
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        losses = [float(self._loss(*sample_windows(self.val_tokens, self.config.batch_size, self.config.block_size,
+                                                   seed=10_000_019 + i)))
+                  for i in range(self.config.eval_batches)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def _log(self, step: int, train_losses: list[float], grad_norm_zeroed: float, interval_rate: float | None,
+             last: bool) -> None:
+        """revival_rate: of the weights zeroed at the last application, the fraction non-zero now;
+        interval_rate (at an application): that fraction just before re-pruning, over the whole interval."""
+        cfg = self.config
+        metrics: dict = {"train/loss": sum(train_losses) / len(train_losses), "pruning/sparsity": self.state["level"],
+                         "pruning/grad_norm_zeroed": grad_norm_zeroed, "time/elapsed": self.state["elapsed"]}
+        metrics.update(structure_metrics(self.weights, with_rank=cfg.rank_metrics))
+        metrics["weight_revival/revival_rate"] = revival_rate(self.weights, self.masks)
+        if interval_rate is not None:
+            metrics["weight_revival/interval_rate"] = interval_rate
+        history = self.state["revival_history"]
+        metrics["weight_revival/running_mean"] = sum(history) / len(history) if history else None
+        self.state["sparsity_history"] = (self.state["sparsity_history"] + [[step, metrics["sparsity/overall"]]])[-SLOPE_WINDOW:]
+        hist = self.state["sparsity_history"]
+        metrics["trend/sparsity_slope"] = slope([s for s, _ in hist], [v for _, v in hist])
+        if step % cfg.eval_every == 0 or last:
+            metrics["val/loss"] = self.evaluate()
+        self.logger.log(step, metrics)
+
+    def train(self) -> dict:
+        cfg = self.config
+        self.model.train()
+        bar = tqdm(range(self.state["step"] + 1, self.total_steps + 1), initial=self.state["step"],
+                   total=self.total_steps, desc="prune", disable=cfg.no_tqdm)
+        train_losses: list[float] = []
+        for step in bar:
+            t0 = time.perf_counter()
+            inputs, targets = sample_windows(self.train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed * 1_000_003 + step)
+            loss = self._loss(inputs, targets)
+            loss.backward()
+            logging_now = step % cfg.log_every == 0 or step == self.total_steps or step in self.plan
+            grad_norm_zeroed = zeroed_grad_norm(self.weights, self.masks) if logging_now else 0.0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if cfg.hard_mask and self.masks:
+                reapply_masks_(self.weights, self.masks)
+            train_losses.append(float(loss.detach()))
+            interval_rate = None
+            if step in self.plan:
+                interval_rate = revival_rate(self.weights, self.masks)
+                if interval_rate is not None:
+                    self.state["revival_history"].append(interval_rate)
+                self.state["level"] = self.plan[step]
+                self.masks = magnitude_prune_(self.weights, self.plan[step])
+            self.state["step"] = step
+            self.state["elapsed"] += time.perf_counter() - t0
+            if logging_now:
+                self._log(step, train_losses, grad_norm_zeroed, interval_rate, last=step == self.total_steps)
+                bar.set_postfix(loss=f"{sum(train_losses) / len(train_losses):.3f}", level=f"{self.state['level']:.2f}")
+                train_losses = []
+            if step % cfg.save_every == 0 or step == self.total_steps:
+                self._save(step)
+        self._save_final()
+        self.logger.close()
+        return {"steps": self.total_steps, "val_loss": self.evaluate(),
+                **{k: v for k, v in structure_metrics(self.weights, with_rank=False).items() if k == "sparsity/overall"}}
+
+    def _save(self, step: int) -> None:
+        def write(tmp: Path) -> None:
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.model.state_dict().items()
+                       if n != "lm_head.weight"}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file({n: m.cpu() for n, m in self.masks.items()}, str(tmp / MASKS_FILE))
+            torch.save({"optimizer": self.optimizer.state_dict(), "state": json.dumps(self.state)}, tmp / TRAINER_STATE)
+
+        atomic_save_dir(self.run_dir / f"checkpoint-{step}", write)
+
+    def _save_final(self) -> None:
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        atomic_save_dir(self.run_dir / "final", write)
+
+    def _load_latest(self) -> None:
+        done = sorted((p for p in self.run_dir.glob("checkpoint-*") if (p / TRAINER_STATE).is_file()),
+                      key=lambda p: int(p.name.split("-")[1]))
+        if not done:
+            if not self.run_dir.is_dir():
+                raise SubnetscopeError(f"--resume: {self.run_dir} does not exist: drop --resume to start a run")
+            return
+        folder = done[-1]
+        weights = load_file(str(folder / "model.safetensors"))
+        missing = self.model.load_state_dict(weights, strict=False).missing_keys
+        if [k for k in missing if k != "lm_head.weight"]:
+            raise SubnetscopeError(f"--resume: {folder} does not match this model config ({missing[:3]} missing)")
+        saved = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.state = json.loads(saved["state"])
+        self.masks = {n: m.to(self.device) for n, m in load_file(str(folder / MASKS_FILE)).items()}

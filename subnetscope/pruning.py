@@ -1,0 +1,167 @@
+"""Gradual magnitude pruning during training, and what happens to the pruned weights afterwards.
+
+Weights are zeroed, not frozen behind a mask (unless `hard_mask`), so the optimizer may revive
+them; the revival rate measures how many of the zeroed weights came back. `torch.nn.utils.prune`
+is not used: it compounds repeated amounts and keeps a permanent mask, so nothing could revive.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from .errors import SubnetscopeError
+from .naming import block_index
+
+RAMPS = ("linear", "cubic")
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """`applications` prunings evenly spaced from warmup_ratio·T to final_prune_ratio·T, the level
+    ramping to `target` linearly or as Zhu & Gupta's cubic s·(1 − (1 − i/n)³)."""
+
+    target: float
+    total_steps: int
+    warmup_ratio: float
+    final_prune_ratio: float
+    applications: int
+    ramp: str = "linear"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.target < 1.0:
+            raise SubnetscopeError(f"target_sparsity {self.target}: must be in [0, 1)")
+        if self.ramp not in RAMPS:
+            raise SubnetscopeError(f"ramp {self.ramp!r}: use linear or cubic")
+        if self.applications < 1:
+            raise SubnetscopeError(f"prune_applications {self.applications}: needs at least 1")
+        if not 0.0 <= self.warmup_ratio < self.final_prune_ratio <= 1.0:
+            raise SubnetscopeError(
+                f"warmup_ratio {self.warmup_ratio} and final_prune_ratio {self.final_prune_ratio} leave no pruning "
+                "window: need 0 <= warmup_ratio < final_prune_ratio <= 1"
+            )
+        steps = self.application_steps()
+        if len(set(steps)) != len(steps):
+            raise SubnetscopeError(
+                f"the pruning window holds {round((self.final_prune_ratio - self.warmup_ratio) * self.total_steps)} "
+                f"of {self.total_steps} steps, too few for {self.applications} prune_applications: train longer "
+                "(epochs), widen the window or prune fewer times"
+            )
+
+    def application_steps(self) -> list[int]:
+        start = self.warmup_ratio * self.total_steps
+        end = self.final_prune_ratio * self.total_steps
+        n = self.applications
+        return [max(1, round(start + (end - start) * i / n)) for i in range(1, n + 1)]
+
+    def level(self, i: int) -> float:
+        """The sparsity of application i (1-based)."""
+        frac = i / self.applications
+        return self.target * frac if self.ramp == "linear" else self.target * (1.0 - (1.0 - frac) ** 3)
+
+    def plan(self) -> dict[int, float]:
+        """step → sparsity level applied after that step's update."""
+        return {step: self.level(i) for i, step in enumerate(self.application_steps(), start=1)}
+
+
+def prunable_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The weights of the linear layers (GPT-2's Conv1D included); embeddings, norms, biases and
+    the LM head (tied to the embedding) are never pruned."""
+    found = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not module_name.endswith("lm_head"):
+            found[f"{module_name}.weight"] = module.weight
+    return found
+
+
+@torch.no_grad()
+def magnitude_prune_(weights: dict[str, torch.Tensor], level: float) -> dict[str, torch.Tensor]:
+    """Zero the round(level·n) smallest-magnitude entries of every tensor, in place; returns the
+    masks of the entries that are zero afterwards (those pruned now and any already zero)."""
+    masks = {}
+    for name, w in weights.items():
+        flat = w.view(-1)
+        k = round(level * flat.numel())
+        if k > 0:
+            flat[torch.topk(flat.abs(), k, largest=False).indices] = 0
+        masks[name] = w == 0
+    return masks
+
+
+@torch.no_grad()
+def reapply_masks_(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> None:
+    """Keep masked entries at zero (the hard-mask contrast)."""
+    for name, w in weights.items():
+        if name in masks:
+            w.masked_fill_(masks[name], 0)
+
+
+@torch.no_grad()
+def revival_rate(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float | None:
+    """Fraction of the entries zeroed at the last application that are non-zero now."""
+    zeroed = sum(int(m.sum()) for m in masks.values())
+    if zeroed == 0:
+        return None
+    revived = sum(int((weights[n] != 0)[m].sum()) for n, m in masks.items())
+    return revived / zeroed
+
+
+@torch.no_grad()
+def zeroed_grad_norm(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float:
+    """‖∇‖ over the zeroed entries: the pull that would revive them."""
+    total = 0.0
+    for name, m in masks.items():
+        g = weights[name].grad
+        if g is not None:
+            total += float(g[m].double().square().sum())
+    return math.sqrt(total)
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the Shannon entropy of the normalized singular values (Roy & Vetterli, 2007):
+    n for an n×n identity, 1 for a rank-one matrix, 0 for a zero matrix."""
+    sigma = torch.linalg.svdvals(matrix.detach().float())
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def dead_rows_cols(matrix: torch.Tensor) -> tuple[int, int]:
+    """Rows and columns that are entirely zero."""
+    nonzero = matrix != 0
+    return int((~nonzero.any(1)).sum()), int((~nonzero.any(0)).sum())
+
+
+@torch.no_grad()
+def structure_metrics(weights: dict[str, torch.Tensor], with_rank: bool = True) -> dict[str, float]:
+    """Overall and per-layer sparsity, dead rows/columns per layer and effective rank per matrix."""
+    zeros: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    dead: dict[str, int] = {}
+    metrics: dict[str, float] = {}
+    for name, w in weights.items():
+        block = block_index(name)
+        layer = f"layer_{block}" if block is not None else "other"
+        zeros[layer] = zeros.get(layer, 0) + int((w == 0).sum())
+        sizes[layer] = sizes.get(layer, 0) + w.numel()
+        rows, cols = dead_rows_cols(w)
+        dead[layer] = dead.get(layer, 0) + rows + cols
+        if with_rank:
+            metrics[f"effective_rank/{name}"] = effective_rank(w)
+    metrics["sparsity/overall"] = sum(zeros.values()) / sum(sizes.values())
+    for layer in zeros:
+        metrics[f"sparsity/{layer}"] = zeros[layer] / sizes[layer]
+        metrics[f"dead_neurons/{layer}"] = dead[layer]
+    return metrics
+
+
+def slope(steps: list[int], values: list[float]) -> float | None:
+    """Least-squares slope per step (the sparsity trend)."""
+    if len(steps) < 2:
+        return None
+    return float(np.polyfit(np.asarray(steps, dtype=float), np.asarray(values, dtype=float), 1)[0])

@@ -1,0 +1,177 @@
+"""Gradual magnitude pruning: the schedule, the pruning itself, revival and the structure metrics,
+each against hand-computed values, then main_prune.py, check_sparsity.py and analyze_results.py."""
+import csv
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from subnetscope.errors import SubnetscopeError
+from subnetscope.pruning import (PruneSchedule, dead_rows_cols, effective_rank, magnitude_prune_, revival_rate,
+                                 slope)
+from subnetscope.prune_trainer import PruneConfig
+
+from .conftest import SHAKESPEARE, TINY_GPT2_DIR, kill_when_exists
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = TINY_GPT2_DIR
+
+
+def test_schedule_steps_and_levels_by_hand():
+    s = PruneSchedule(0.5, 100, 0.15, 0.85, 10, "linear")
+    s.validate()
+    assert s.application_steps() == [22, 29, 36, 43, 50, 57, 64, 71, 78, 85]
+    assert [round(s.level(i), 10) for i in (1, 5, 10)] == [0.05, 0.25, 0.5]
+    cubic = PruneSchedule(0.5, 100, 0.15, 0.85, 10, "cubic")
+    assert cubic.level(5) == pytest.approx(0.5 * (1 - 0.5**3)) and cubic.level(10) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((1.0, 100, 0.15, 0.85, 10), "must be in [0, 1)"),
+    ((0.5, 100, 0.9, 0.5, 10), "leave no pruning window"),
+    ((0.5, 10, 0.15, 0.85, 10), "too few for 10 prune_applications"),
+])
+def test_schedule_rejects_bad_settings(args, message):
+    with pytest.raises(SubnetscopeError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        PruneSchedule(*args).validate()
+
+
+def test_magnitude_prune_zeroes_exactly_the_smallest():
+    w = torch.tensor([[0.5, -0.1, 0.3], [-0.7, 0.2, -0.05]])
+    masks = magnitude_prune_({"w": w}, 0.5)
+    assert torch.equal(w, torch.tensor([[0.5, 0.0, 0.3], [-0.7, 0.0, 0.0]]))
+    assert masks["w"].sum() == 3
+
+
+def test_revival_rate_and_structure_by_hand():
+    w = torch.zeros(2, 2)
+    masks = {"w": torch.ones(2, 2, dtype=torch.bool)}
+    w[0, 1] = 0.3
+    assert revival_rate({"w": w}, masks) == 0.25
+    assert revival_rate({"w": w}, {"w": torch.zeros(2, 2, dtype=torch.bool)}) is None
+    assert dead_rows_cols(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])) == (1, 2)
+    assert effective_rank(torch.eye(5)) == pytest.approx(5.0)
+    assert effective_rank(torch.outer(torch.arange(1.0, 4.0), torch.arange(1.0, 5.0))) == pytest.approx(1.0, abs=1e-4)
+    assert effective_rank(torch.zeros(3, 3)) == 0.0
+    assert slope([0, 10, 20], [0.1, 0.2, 0.3]) == pytest.approx(0.01)
+
+
+@pytest.fixture(scope="module")
+def short_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "short.txt"
+    path.write_text(SHAKESPEARE.read_text()[:12000])
+    return path
+
+
+def prune_args(text, out, *extra):
+    return ["--data", str(text), "--tokenizer", str(TOKENIZER), "--n_layer", "1", "--n_head", "2", "--n_embd", "32",
+            "--block_size", "16", "--batch_size", "4", "--epochs", "2", "--prune_applications", "4",
+            "--log_every", "5", "--eval_every", "20", "--save_every", "10", "--device", "cpu", "--no_tqdm",
+            "--output_dir", str(out), *extra]
+
+
+def run_prune(*args):
+    return subprocess.run([sys.executable, str(ROOT / "main_prune.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def linear_shapes(run):
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    return [w.numel() for n, w in weights.items() if w.dim() == 2 and "wte" not in n and "wpe" not in n]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_applied_sparsity_follows_the_schedule_exactly(short_text, tmp_path, hard):
+    run = tmp_path / "run"
+    result = run_prune(*prune_args(short_text, run, "--target_sparsity", "0.6", *(["--hard_mask"] if hard else [])))
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run / "config.json").read_text())
+    plan = {int(k): v for k, v in config["prune_plan"].items()}
+    schedule = PruneSchedule(0.6, config["total_steps"], 0.15, 0.85, 4)
+    assert plan == schedule.plan() and len(plan) == 4
+    sizes = linear_shapes(run)
+    by_step = {r["step"]: r for r in records(run)}
+    for step, level in plan.items():
+        expected = sum(round(level * n) for n in sizes) / sum(sizes)
+        assert by_step[step]["sparsity/overall"] == pytest.approx(expected, abs=1e-12)
+        assert by_step[step]["pruning/sparsity"] == level
+    last = records(run)[-1]
+    if hard:  # pruned weights stay zero: nothing revives and the final model is exactly sparse
+        assert all(r["weight_revival/revival_rate"] in (None, 0.0) for r in records(run))
+        assert last["sparsity/overall"] == pytest.approx(sum(round(0.6 * n) for n in sizes) / sum(sizes), abs=1e-12)
+        check = subprocess.run([sys.executable, str(ROOT / "check_sparsity.py"), "--model_dir", str(run / "final"),
+                                "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=ROOT)
+        assert check.returncode == 0, check.stderr
+        assert json.loads((tmp_path / "s.json").read_text())["overall_sparsity"] == pytest.approx(last["sparsity/overall"])
+    else:  # AdamW's momentum moves zeroed weights off zero at the next step
+        after = [r for r in records(run) if r["step"] > min(plan) and r["step"] not in plan]
+        assert after and all(0.0 < r["weight_revival/revival_rate"] <= 1.0 for r in after)
+
+
+def test_resume_after_kill_equals_uninterrupted(short_text, tmp_path):
+    full = run_prune(*prune_args(short_text, tmp_path / "full", "--target_sparsity", "0.5"))
+    assert full.returncode == 0, full.stderr
+    killed = tmp_path / "killed"
+    kill_when_exists([str(ROOT / "main_prune.py"), *prune_args(short_text, killed, "--target_sparsity", "0.5")], ROOT,
+                     killed / "checkpoint-30")
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    resumed = run_prune(*prune_args(short_text, killed, "--target_sparsity", "0.5", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(killed / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in records(killed)] == [r["step"] for r in records(tmp_path / "full")]
+
+
+def test_analyze_results_tables_match_the_metrics(short_text, tmp_path):
+    for level in ("0.0", "0.5"):
+        assert run_prune(*prune_args(short_text, tmp_path / "runs" / level, "--target_sparsity", level)).returncode == 0
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(ROOT / "analyze_results.py"), "--results_dir", str(tmp_path / "runs"),
+                             "--output_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    with open(out / "summary.csv") as fh:
+        rows = {r["run"]: r for r in csv.DictReader(fh)}
+    for level in ("0.0", "0.5"):
+        recs = records(tmp_path / "runs" / level)
+        assert float(rows[level]["final_val_loss"]) == pytest.approx([r["val/loss"] for r in recs if r.get("val/loss")][-1])
+        assert float(rows[level]["target_sparsity"]) == float(level)
+    for png in ("loss_vs_sparsity.png", "revival_over_time.png", "dead_neurons_per_layer.png", "effective_rank_per_layer.png"):
+        assert (out / png).stat().st_size > 1000 and (out / png.replace(".png", ".csv")).exists()
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "target", "window", "short"])
+def test_bad_input_exits_2_before_training(short_text, tmp_path, case):
+    config = tmp_path / "c.yaml"
+    extra = []
+    if case == "unknown_key":
+        config.write_text("target_sparsity: 0.5\nlearning_rate: 0.1\n")
+        extra = ["--config", str(config)]
+    elif case == "target":
+        extra = ["--target_sparsity", "1.0"]
+    elif case == "window":
+        extra = ["--warmup_ratio", "0.9", "--final_prune_ratio", "0.5"]
+    else:
+        tiny = tmp_path / "tiny.txt"
+        tiny.write_text("To be, or not to be.")
+        extra = ["--data", str(tiny)]
+    result = run_prune(*prune_args(short_text, tmp_path / "run", *extra))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    if case == "unknown_key":
+        assert "learning_rate" in lines[0]
+
+
+def test_help_explains_every_setting():
+    result = subprocess.run([sys.executable, str(ROOT / "main_prune.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert all(f"--{f.name}" in result.stdout for f in fields(PruneConfig))
