@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
 from collections import defaultdict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence

@@ -47,6 +47,11 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, in order."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def _run_id(run_dir: Path) -> str:
     """A stable W&B id per run folder, so a resumed run continues the same W&B run."""
     import hashlib

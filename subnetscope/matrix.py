@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import plots
 from .baselines import BaselineConfig, train_baseline
 from .changes import RULES, ChangeRules
 from .checkpoint import find_step_checkpoints, open_checkpoint
@@ -207,42 +208,4 @@ def write_summaries(rows: list[dict], out: Path) -> None:
             entry[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
         grouped.append(entry)
     write_csv(out / "grouped_summary.csv", grouped)
-    plot_sweep(rows, out / "sparsity_vs_settings.png")
-
-
-def plot_sweep(rows: list[dict], path: Path) -> None:
-    """Fraction of weights changed (relative rule) against learning rate, optimizer and task."""
-    from . import plots  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    ok = [r for r in rows if r.get("status") == "ok"]
-    tasks = sorted({r["task"] for r in ok})
-
-    def mean_of(task: str, key: str, value) -> float:
-        ys = [r["changed_relative"] for r in ok if r["task"] == task and r.get(key) == value]
-        return statistics.mean(ys) if ys else float("nan")
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    lrs = sorted({r["lr"] for r in ok if isinstance(r.get("lr"), (int, float))})
-    for task in tasks:
-        axes[0].plot(lrs, [mean_of(task, "lr", lr) for lr in lrs], marker="o", label=task)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("learning rate")
-    axes[0].legend()
-    optimizers = sorted({str(r.get("optimizer")) for r in ok})
-    width = 0.8 / max(1, len(tasks))
-    for i, task in enumerate(tasks):
-        heights = [mean_of(task, "optimizer", v) for v in optimizers]
-        axes[1].bar(np.arange(len(optimizers)) + (i - (len(tasks) - 1) / 2) * width, heights, width, label=task)
-    axes[1].set_xticks(range(len(optimizers)), optimizers)
-    axes[1].set_xlabel("optimizer")
-    axes[2].bar(tasks, [mean_of(t, "task", t) for t in tasks], color=[f"C{i}" for i in range(len(tasks))])
-    axes[2].set_xlabel("task")
-    for ax in axes:
-        ax.set_ylabel("fraction changed (relative rule)")
-        ax.grid(alpha=0.3, axis="y")
-    fig.suptitle("update density across the sweep (mean over seeds and the other settings)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    plots.sweep_density(rows, out / "sparsity_vs_settings.png")

@@ -90,6 +90,17 @@ def update_rank(delta: torch.Tensor, device: str = "cpu") -> tuple[int, int]:
     return int((sigma > tol).sum()), full
 
 
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the Shannon entropy of the normalized singular values (Roy & Vetterli, 2007):
+    n for an n×n identity, 1 for a rank-one matrix, 0 for a zero matrix."""
+    sigma = torch.linalg.svdvals(matrix.detach().float())
+    total = sigma.sum()
+    if total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def overlap(n1: int, n2: int, n12: int, numel: int) -> dict[str, float | None]:
     """Overlap of two subnetworks I1, I2 of one parameter space, with the chance baselines.
 

@@ -101,16 +101,21 @@ def load_tokenizer(spec: str, tokenizer: str | None = None):
     if spec in TINY_MODELS and tokenizer is None:
         return word_tokenizer()
     source = tokenizer or ("gpt2" if spec in RANDOM_SHAPED else spec)
-    try:
-        tok = AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise SubnetscopeError(
-            f"cannot load a tokenizer from {source!r} ({str(err).splitlines()[0][:120]}); offline, pass a local "
-            "folder (--tokenizer ../shared/models/tiny-gpt2 has GPT-2's), or use --policy tiny-gpt2 / tiny-gemma3n"
-        ) from None
+    tok = tokenizer_from(source, "pass a local folder (--tokenizer ../shared/models/tiny-gpt2 has GPT-2's), "
+                                 "or use --policy tiny-gpt2 / tiny-gemma3n")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def tokenizer_from(source: str, offline_hint: str):
+    """AutoTokenizer from a Hub id or folder; offline, one line naming the local alternative."""
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise SubnetscopeError(
+            f"cannot load a tokenizer from {source!r} ({str(err).splitlines()[0][:120]}); offline, {offline_hint}"
+        ) from None
 
 
 def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 """Figures for papers: each function writes one PNG whose numbers are also in a CSV beside it."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Sequence
 
@@ -153,6 +154,98 @@ def comparative_series(labels: Sequence[str], steps: Sequence[Sequence[int]], va
         ax.plot(s, [np.nan if x is None else x for x in v], marker="o", markersize=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _axes(title: str, xlabel: str, ylabel: str):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def _save_with_legend(fig, ax, path: Path) -> Path:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def pruning_figures(summary: list[dict], layers: list[dict], revival: list[dict], out: Path) -> list[Path]:
+    """analyze_results.py's four figures from its summary, per-layer and revival rows."""
+    made = []
+    fig, ax = _axes("Validation loss vs target sparsity", "target sparsity", "final val loss")
+    for hard in (False, True):
+        pts = sorted((r["target_sparsity"], r["final_val_loss"]) for r in summary
+                     if r["hard_mask"] == hard and r["final_val_loss"] is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label="hard mask" if hard else "zeroed (revival allowed)")
+    made.append(_save_with_legend(fig, ax, out / "loss_vs_sparsity.png"))
+    fig, ax = _axes("Revival of pruned weights", "step", "fraction of last-pruned weights non-zero")
+    for run in dict.fromkeys(r["run"] for r in revival):
+        pts = [(r["step"], r["revival_rate"]) for r in revival if r["run"] == run and r["revival_rate"] is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=run)
+    ax.set_ylim(-0.02, 1.02)
+    made.append(_save_with_legend(fig, ax, out / "revival_over_time.png"))
+    for key, name, title in (("dead_neurons", "dead_neurons_per_layer.png", "All-zero rows + columns per layer"),
+                             ("mean_effective_rank", "effective_rank_per_layer.png", "Mean effective rank per layer")):
+        fig, ax = _axes(title, "layer", key.replace("_", " "))
+        runs = list(dict.fromkeys(r["run"] for r in layers))
+        width = 0.8 / max(1, len(runs))
+        for i, run in enumerate(runs):
+            pts = [(r["layer"], r[key]) for r in layers if r["run"] == run and r[key] is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.bar([x + i * width for x in xs], ys, width=width, label=run)
+        made.append(_save_with_legend(fig, ax, out / name))
+    return made
+
+
+def sweep_density(rows: list[dict], path: Path) -> Path:
+    """Fraction of weights changed (relative rule) against learning rate, optimizer and task."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    tasks = sorted({r["task"] for r in ok})
+
+    def mean_of(task: str, key: str, value) -> float:
+        ys = [r["changed_relative"] for r in ok if r["task"] == task and r.get(key) == value]
+        return statistics.mean(ys) if ys else float("nan")
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    lrs = sorted({r["lr"] for r in ok if isinstance(r.get("lr"), (int, float))})
+    for task in tasks:
+        axes[0].plot(lrs, [mean_of(task, "lr", lr) for lr in lrs], marker="o", label=task)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("learning rate")
+    axes[0].legend()
+    optimizers = sorted({str(r.get("optimizer")) for r in ok})
+    width = 0.8 / max(1, len(tasks))
+    for i, task in enumerate(tasks):
+        heights = [mean_of(task, "optimizer", v) for v in optimizers]
+        axes[1].bar(np.arange(len(optimizers)) + (i - (len(tasks) - 1) / 2) * width, heights, width, label=task)
+    axes[1].set_xticks(range(len(optimizers)), optimizers)
+    axes[1].set_xlabel("optimizer")
+    axes[2].bar(tasks, [mean_of(t, "task", t) for t in tasks], color=[f"C{i}" for i in range(len(tasks))])
+    axes[2].set_xlabel("task")
+    for ax in axes:
+        ax.set_ylabel("fraction changed (relative rule)")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle("update density across the sweep (mean over seeds and the other settings)")
+    return _save(fig, path)
+
+
+def gradient_spectrum(spectra: list[dict], path: Path) -> Path:
+    """Normalized singular values of the k per-batch gradients, one line per task."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task in sorted({s["task"] for s in spectra}):
+        values = [s["sigma_normalized"] for s in spectra if s["task"] == task]
+        ax.semilogy(range(1, len(values) + 1), [max(v, 1e-12) for v in values], marker="o", markersize=3, label=task)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("σ_i / σ_1 (whole model)")
+    ax.set_title("spectrum of k per-batch gradients")
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -14,11 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from .checkpoint import atomic_save_dir
+from .checkpoint import atomic_save_dir, find_step_checkpoints, open_checkpoint
+from .devices import resolve_device
 from .errors import SubnetscopeError
 from .logger import MetricsLogger
+from .models import tokenizer_from
 from .pruning import (PruneSchedule, magnitude_prune_, prunable_weights, reapply_masks_, revival_rate, slope,
                       structure_metrics, zeroed_grad_norm)
 
@@ -75,17 +77,6 @@ class PruneConfig:
             raise SubnetscopeError(f"lr {self.lr}: must be positive")
 
 
-def load_text_tokenizer(spec: str):
-    """GPT-2's tokenizer by Hub id, or from a folder when the Hub is out of reach."""
-    try:
-        return AutoTokenizer.from_pretrained(spec)
-    except OSError as err:
-        raise SubnetscopeError(
-            f"cannot load a tokenizer from {spec!r} ({str(err).splitlines()[0][:100]}); offline, pass a local "
-            "folder: tokenizer: ../shared/models/tiny-gpt2 has GPT-2's"
-        ) from None
-
-
 def load_token_splits(path: str, tokenizer, val_fraction: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The text's GPT-2 tokens, split into train (first part) and validation (the rest)."""
     file = Path(path)
@@ -117,8 +108,8 @@ class PruneTrainer:
     def __init__(self, config: PruneConfig):
         config.validate()
         self.config = config
-        self.device = config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_text_tokenizer(config.tokenizer)
+        self.device = resolve_device(config.device)
+        self.tokenizer = tokenizer_from(config.tokenizer, "pass a local folder: tokenizer: ../shared/models/tiny-gpt2 has GPT-2's")
         self.train_tokens, self.val_tokens = load_token_splits(config.data, self.tokenizer, config.val_fraction,
                                                                config.block_size)
         self.batches_per_epoch = max(1, len(self.train_tokens) // (config.batch_size * config.block_size))
@@ -165,12 +156,12 @@ class PruneTrainer:
         self.model.train()
         return sum(losses) / len(losses)
 
-    def _log(self, step: int, train_losses: list[float], grad_norm_zeroed: float, interval_rate: float | None,
+    def _log(self, step: int, train_loss: float, grad_norm_zeroed: float, interval_rate: float | None,
              last: bool) -> None:
         """revival_rate: of the weights zeroed at the last application, the fraction non-zero now;
         interval_rate (at an application): that fraction just before re-pruning, over the whole interval."""
         cfg = self.config
-        metrics: dict = {"train/loss": sum(train_losses) / len(train_losses), "pruning/sparsity": self.state["level"],
+        metrics: dict = {"train/loss": train_loss, "pruning/sparsity": self.state["level"],
                          "pruning/grad_norm_zeroed": grad_norm_zeroed, "time/elapsed": self.state["elapsed"]}
         metrics.update(structure_metrics(self.weights, with_rank=cfg.rank_metrics))
         metrics["weight_revival/revival_rate"] = revival_rate(self.weights, self.masks)
@@ -190,7 +181,7 @@ class PruneTrainer:
         self.model.train()
         bar = tqdm(range(self.state["step"] + 1, self.total_steps + 1), initial=self.state["step"],
                    total=self.total_steps, desc="prune", disable=cfg.no_tqdm)
-        train_losses: list[float] = []
+        train_losses: list[torch.Tensor] = []
         for step in bar:
             t0 = time.perf_counter()
             inputs, targets = sample_windows(self.train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed * 1_000_003 + step)
@@ -202,7 +193,7 @@ class PruneTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.hard_mask and self.masks:
                 reapply_masks_(self.weights, self.masks)
-            train_losses.append(float(loss.detach()))
+            train_losses.append(loss.detach())  # kept on the device: one host sync per record, not per step
             interval_rate = None
             if step in self.plan:
                 interval_rate = revival_rate(self.weights, self.masks)
@@ -211,22 +202,23 @@ class PruneTrainer:
                 self.state["level"] = self.plan[step]
                 self.masks = magnitude_prune_(self.weights, self.plan[step])
             self.state["step"] = step
+            train_loss = float(torch.stack(train_losses).mean()) if logging_now else None
             self.state["elapsed"] += time.perf_counter() - t0
             if logging_now:
-                self._log(step, train_losses, grad_norm_zeroed, interval_rate, last=step == self.total_steps)
-                bar.set_postfix(loss=f"{sum(train_losses) / len(train_losses):.3f}", level=f"{self.state['level']:.2f}")
+                self._log(step, train_loss, grad_norm_zeroed, interval_rate, last=step == self.total_steps)
+                bar.set_postfix(loss=f"{train_loss:.3f}", level=f"{self.state['level']:.2f}")
                 train_losses = []
             if step % cfg.save_every == 0 or step == self.total_steps:
                 self._save(step)
         self._save_final()
         self.logger.close()
         return {"steps": self.total_steps, "val_loss": self.evaluate(),
-                **{k: v for k, v in structure_metrics(self.weights, with_rank=False).items() if k == "sparsity/overall"}}
+                "sparsity/overall": structure_metrics(self.weights, with_rank=False)["sparsity/overall"]}
 
     def _save(self, step: int) -> None:
         def write(tmp: Path) -> None:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.model.state_dict().items()
-                       if n != "lm_head.weight"}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})
             save_file({n: m.cpu() for n, m in self.masks.items()}, str(tmp / MASKS_FILE))
             torch.save({"optimizer": self.optimizer.state_dict(), "state": json.dumps(self.state)}, tmp / TRAINER_STATE)
 
@@ -240,17 +232,23 @@ class PruneTrainer:
         atomic_save_dir(self.run_dir / "final", write)
 
     def _load_latest(self) -> None:
-        done = sorted((p for p in self.run_dir.glob("checkpoint-*") if (p / TRAINER_STATE).is_file()),
-                      key=lambda p: int(p.name.split("-")[1]))
+        """Weights, optimizer, masks and counters from the newest complete checkpoint-N, if any."""
+        if not self.run_dir.is_dir():
+            raise SubnetscopeError(f"--resume: {self.run_dir} does not exist: drop --resume to start a run")
+        try:
+            done = [c.path for c in find_step_checkpoints(str(self.run_dir)) if (c.path / TRAINER_STATE).is_file()]
+        except SubnetscopeError:
+            done = []
         if not done:
-            if not self.run_dir.is_dir():
-                raise SubnetscopeError(f"--resume: {self.run_dir} does not exist: drop --resume to start a run")
             return
         folder = done[-1]
-        weights = load_file(str(folder / "model.safetensors"))
-        missing = self.model.load_state_dict(weights, strict=False).missing_keys
-        if [k for k in missing if k != "lm_head.weight"]:
-            raise SubnetscopeError(f"--resume: {folder} does not match this model config ({missing[:3]} missing)")
+        source = open_checkpoint(str(folder))
+        params = dict(self.model.named_parameters())
+        if set(source.names()) != set(params):
+            raise SubnetscopeError(f"--resume: {folder} does not match this model config: pick a new output_dir")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(source.get(name))
         saved = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.state = json.loads(saved["state"])

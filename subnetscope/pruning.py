@@ -14,6 +14,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from .errors import SubnetscopeError
+from .metrics import effective_rank
 from .naming import block_index
 
 RAMPS = ("linear", "cubic")
@@ -102,54 +103,47 @@ def reapply_masks_(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tens
 @torch.no_grad()
 def revival_rate(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float | None:
     """Fraction of the entries zeroed at the last application that are non-zero now."""
-    zeroed = sum(int(m.sum()) for m in masks.values())
-    if zeroed == 0:
+    if not masks:
         return None
-    revived = sum(int((weights[n] != 0)[m].sum()) for n, m in masks.items())
-    return revived / zeroed
+    zeroed, revived = torch.stack([
+        torch.stack([m.sum(), ((weights[n] != 0) & m).sum()]) for n, m in masks.items()
+    ]).sum(0).tolist()  # one host sync for all tensors
+    return revived / zeroed if zeroed else None
 
 
 @torch.no_grad()
 def zeroed_grad_norm(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float:
     """‖∇‖ over the zeroed entries: the pull that would revive them."""
-    total = 0.0
-    for name, m in masks.items():
-        g = weights[name].grad
-        if g is not None:
-            total += float(g[m].double().square().sum())
-    return math.sqrt(total)
+    parts = [weights[n].grad.double().square().masked_fill(~m, 0).sum() for n, m in masks.items()
+             if weights[n].grad is not None]
+    return math.sqrt(float(torch.stack(parts).sum())) if parts else 0.0
 
 
-def effective_rank(matrix: torch.Tensor) -> float:
-    """exp of the Shannon entropy of the normalized singular values (Roy & Vetterli, 2007):
-    n for an n×n identity, 1 for a rank-one matrix, 0 for a zero matrix."""
-    sigma = torch.linalg.svdvals(matrix.detach().float())
-    total = sigma.sum()
-    if total <= 0:
-        return 0.0
-    p = sigma[sigma > 0] / total
-    return float(torch.exp(-(p * p.log()).sum()))
+def _dead_lines(matrix: torch.Tensor) -> torch.Tensor:
+    """[all-zero rows, all-zero columns] as a tensor (no host sync)."""
+    nonzero = matrix != 0
+    return torch.stack([(~nonzero.any(1)).sum(), (~nonzero.any(0)).sum()])
 
 
 def dead_rows_cols(matrix: torch.Tensor) -> tuple[int, int]:
     """Rows and columns that are entirely zero."""
-    nonzero = matrix != 0
-    return int((~nonzero.any(1)).sum()), int((~nonzero.any(0)).sum())
+    rows, cols = _dead_lines(matrix).tolist()
+    return rows, cols
 
 
 @torch.no_grad()
 def structure_metrics(weights: dict[str, torch.Tensor], with_rank: bool = True) -> dict[str, float]:
     """Overall and per-layer sparsity, dead rows/columns per layer and effective rank per matrix."""
+    per_tensor = torch.stack([torch.cat([(w == 0).sum().reshape(1), _dead_lines(w)]) for w in weights.values()])
     zeros: dict[str, int] = {}
     sizes: dict[str, int] = {}
     dead: dict[str, int] = {}
     metrics: dict[str, float] = {}
-    for name, w in weights.items():
+    for (name, w), (z, rows, cols) in zip(weights.items(), per_tensor.tolist()):  # one host sync
         block = block_index(name)
         layer = f"layer_{block}" if block is not None else "other"
-        zeros[layer] = zeros.get(layer, 0) + int((w == 0).sum())
+        zeros[layer] = zeros.get(layer, 0) + z
         sizes[layer] = sizes.get(layer, 0) + w.numel()
-        rows, cols = dead_rows_cols(w)
         dead[layer] = dead.get(layer, 0) + rows + cols
         if with_rank:
             metrics[f"effective_rank/{name}"] = effective_rank(w)

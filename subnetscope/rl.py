@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .changes import ChangeRules
 from .data import EVAL_PROMPTS, load_prompts
+from .devices import resolve_device
 from .errors import SubnetscopeError, warn
 from .logger import MetricsLogger
 from .models import DTYPES, load_causal_lm, load_tokenizer
@@ -114,14 +115,6 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                    logits_to_keep=n_completion + 1, use_cache=False).logits
     logits = logits[:, :-1, :] / temperature
     return selective_log_softmax(logits, input_ids[:, -n_completion:])
-
-
-def resolve_device(spec: str, fallback: str) -> str:
-    if spec == "auto":
-        return fallback
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise SubnetscopeError(f"device {spec} was asked for but no CUDA GPU is visible: use cpu")
-    return spec
 
 
 def pick_dtype(spec: str, policy: str, device: str) -> torch.dtype:

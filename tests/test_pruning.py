@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from subnetscope.errors import SubnetscopeError
-from subnetscope.pruning import (PruneSchedule, dead_rows_cols, effective_rank, magnitude_prune_, revival_rate,
-                                 slope)
+from subnetscope.metrics import effective_rank
+from subnetscope.pruning import PruneSchedule, dead_rows_cols, magnitude_prune_, revival_rate, slope
 from subnetscope.prune_trainer import PruneConfig
 
 from .conftest import SHAKESPEARE, TINY_GPT2_DIR, kill_when_exists

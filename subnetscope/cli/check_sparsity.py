@@ -10,14 +10,15 @@ from pathlib import Path
 
 from ..checkpoint import open_checkpoint
 from ..errors import cli_main
+from ..naming import module_type
 from ..pruning import dead_rows_cols
 from ..report import write_json
 
-EXCLUDED = ("wte", "wpe", "embed", "lm_head", "ln_", "norm")
+NOT_LINEAR = {"embedding", "per_layer_embedding", "norm", "lm_head", "head"}
 
 
 def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
-    return len(shape) == 2 and name.endswith(".weight") and not any(part in name for part in EXCLUDED)
+    return len(shape) == 2 and name.endswith(".weight") and module_type(name) not in NOT_LINEAR
 
 
 def sparsity_summary(model_dir: str) -> dict:

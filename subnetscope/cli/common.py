@@ -5,9 +5,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..changes import RULES, ChangeRules
+from ..devices import resolve_device
 from ..engine import DEFAULT_SHELLS
 from ..errors import SubnetscopeError
 
@@ -36,18 +35,6 @@ def rules_from_args(args: argparse.Namespace) -> ChangeRules:
     if args.topk < 1:
         raise SubnetscopeError("--topk must be at least 1")
     return ChangeRules(atol=args.atol, eta=args.eta)
-
-
-def resolve_device(spec: str) -> str:
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise SubnetscopeError(f"--device {spec} was asked for but no CUDA GPU is visible: use --device cpu")
-    try:
-        torch.device(spec)
-    except RuntimeError:
-        raise SubnetscopeError(f"--device {spec!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    return spec
 
 
 def shells_from_args(values: list[int] | None) -> tuple[int, ...]:

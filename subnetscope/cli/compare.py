@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..checkpoint import find_step_checkpoints, open_checkpoint
 from ..engine import analyze_overlap
 from ..errors import SubnetscopeError, cli_main
 from ..grpo import GRPOConfig, GRPOTrainer
+from ..logger import read_metrics
 from ..ppo import PPOConfig, PPOTrainer
 from ..report import write_csv, write_json
 from . import localize
@@ -74,8 +74,7 @@ def _parameter_count(folder: Path) -> int:
 
 def run_speed(folder: Path, model: str, seed: int) -> dict:
     """Steps/s (median step, the first excluded as warm-up), peak GPU memory and reward of one run."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [r for r in records if "time/step" in r]
+    records = [r for r in read_metrics(folder / "metrics.jsonl") if "time/step" in r]
     if not records:
         raise SubnetscopeError(f"{folder}/metrics.jsonl has no training steps: delete the folder and run again")
     times = [r["time/step"] for r in (records[1:] or records)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .. import plots
 from ..baselines import scored_samples, sft_records
 from ..errors import SubnetscopeError, cli_main
 from ..gradrank import ENERGY, gradient_spectra
@@ -93,31 +94,13 @@ def run(args: argparse.Namespace) -> dict:
     write_csv(out / "gradient_rank.csv", rows)
     write_csv(out / "spectra.csv", spectra)
     write_json(out / "summary.json", summary)
-    plot_spectra(spectra, out / "spectrum.png")
+    plots.gradient_spectrum(spectra, out / "spectrum.png")
     for task, s in summary["tasks"].items():
         print(f"{task}: global numerical rank {s['global_numerical_rank']}/{args.k}, effective ({ENERGY:.0%} energy) "
               f"{s['global_effective_rank']}/{args.k}; mean per-matrix effective rank "
               f"{s['mean_matrix_effective_rank_percent']:.1f}% of k")
     print(f"results in {out}/")
     return summary
-
-
-def plot_spectra(spectra: list[dict], path: Path) -> None:
-    from .. import plots  # noqa: F401  (selects the Agg backend)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for task in sorted({s["task"] for s in spectra}):
-        values = [s["sigma_normalized"] for s in spectra if s["task"] == task]
-        ax.semilogy(range(1, len(values) + 1), [max(v, 1e-12) for v in values], marker="o", markersize=3, label=task)
-    ax.set_xlabel("singular value index")
-    ax.set_ylabel("σ_i / σ_1 (whole model)")
-    ax.set_title("spectrum of k per-batch gradients")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
 
 
 @cli_main

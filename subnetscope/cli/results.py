@@ -15,14 +15,11 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..errors import SubnetscopeError, cli_main  # noqa: E402
-from ..naming import block_index  # noqa: E402
-from ..report import write_csv, write_json  # noqa: E402
+from .. import plots
+from ..errors import SubnetscopeError, cli_main
+from ..logger import read_metrics
+from ..naming import block_index
+from ..report import write_csv, write_json
 
 LAYER_KEY = re.compile(r"^(sparsity|dead_neurons)/layer_(\d+)$")
 
@@ -35,7 +32,7 @@ def load_runs(results_dir: str) -> list[dict]:
     for folder in sorted(p for p in [root, *root.iterdir()] if p.is_dir()):
         if (folder / "metrics.jsonl").is_file() and (folder / "config.json").is_file():
             config = json.loads((folder / "config.json").read_text())
-            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            records = read_metrics(folder / "metrics.jsonl")
             if records and "pruning/sparsity" in records[0]:
                 runs.append({"name": folder.name, "config": config, "records": records})
     if not runs:
@@ -91,55 +88,6 @@ def revival_rows(runs: list[dict]) -> list[dict]:
             for run in runs for r in run["records"]]
 
 
-def _figure(path: Path, title: str, xlabel: str, ylabel: str):
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    return fig, ax
-
-
-def _save(fig, ax, path: Path) -> Path:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
-
-
-def plot_all(summary: list[dict], layers: list[dict], revival: list[dict], out: Path) -> list[Path]:
-    made = []
-    fig, ax = _figure(out / "loss_vs_sparsity.png", "Validation loss vs target sparsity", "target sparsity", "final val loss")
-    for hard in (False, True):
-        pts = sorted((r["target_sparsity"], r["final_val_loss"]) for r in summary
-                     if r["hard_mask"] == hard and r["final_val_loss"] is not None)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label="hard mask" if hard else "zeroed (revival allowed)")
-    made.append(_save(fig, ax, out / "loss_vs_sparsity.png"))
-    fig, ax = _figure(out / "revival_over_time.png", "Revival of pruned weights", "step",
-                      "fraction of last-pruned weights non-zero")
-    for run in dict.fromkeys(r["run"] for r in revival):
-        pts = [(r["step"], r["revival_rate"]) for r in revival if r["run"] == run and r["revival_rate"] is not None]
-        if pts:
-            ax.plot(*zip(*pts), label=run)
-    ax.set_ylim(-0.02, 1.02)
-    made.append(_save(fig, ax, out / "revival_over_time.png"))
-    for key, name, title in (("dead_neurons", "dead_neurons_per_layer.png", "All-zero rows + columns per layer"),
-                             ("mean_effective_rank", "effective_rank_per_layer.png", "Mean effective rank per layer")):
-        fig, ax = _figure(out / name, title, "layer", key.replace("_", " "))
-        runs = list(dict.fromkeys(r["run"] for r in layers))
-        width = 0.8 / max(1, len(runs))
-        for i, run in enumerate(runs):
-            pts = [(r["layer"], r[key]) for r in layers if r["run"] == run and r[key] is not None]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.bar([x + i * width for x in xs], ys, width=width, label=run)
-        made.append(_save(fig, ax, out / name))
-    return made
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results_dir", required=True, help="folder of main_prune.py run folders (or one run folder)")
@@ -162,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "revival_over_time.csv", revival)
     write_json(out / "summary.json", {"runs": summary})
     if args.plot:
-        plot_all(summary, layers, revival, out)
+        plots.pruning_figures(summary, layers, revival, out)
     for r in summary:
         loss = f"{r['final_val_loss']:.4f}" if r["final_val_loss"] is not None else "n/a"
         revive = f"{r['mean_interval_revival']:.3f}" if r["mean_interval_revival"] is not None else "n/a"
