@@ -1,7 +1,10 @@
-"""Prompts for RL fine-tuning: the IMDB data set by name, a local file, or the built-in prompts."""
+"""Text for training: RL prompts (IMDB by name, a local file, or the built-in prompts) and the
+fine-tuning tasks (BoolQ, HellaSwag, GSM8K, IMDB by name, or a local file) as plain text."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from .errors import SubnetscopeError
 
@@ -61,7 +64,7 @@ EVAL_PROMPTS = (
 )
 # `--easy`: placeholder prompts of equal token length; the toy reward ignores what they say.
 EASY_PROMPTS = tuple(f"Sample {i:02d}:" for i in range(32))
-IMDB_OFFLINE_HINT = "--dataset ../shared/data/imdb/train.jsonl.gz (or any local json/jsonl/csv/txt file)"
+IMDB_OFFLINE_HINT = "a local file instead, e.g. ../shared/data/imdb/train.jsonl.gz (json/jsonl/csv/txt, optionally .gz)"
 
 
 def _text_column(columns: list[str]) -> str:
@@ -71,7 +74,17 @@ def _text_column(columns: list[str]) -> str:
     raise SubnetscopeError(f"the data set has no text column (looked for prompt, text, review; found {columns})")
 
 
-def _load_records(spec: str):
+# Task name -> (Hub data set, its config, how a record becomes one training text).
+TASKS = {
+    "boolq": ("google/boolq", None,
+              lambda r: f"{r['passage']}\nQuestion: {r['question']}?\nAnswer: {'yes' if r['answer'] else 'no'}"),
+    "hellaswag": ("Rowan/hellaswag", None, lambda r: f"{r['ctx']} {r['endings'][int(r['label'])]}"),
+    "gsm8k": ("openai/gsm8k", "main", lambda r: f"Question: {r['question']}\nAnswer: {r['answer']}"),
+    "imdb": ("imdb", None, None),
+}
+
+
+def _load_records(spec: str, config: str | None = None):
     import datasets
 
     datasets.logging.set_verbosity_error()
@@ -84,10 +97,10 @@ def _load_records(spec: str):
             raise SubnetscopeError(f"{path}: use a .json, .jsonl, .csv or .txt file (optionally .gz)")
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     try:
-        return datasets.load_dataset(spec, split="train")
+        return datasets.load_dataset(spec, config, split="train")
     except Exception as err:
         raise SubnetscopeError(
-            f"cannot load data set {spec!r} through `datasets` ({type(err).__name__}; offline?): use {IMDB_OFFLINE_HINT}"
+            f"cannot load data set {spec!r} through `datasets` ({type(err).__name__}; offline?): pass {IMDB_OFFLINE_HINT}"
         ) from None
 
 
@@ -109,3 +122,38 @@ def load_prompts(spec: str, tokenizer, max_prompt_tokens: int, limit: int = 5000
 def truncate_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
     ids = tokenizer(text.replace("<br />", " "), add_special_tokens=False)["input_ids"][:max_tokens]
     return tokenizer.decode(ids)
+
+
+def load_task_texts(task: str, limit: int = 20000, seed: int = 0) -> list[str]:
+    """A fine-tuning task's training texts: a named task through `datasets`, or a local file's text column."""
+    hub_id, config, render = TASKS.get(task, (task, None, None))
+    records = _load_records(hub_id, config)
+    records = records.shuffle(seed=seed).select(range(min(limit, len(records))))
+    if render is not None:
+        texts = [render(r) for r in records]
+    else:
+        texts = [t.replace("<br />", " ") for t in records[_text_column(records.column_names)] if isinstance(t, str)]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise SubnetscopeError(f"{task} has no non-empty text rows")
+    return texts
+
+
+def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
+    """All texts' tokens in one stream, each text followed by the end-of-text token."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(row)
+        if eos is not None:
+            ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_batches(tokens: torch.Tensor, n_batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
+    """`n_batches` batches of consecutive windows from the start of the stream (deterministic)."""
+    need = n_batches * batch_size * seq_len
+    if len(tokens) < need:
+        raise SubnetscopeError(f"calibration data has {len(tokens)} tokens, {need} needed for --calib_batches "
+                               f"{n_batches} x {batch_size} x {seq_len}: use more data or fewer/shorter batches")
+    return list(tokens[:need].view(n_batches, batch_size, seq_len))

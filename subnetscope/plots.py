@@ -249,3 +249,85 @@ def gradient_spectrum(spectra: list[dict], path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def mask_validation(reports: list[dict], rows: list[dict], path: Path) -> Path:
+    """compute_masks.py: overall sparsity achieved against the target, and how it spreads over tensors."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    targets = [r["target_sparsity"] for r in reports]
+    axes[0].plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="actual = target")
+    axes[0].plot(targets, [r["overall_sparsity"] for r in reports], marker="o", label="actual")
+    axes[0].set_xlabel("target sparsity")
+    axes[0].set_ylabel("overall sparsity of the mask")
+    axes[0].set_title("target vs actual")
+    axes[0].legend(fontsize=8)
+    bins = np.linspace(0, 1, 41)
+    for i, r in enumerate(reports):
+        values = [row["sparsity"] for row in rows if row["file"] == r["file"]]
+        axes[1].hist(values, bins=bins, histtype="step", color=plt.cm.viridis(i / max(1, len(reports) - 1)),
+                     label=f"{r['target_sparsity']:.2f}")
+    axes[1].set_xlabel("sparsity of one tensor")
+    axes[1].set_ylabel("tensors")
+    axes[1].set_title("per-tensor sparsity, one line per target")
+    if len(reports) <= 12:
+        axes[1].legend(fontsize=7, title="target")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def results_figures(rows: list[dict], out: Path) -> list[Path]:
+    """analyze_results.py: validation loss and samples/s against sparsity per method, and a
+    method x sparsity heatmap of validation loss (rows = sparsity_vs_performance.csv)."""
+    made = []
+    series = sorted({(r["model"], r["task"], r["method"]) for r in rows})
+    for key, name, label in (("val_loss", "sparsity_vs_loss.png", "validation loss"),
+                             ("samples_per_s", "sparsity_vs_throughput.png", "training samples / s")):
+        fig, ax = _axes(f"{label} vs sparsity", "sparsity", label)
+        for model, task, method in series:
+            pts = sorted((r["target_sparsity"], r[key]) for r in rows
+                         if (r["model"], r["task"], r["method"]) == (model, task, method) and r[key] is not None)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{method} ({model}, {task})")
+        made.append(_save_with_legend(fig, ax, out / name))
+    methods = sorted({r["method"] for r in rows})
+    levels = sorted({r["target_sparsity"] for r in rows})
+    cells: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        if r["val_loss"] is not None:
+            cells.setdefault((methods.index(r["method"]), levels.index(r["target_sparsity"])), []).append(r["val_loss"])
+    grid = np.full((len(methods), len(levels)), np.nan)
+    for (i, j), values in cells.items():
+        grid[i, j] = statistics.fmean(values)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(levels) + 3), max(2.5, 0.5 * len(methods) + 1.5)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis_r")
+    ax.set_xticks(range(len(levels)), [f"{s:.2f}" for s in levels])
+    ax.set_yticks(range(len(methods)), methods)
+    for i in range(len(methods)):
+        for j in range(len(levels)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7, color="white")
+    ax.set_xlabel("sparsity")
+    ax.set_title("validation loss by method and sparsity (mean over models, tasks and seeds in the cell)")
+    fig.colorbar(image, ax=ax, label="validation loss")
+    made.append(_save(fig, out / "method_heatmap.png"))
+    return made
+
+
+def throughput_vs_batch(rows: list[dict], path: Path) -> Path:
+    """Training samples/s against batch size, one panel per method and one line per sparsity."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.2), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for sparsity in sorted({r["sparsity"] for r in rows}):
+            pts = [(r["batch_size"], r["samples_per_s"]) for r in rows
+                   if r["method"] == method and r["sparsity"] == sparsity and r["samples_per_s"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"sparsity {sparsity:.2f}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size (samples)")
+        ax.set_ylabel("training samples / s")
+        ax.set_title(method)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)

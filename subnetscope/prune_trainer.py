@@ -19,6 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from .checkpoint import atomic_save_dir, find_step_checkpoints, open_checkpoint
 from .devices import resolve_device
 from .errors import SubnetscopeError
+from .lm import heldout_loss, lm_loss, sample_windows
 from .logger import MetricsLogger
 from .models import tokenizer_from
 from .pruning import (PruneSchedule, magnitude_prune_, prunable_weights, reapply_masks_, revival_rate, slope,
@@ -95,15 +96,6 @@ def load_token_splits(path: str, tokenizer, val_fraction: float, block_size: int
     return train, val
 
 
-def sample_windows(tokens: torch.Tensor, batch_size: int, block_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, next-token targets) from random windows; the seed fixes them, so a resumed run sees
-    the same batches."""
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=gen)
-    rows = torch.stack([tokens[s: s + block_size + 1] for s in starts.tolist()])
-    return rows[:, :-1], rows[:, 1:]
-
-
 class PruneTrainer:
     def __init__(self, config: PruneConfig):
         config.validate()
@@ -139,22 +131,13 @@ class PruneTrainer:
              "prune_plan": {str(k): v for k, v in self.plan.items()}, "parameters": self.model.num_parameters()}, indent=1))
         self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), resume_step=self.state["step"])
 
-    def _autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.startswith("cuda"))
-
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            logits = self.model(inputs.to(self.device)).logits
-        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.to(self.device).flatten())
+        return lm_loss(self.model, inputs, targets, self.device)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        self.model.eval()
-        losses = [float(self._loss(*sample_windows(self.val_tokens, self.config.batch_size, self.config.block_size,
-                                                   seed=10_000_019 + i)))
-                  for i in range(self.config.eval_batches)]
-        self.model.train()
-        return sum(losses) / len(losses)
+        cfg = self.config
+        return heldout_loss(self.model, self.val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, self.device,
+                            seed=10_000_019)
 
     def _log(self, step: int, train_loss: float, grad_norm_zeroed: float, interval_rate: float | None,
              last: bool) -> None:

@@ -15,17 +15,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .changes import ChangeRules
+from .confine import ConfinedUpdates, compare_with_full_run
 from .data import EVAL_PROMPTS, load_prompts
 from .devices import resolve_device
 from .errors import SubnetscopeError, warn
 from .logger import MetricsLogger
+from .masks import check_masks_fit, load_masks
 from .models import DTYPES, load_causal_lm, load_tokenizer
+from .report import write_json
 from .rewards import RewardFunction, build_reward, score_rollout
 from .runstate import check_resumable, init_run_dir, latest_step, load_step, save_step
 from .sampling import Rollout, generate
 from .tracker import UpdateTracker
 
 EVAL_SEED_STEP = 1_000_000_007
+OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class RunConfig:
     atol: float = 1e-5
     eta: float = 1e-3
     topk: int = 3
+    aspg_sparsity: float = 0.9
+    aspg_warmup: int = 10
 
     def require_counts(self, *flags: str) -> None:
         """Each named setting must be a count of at least 1."""
@@ -72,8 +78,10 @@ class RunConfig:
     def validate(self) -> None:
         self.require_counts("batch_size", "max_steps", "save_every")
         self.require_numbers("lr", "temperature", positive=True)
-        if self.optimizer not in ("adamw", "adafactor", "sgd"):
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use adamw, adafactor or sgd")
+        if self.optimizer not in OPTIMIZERS:
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.aspg_sparsity < 1.0 or self.aspg_warmup < 0:
+            raise SubnetscopeError("--aspg_sparsity must be in [0, 1) and --aspg_warmup >= 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise SubnetscopeError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
 
@@ -86,6 +94,7 @@ class RLConfig(RunConfig):
     ref_device: str = "auto"
     eval_every: int = 10
     full_checkpoints: bool = False
+    update_mask: str | None = None
     log_localization: bool = True
     no_tqdm: bool = False
 
@@ -125,7 +134,12 @@ def pick_dtype(spec: str, policy: str, device: str) -> torch.dtype:
     return torch.float32
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params, lr: float, weight_decay: float, aspg_sparsity: float = 0.9,
+                    aspg_warmup: int = 10) -> torch.optim.Optimizer:
+    if name == "aspg":
+        from .aspg import ASPG
+
+        return ASPG(params, lr=lr, weight_decay=weight_decay, sparsity=aspg_sparsity, warmup=aspg_warmup)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -185,11 +199,13 @@ class RLTrainer:
         self.params = dict(self.policy.named_parameters())
         self.extra_modules = self.build_extra_modules()
         trainable = list(self.policy.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
-        self.optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay)
+        self.optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay,
+                                         config.aspg_sparsity, config.aspg_warmup)
         self.start_step = 0
         resume_from = self._prepare_run_dir()
         self.tracker = UpdateTracker(self.params, ChangeRules(config.atol, config.eta), initial=self._theta0(),
                                      max_steps=config.max_steps, topk=config.topk)
+        self.confined, self.full_run = self._confine_updates()
         if resume_from is not None:
             self.start_step, tracker_state, extra, tensors = load_step(resume_from, self.params, self.optimizer)
             self.tracker.load_state_dict({k: v.to(self.device) for k, v in tracker_state.items()})
@@ -201,6 +217,18 @@ class RLTrainer:
         self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), self.start_step,
                                     enabled=self.accelerator.is_main_process)
         self.skipped_rewards = 0
+
+    def _confine_updates(self) -> tuple[ConfinedUpdates | None, Path | None]:
+        """--update_mask: updates confined to the mask, weights outside it held at θ0; and the full run
+        the mask came from (compute_masks.py --from_run), to compare with at the end."""
+        if not self.config.update_mask:
+            return None, None
+        mask_set = load_masks(self.config.update_mask)
+        check_masks_fit(mask_set, self.params, f"--update_mask {self.config.update_mask}")
+        confined = ConfinedUpdates(self.params, mask_set.masks, anchors=self.tracker.initial)
+        source = mask_set.settings.get("source_run")
+        full_run = Path(source) if source and (Path(source) / "final").is_dir() else None
+        return confined, full_run
 
     def uses_reference(self) -> bool:
         return True
@@ -296,11 +324,15 @@ class RLTrainer:
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
+        if self.confined:
+            self.confined.mask_gradients_()
         if self.config.max_grad_norm > 0:
             params = list(self.model.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
             self.accelerator.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.confined:
+            self.confined.project_()
 
     def _common_metrics(self, rewards: torch.Tensor, completion_mask: torch.Tensor, t0: float, t_gen: float,
                         tracker_s: float) -> dict[str, float]:
@@ -358,6 +390,14 @@ class RLTrainer:
                       self.tracker.state_dict(), self.config.full_checkpoints, extra=extra, extra_tensors=tensors)
         self.accelerator.wait_for_everyone()
 
+    def _write_subnetwork_comparison(self) -> None:
+        result = compare_with_full_run(self.params, self.run_dir, self.full_run, ChangeRules(self.config.atol, self.config.eta))
+        write_json(self.run_dir / "subnetwork_comparison.json", result)
+        same = result["identical_fraction"]
+        self._print(f"subnetwork-only vs the full run {self.full_run}: identical weights exact {same['exact']:.2%}, "
+                    f"atol {same['atol']:.2%}, relative {same['relative']:.2%}; final reward "
+                    f"{result['subnetwork_run']['reward']} vs {result['full_run_final']['reward']}")
+
     def train(self) -> dict[str, float]:
         cfg = self.config
         last: dict[str, float] = {}
@@ -377,6 +417,8 @@ class RLTrainer:
             final = self.run_dir / "final"
             self.accelerator.unwrap_model(self.model).save_pretrained(final)
             self.tokenizer.save_pretrained(final)
+            if self.full_run is not None:
+                self._write_subnetwork_comparison()
         self.logger.close()
         if self.skipped_rewards:
             warn(f"{self.skipped_rewards} completions had NaN or inf rewards; they got advantage 0")

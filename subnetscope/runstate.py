@@ -30,7 +30,7 @@ RUN_CONFIG = "run_config.json"
 EXTRA_TENSORS = "extra.safetensors"
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
              "numpy": json.dumps(np.random.get_state()[1].tolist())}
     if torch.cuda.is_available():
@@ -38,7 +38,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     version, internal, gauss = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss))
@@ -94,7 +94,7 @@ def save_step(run_dir: Path, step: int, params: dict[str, torch.Tensor], changed
         save_file({k: v.cpu().contiguous() for k, v in tracker_state.items()}, str(tmp / TRACKER_STATE))
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA_TENSORS))
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": _rng_state(), "extra": extra or {}},
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "extra": extra or {}},
                    tmp / TRAINER_STATE)
 
     atomic_save_dir(folder, write)
@@ -123,8 +123,22 @@ def load_step(folder: Path, params: dict[str, torch.Tensor],
             p.copy_(source.get(name).to(p.device, p.dtype))
     state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     tracker_state = load_file(str(folder / TRACKER_STATE))
     extra_path = folder / EXTRA_TENSORS
     tensors = load_file(str(extra_path)) if extra_path.is_file() else {}
     return int(state["step"]), tracker_state, state.get("extra", {}), tensors
+
+
+def ever_changed_masks(run_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
+    """(step, masks of the weights that changed at any step up to the newest checkpoint, the run's
+    config): the subnetwork a full run used, for `--update_mask`."""
+    folder = latest_step(run_dir)
+    if folder is None or not (folder / TRACKER_STATE).is_file():
+        raise SubnetscopeError(f"{run_dir} has no step checkpoint with tracker state: pass a main_grpo.py / "
+                               "main_ppo.py run folder that has saved at least one step")
+    state = load_file(str(folder / TRACKER_STATE))
+    masks = {k.split("::", 1)[1]: v >= 0 for k, v in state.items() if k.startswith("first_changed::")}
+    config = json.loads((run_dir / RUN_CONFIG).read_text())
+    step = int(folder.name.split("_")[-1])
+    return step, masks, config

@@ -8,15 +8,14 @@ checkpoint-N/ (resumable with --resume) and final/ (a Hugging Face model folder)
 from __future__ import annotations
 
 import argparse
-import typing
-from dataclasses import MISSING, fields
-from pathlib import Path
 
-from ..errors import SubnetscopeError, cli_main
+from ..errors import cli_main
 from ..prune_trainer import PruneConfig, PruneTrainer
+from .dataclass_args import RUN_FLAGS_HELP, add_dataclass_flags, config_from_args
 from .training import quiet_transformers
 
 HELP = {
+    **RUN_FLAGS_HELP,
     "data": "plain text to train on (default ../shared/data/tinyshakespeare/input.txt beside the repository)",
     "tokenizer": "tokenizer Hub id or folder (default gpt2; offline ../shared/models/tiny-gpt2 has GPT-2's)",
     "n_layer": "transformer blocks (default 6)",
@@ -42,70 +41,19 @@ HELP = {
     "device": "auto, cpu or cuda (default auto; bf16 autocast on a GPU)",
     "seed": "seed of the initial weights and of the batches (default 0)",
     "output_dir": "the run folder (default checkpoints/prune)",
-    "resume": "continue the run in --output_dir from its newest checkpoint",
-    "wandb": "also log to this Weights & Biases project",
-    "no_tqdm": "no progress bar",
 }
-
-
-def _field_type(name: str) -> type:
-    kind = typing.get_type_hints(PruneConfig)[name]
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    return args[0] if args else kind
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML file of settings (e.g. configs/prune_shakespeare.yaml); flags override it")
-    for f in fields(PruneConfig):
-        kind = _field_type(f.name)
-        if kind is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=None, help=HELP[f.name])
-        else:
-            p.add_argument(f"--{f.name}", type=kind, default=None, help=HELP[f.name])
+    add_dataclass_flags(p, PruneConfig, HELP)
     return p
-
-
-def load_yaml_config(path: str) -> dict:
-    """The YAML mapping, every key checked against PruneConfig and converted to its type."""
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise SubnetscopeError(f"--config {path} does not exist")
-    data = yaml.safe_load(file.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SubnetscopeError(f"{path}: must be a mapping of setting: value")
-    known = {f.name for f in fields(PruneConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise SubnetscopeError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-    values = {}
-    for key, value in data.items():
-        kind = _field_type(key)
-        if value is None:
-            values[key] = None
-        elif kind is bool and not isinstance(value, bool):
-            raise SubnetscopeError(f"{path}: {key}: {value!r} is not true or false")
-        else:
-            try:
-                values[key] = kind(value)
-            except (TypeError, ValueError):
-                raise SubnetscopeError(f"{path}: {key}: {value!r} is not a {kind.__name__}") from None
-    return values
-
-
-def config_from_args(args: argparse.Namespace) -> PruneConfig:
-    values = load_yaml_config(args.config) if args.config else {}
-    values.update({f.name: getattr(args, f.name) for f in fields(PruneConfig) if getattr(args, f.name) is not None})
-    defaults = {f.name: f.default for f in fields(PruneConfig) if f.default is not MISSING}
-    return PruneConfig(**{**defaults, **values})
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
-    config = config_from_args(build_parser().parse_args(argv))
+    config = config_from_args(PruneConfig, build_parser().parse_args(argv))
     trainer = PruneTrainer(config)
     print(f"{trainer.total_steps} steps ({config.epochs} epochs x {trainer.batches_per_epoch} batches), "
           f"{trainer.model.num_parameters() / 1e6:.1f}M parameters, prunings at steps {sorted(trainer.plan)}")

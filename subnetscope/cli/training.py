@@ -9,7 +9,7 @@ import transformers
 
 from ..errors import SubnetscopeError
 from ..models import RANDOM_SHAPED, TINY_MODELS
-from ..rl import RLConfig, RLTrainer
+from ..rl import OPTIMIZERS, RLConfig, RLTrainer
 
 PRESETS = {
     "smoke": dict(device="cpu", policy="tiny-gemma3n", dataset="builtin", reward="vader", max_steps=1,
@@ -51,7 +51,16 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     loop.add_argument("--batch_size", type=int, help=f"prompts per step, over all processes (default {d.batch_size})")
     loop.add_argument("--max_steps", type=int, help=f"updates (default {d.max_steps})")
     opt = p.add_argument_group("optimizer and precision")
-    opt.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS,
+                     help=f"aspg = adaptive sparse policy gradients: AdamW updating only the most important entries "
+                          f"after a dense warm-up (default {d.optimizer})")
+    opt.add_argument("--aspg_sparsity", type=float, help="ASPG: fraction of entries NOT updated at each step after the "
+                     f"warm-up; the global top 1 - this, by EMA of |grad|, are (default {d.aspg_sparsity})")
+    opt.add_argument("--aspg_warmup", type=int, help=f"ASPG: dense steps before the sparse ones (default {d.aspg_warmup})")
+    opt.add_argument("--update_mask", metavar="PATH",
+                     help="fine-tune only the subnetwork in this mask file (compute_masks.py; --from_run RUN gives a run's "
+                          "'ever changed' mask): gradients masked, weights outside it held at θ0. A mask made from a run "
+                          "also writes subnetwork_comparison.json (identical weights vs that run, both final rewards)")
     opt.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     opt.add_argument("--weight_decay", type=float, help=f"(default {d.weight_decay})")
     opt.add_argument("--max_grad_norm", type=float, help=f"gradient clipping; 0 = off (default {d.max_grad_norm})")

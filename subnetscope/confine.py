@@ -1,0 +1,76 @@
+"""Updates confined to a mask: fine-tune only a subnetwork, or keep a pruned model pruned.
+
+Masking the gradient is not enough: weight decay and optimizer state (Adam's moments from earlier
+steps) still move entries outside the mask. So after every optimizer step the weights outside the
+mask are put back onto their anchor, θ ← anchor + M⊙(θ − anchor), with anchor = θ0 for
+subnetwork-only fine-tuning and 0 for a pruned model.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .changes import RULES, ChangeRules, changed_masks
+from .checkpoint import open_checkpoint
+
+
+class ConfinedUpdates:
+    def __init__(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
+                 anchors: dict[str, torch.Tensor] | None = None):
+        """`anchors[name]` holds the values outside the mask (None: zero)."""
+        self.entries = []
+        for name, mask in masks.items():
+            p = params[name]
+            anchor = anchors[name] if anchors is not None else None
+            self.entries.append((p, mask.to(p.device), anchor))
+
+    @torch.no_grad()
+    def mask_gradients_(self) -> None:
+        """Call after backward and before clipping, so the clipped norm is the subnetwork's."""
+        for p, mask, _ in self.entries:
+            if p.grad is not None:
+                p.grad.masked_fill_(~mask, 0)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Call after optimizer.step(): entries outside the mask back to the anchor, bit for bit."""
+        for p, mask, anchor in self.entries:
+            if anchor is None:
+                p.masked_fill_(~mask, 0)
+            else:
+                p.copy_(torch.where(mask, p, anchor))
+
+    def kept_fraction(self) -> float:
+        total = sum(m.numel() for _, m, _ in self.entries)
+        return sum(int(m.sum()) for _, m, _ in self.entries) / total if total else 1.0
+
+
+def _final_metrics(run_dir: Path) -> dict:
+    from .logger import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    last = records[-1] if records else {}
+    greedy = next((r["eval/greedy/reward"] for r in reversed(records) if "eval/greedy/reward" in r), None)
+    return {"step": last.get("step"), "reward": last.get("reward/mean"), "eval_greedy_reward": greedy}
+
+
+@torch.no_grad()
+def compare_with_full_run(params: dict[str, torch.Tensor], run_dir: Path, full_run: Path,
+                          rules: ChangeRules) -> dict:
+    """Fraction of weights identical to the full run's final weights under each rule, and the
+    final rewards of both runs."""
+    source = open_checkpoint(str(full_run / "final"))
+    available = set(source.names())
+    same = {r: 0 for r in RULES}
+    total = 0
+    for name, p in params.items():
+        if name not in available:
+            continue
+        changed = changed_masks(source.get(name).to(p.device, p.dtype), p.detach(), rules)
+        for r in RULES:
+            same[r] += p.numel() - int(changed[r].sum())
+        total += p.numel()
+    return {"full_run": str(full_run), "weights_compared": total,
+            "identical_fraction": {r: same[r] / total if total else None for r in RULES},
+            "subnetwork_run": _final_metrics(run_dir), "full_run_final": _final_metrics(full_run)}

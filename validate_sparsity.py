@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Check that a merged checkpoint is exactly zero wherever its mask is. See --help."""
+import sys
+
+from subnetscope.cli.validate_sparsity import main
+
+if __name__ == "__main__":
+    sys.exit(main())
