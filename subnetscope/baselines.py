@@ -2,7 +2,8 @@
 
 Both start from the same policy and prompts as the RL runs. SFT trains on reference continuations:
 for each prompt, the best of `candidates` samples from the initial policy under the reward
-(rejection sampling). DPO trains on pairs from the same samples: the best as chosen, the worst as
+(rejection sampling), or with `sft_data="positive_reviews"` on real positive reviews of a labelled
+data set (opening as prompt, what follows as completion). DPO trains on pairs from the same samples: the best as chosen, the worst as
 rejected (ties dropped). The run folder holds base/ (θ0, written by the callback), the trainer's
 checkpoint-N folders, and subnet_metrics.jsonl, so every analysis reads it unchanged.
 """
@@ -25,6 +26,7 @@ from .rewards import build_reward, score_rollout
 from .sampling import generate
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
+SFT_DATA = ("samples", "positive_reviews")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class BaselineConfig(RunConfig):
     candidates: int = 4
     max_prompts: int = 256
     dpo_beta: float = 0.1
+    sft_data: str = "samples"
     dtype: str = "float32"
     output_dir: str = "checkpoints/sft"
 
@@ -40,6 +43,8 @@ class BaselineConfig(RunConfig):
         super().validate()
         if self.task not in ("sft", "dpo"):
             raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
+        if self.sft_data not in SFT_DATA:
+            raise SubnetscopeError(f"--sft_data {self.sft_data!r}: use {' or '.join(SFT_DATA)}")
         if self.candidates < 2:
             raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
         self.require_counts("max_prompts")
@@ -69,6 +74,32 @@ def sft_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> d
     return {"prompt": [p for p, _ in keep], "completion": [" " + c.strip() for _, c in keep]}
 
 
+def positive_review_records(spec: str, tokenizer, limit: int, prompt_tokens: int, completion_tokens: int,
+                            seed: int) -> dict[str, list[str]]:
+    """SFT on real positive reviews: each one's opening as the prompt, the words after it as the completion."""
+    from .data import _load_records
+
+    records = _load_records(spec)
+    if "label" not in records.column_names:
+        raise SubnetscopeError(f"--sft_data positive_reviews needs a labelled data set (label 1 = positive); {spec} has "
+                               f"columns {records.column_names}")
+    records = records.shuffle(seed=seed)
+    prompts, completions = [], []
+    for row in records:
+        if int(row["label"]) != 1:
+            continue
+        ids = tokenizer(row["text"].replace("<br />", " "), add_special_tokens=False)["input_ids"]
+        if len(ids) < prompt_tokens + completion_tokens:
+            continue
+        prompts.append(tokenizer.decode(ids[:prompt_tokens]))
+        completions.append(tokenizer.decode(ids[prompt_tokens:prompt_tokens + completion_tokens]))
+        if len(prompts) == limit:
+            break
+    if not prompts:
+        raise SubnetscopeError(f"{spec} has no positive review long enough for the prompt and completion lengths")
+    return {"prompt": prompts, "completion": completions}
+
+
 def dpo_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> dict[str, list[str]]:
     keep = [(p, s[0][1], s[-1][1]) for p, s in zip(prompts, samples) if len(s) >= 2 and s[0][0] > s[-1][0]]
     if not keep:
@@ -89,11 +120,15 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     tokenizer = load_tokenizer(config.policy, config.tokenizer)
     dtype = DTYPES[config.dtype]
     model = load_causal_lm(config.policy, dtype, vocab_size=len(tokenizer)).to(device)
-    reward_fn = build_reward(config.reward, config.reward_model, device)
-    prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
-    samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,
-                             config.max_new_tokens, config.temperature)
-    records = sft_records(prompts, samples) if config.task == "sft" else dpo_records(prompts, samples)
+    if config.task == "sft" and config.sft_data == "positive_reviews":
+        records = positive_review_records(config.dataset, tokenizer, config.max_prompts, config.max_prompt_tokens,
+                                          config.max_new_tokens, config.seed)
+    else:
+        reward_fn = build_reward(config.reward, config.reward_model, device)
+        prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
+        samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,
+                                 config.max_new_tokens, config.temperature)
+        records = sft_records(prompts, samples) if config.task == "sft" else dpo_records(prompts, samples)
     data = datasets.Dataset.from_dict(records)
     common = dict(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
                   save_strategy="steps", per_device_train_batch_size=config.batch_size, learning_rate=config.lr,

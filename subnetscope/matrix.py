@@ -163,8 +163,12 @@ def eval_reward(model_dir: Path, settings: dict) -> float:
 
 def run_matrix(path: str, output_dir: str | None = None, log=print) -> Path:
     matrix = load_matrix(path)
+    return run_runs(matrix, Path(output_dir or matrix.get("output_dir") or "checkpoints/matrix"), log)
+
+
+def run_runs(matrix: dict, out: Path, log=print) -> Path:
+    """Every run of a matrix (a mapping as in the file), resumable, then the summaries."""
     runs = expand(matrix)
-    out = Path(output_dir or matrix.get("output_dir") or "checkpoints/matrix")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, run in enumerate(runs, 1):

@@ -331,3 +331,36 @@ def throughput_vs_batch(rows: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def study_figures(rows: list[dict], overlaps: list[dict], out: Path) -> list[Path]:
+    """The study's figures: sparsity per algorithm and rule (results.csv), and the seed-to-seed
+    Jaccard overlap against its chance level (overlap.csv)."""
+    made = []
+    algos = list(dict.fromkeys(r["algo"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    width = 0.8 / len(RULES)
+    for i, rule in enumerate(RULES):
+        values = [[r[f"sparsity_{rule}"] for r in rows if r["algo"] == a] for a in algos]
+        ax.bar(np.arange(len(algos)) + (i - 1) * width, [statistics.fmean(v) for v in values], width,
+               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3,
+               color=RULE_COLORS[rule], label=RULE_LABELS[rule])
+    ax.set_xticks(range(len(algos)), algos)
+    ax.set_ylabel("fraction of weights unchanged (update sparsity)")
+    ax.set_title("update sparsity by algorithm (mean ± sd over seeds)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+    made.append(_save_with_legend(fig, ax, out / "sparsity_by_algorithm.png"))
+    relative = [o for o in overlaps if o["rule"] == "relative" and o["jaccard"] is not None]
+    if relative:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        labels = [f"{o['algo']} {o['seed_1']}-{o['seed_2']}" for o in relative]
+        x = np.arange(len(relative))
+        ax.bar(x - 0.2, [o["jaccard"] for o in relative], 0.4, label="Jaccard of the two seeds' subnetworks")
+        ax.bar(x + 0.2, [o["jaccard_random"] for o in relative], 0.4, label="chance (independent, same densities)")
+        ax.set_xticks(x, labels, rotation=30, ha="right")
+        ax.set_ylabel("Jaccard (relative rule)")
+        ax.set_title("subnetwork overlap across seeds")
+        ax.grid(alpha=0.3, axis="y")
+        made.append(_save_with_legend(fig, ax, out / "overlap_vs_chance.png"))
+    return made

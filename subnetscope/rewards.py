@@ -66,6 +66,7 @@ class ClassifierReward:
                 "use a sentiment classifier with a POSITIVE class"
             )
         self.positive = positive[0]
+        self.max_length = min(512, getattr(self.model.config, "max_position_embeddings", None) or 512)
         self.device = device
         self.batch_size = batch_size
 
@@ -75,7 +76,7 @@ class ClassifierReward:
         scores: list[float] = []
         for i in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(texts[i:i + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=512).to(self.device)
+                                 max_length=self.max_length).to(self.device)
             logits = self.model(**enc).logits.float()
             scores.extend(logits[:, self.positive].tolist())
         return scores

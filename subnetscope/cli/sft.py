@@ -6,7 +6,7 @@ from dataclasses import fields
 
 import torch
 
-from ..baselines import BaselineConfig, train_baseline
+from ..baselines import SFT_DATA, BaselineConfig, train_baseline
 from ..errors import SubnetscopeError, cli_main
 from ..models import RANDOM_SHAPED, TINY_MODELS
 from .training import quiet_transformers
@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
     p.add_argument("--dpo_beta", type=float, help=f"DPO's beta (default {d.dpo_beta})")
+    p.add_argument("--sft_data", choices=SFT_DATA, help="SFT targets: the best of --candidates samples, or real positive "
+                   f"reviews of a labelled --dataset (opening = prompt, what follows = completion) (default {d.sft_data})")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=f"weights' dtype (default {d.dtype})")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
