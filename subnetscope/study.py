@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,8 +73,9 @@ def base_settings(cfg: StudyConfig) -> dict:
 
 def study_matrix(cfg: StudyConfig) -> dict:
     rl = {"eval_every": cfg.max_steps, "no_tqdm": True}
+    ppo = {**rl, "mini_batch_size": math.gcd(cfg.batch_size, 8)}  # PPO's minibatches must divide the batch
     return {"base": base_settings(cfg), "grid": {"task": [ALGOS[a] for a in cfg.algos], "seed": cfg.seeds},
-            "per_task": {"rl-grpo": rl, "rl-ppo": rl, "sft": {"sft_data": "positive_reviews"}}}
+            "per_task": {"rl-grpo": rl, "rl-ppo": ppo, "sft": {"sft_data": "positive_reviews"}}}
 
 
 def _final_checkpoint(folder: Path) -> Path:
@@ -158,7 +160,7 @@ def claims(rows: list[dict], overlaps: list[dict]) -> list[str]:
     """The paper's qualitative claims, each stated as holding or not for these runs."""
     lines = []
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in dict.fromkeys(r["algo"] for r in rows)}
-    rl = [r["changed_relative"] for a in ("grpo", "ppo") for r in by_algo.get(a, [])]
+    rl = [r["changed_relative"] for a in ("grpo", "ppo", "dpo") for r in by_algo.get(a, [])]  # the paper counts DPO as RL
     sft = [r["changed_relative"] for r in by_algo.get("sft", [])]
     if rl and sft:
         ratio = _mean(sft) / _mean(rl) if _mean(rl) else float("inf")

@@ -108,3 +108,14 @@ def test_study_without_a_testbed_is_one_line(tmp_path):
     result = run_testbed("study", "--testbed", str(tmp_path / "none"), "--output_dir", str(tmp_path / "s"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "build the testbed first" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("batch", [4, 6, 16, 24])
+def test_study_runs_are_valid_configs_for_every_batch(batch):
+    from subnetscope.matrix import expand
+    from subnetscope.study import StudyConfig, study_matrix
+
+    runs = expand(study_matrix(StudyConfig(batch_size=batch, seeds=[0])))  # every run's config validated
+    assert {r["task"] for r in runs} == {"rl-grpo", "rl-ppo", "sft", "dpo"}
+    ppo = next(r for r in runs if r["task"] == "rl-ppo")["settings"]
+    assert batch % ppo["mini_batch_size"] == 0

@@ -98,3 +98,24 @@ def test_aspg_in_grpo_changes_only_the_top_fraction_after_warmup(tmp_path):
         else:
             assert 0 < r["step_change/exact"] * total <= k
             assert r["step_change/exact"] * total >= 0.99 * k  # an update rounding to no change is rare
+
+
+def test_ppo_with_update_mask_keeps_the_rest_at_theta0(tmp_path):
+    from subnetscope.models import load_causal_lm, load_tokenizer
+    from subnetscope.ppo import PPOConfig, PPOTrainer
+
+    model = load_causal_lm("tiny-gpt2", torch.float32, vocab_size=len(load_tokenizer("tiny-gpt2")))
+    gen = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in model.named_parameters()}
+    path = save_masks(tmp_path / "m.safetensors", MaskSet(masks, {"method": "test"}, fingerprint_of(model)))
+    config = PPOConfig(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="float32", batch_size=4,
+                       mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-3, weight_decay=0.1, max_steps=2,
+                       save_every=2, eval_every=2, output_dir=str(tmp_path / "run"), no_tqdm=True,
+                       update_mask=str(path))
+    PPOTrainer(config).train()
+    base = load_file(str(tmp_path / "run" / "base" / "model.safetensors"))
+    final = final_weights(tmp_path / "run")
+    for name, mask in masks.items():
+        if name in final:
+            assert torch.equal(final[name][~mask], base[name][~mask]), name
+    assert any(not torch.equal(final[n][m], base[n][m]) for n, m in masks.items() if n in final)
