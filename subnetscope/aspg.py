@@ -42,6 +42,18 @@ class ASPG(torch.optim.Optimizer):
             state["updates"] = torch.zeros_like(p, dtype=torch.int32)
         return state
 
+    KEEP_DTYPE = ("importance", "updates")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch casts every restored state tensor to its parameter's dtype; the importance EMA
+        (float32) and the update counts (int32) must keep theirs, or a bf16 model's counts stop at 256."""
+        kept = {i: {k: v for k, v in st.items() if k in self.KEEP_DTYPE} for i, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, values in kept.items():
+            for key, value in values.items():
+                self.state[params[i]][key] = value.to(params[i].device)
+
     def _selection(self, params: list[torch.Tensor], step: int) -> dict[int, torch.Tensor] | None:
         """Per parameter (by position), the entries this step updates; None = all (warm-up)."""
         if step <= self.warmup or self.sparsity == 0.0:

@@ -43,6 +43,8 @@ class BaselineConfig(RunConfig):
         super().validate()
         if self.task not in ("sft", "dpo"):
             raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
+        if self.optimizer not in OPTIMIZERS:
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take {', '.join(OPTIMIZERS)}")
         if self.sft_data not in SFT_DATA:
             raise SubnetscopeError(f"--sft_data {self.sft_data!r}: use {' or '.join(SFT_DATA)}")
         if self.candidates < 2:

@@ -15,7 +15,7 @@ def quadratic_grads(params, step: int):
     """Fixed pseudo-random gradients per step, the same for every optimizer under test."""
     gen = torch.Generator().manual_seed(step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
 
 
 def make_params():
@@ -152,3 +152,26 @@ def test_topk_hook_averages_exactly_where_nothing_was_dropped():
     assert checked > 0
     ratio = results[0]["bytes_sent"] / results[0]["dense_bytes"]
     assert 0.25 < ratio < 0.9  # one dense iteration of three, then ~25% of entries at 8 bytes each
+
+
+def test_state_dict_round_trip_keeps_counts_exact_for_bf16_weights():
+    def fresh():
+        gen = torch.Generator().manual_seed(0)
+        return [torch.randn(30, 10, generator=gen).bfloat16().requires_grad_()]
+
+    a, b = fresh(), fresh()
+    opt_a = ASPG(a, lr=1e-2, sparsity=0.5, warmup=1)
+    opt_b = ASPG(b, lr=1e-2, sparsity=0.5, warmup=1)
+    for step in range(4):
+        quadratic_grads(a, step)
+        opt_a.step()
+    state = opt_a.state_dict()
+    b[0].data.copy_(a[0].data)
+    opt_b.load_state_dict(state)
+    assert opt_b.state[b[0]]["updates"].dtype == torch.int32 and opt_b.state[b[0]]["importance"].dtype == torch.float32
+    for step in range(4, 7):
+        for params, opt in ((a, opt_a), (b, opt_b)):
+            quadratic_grads(params, step)
+            opt.step()
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(opt_a.state[a[0]]["updates"], opt_b.state[b[0]]["updates"])

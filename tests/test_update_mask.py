@@ -119,3 +119,11 @@ def test_ppo_with_update_mask_keeps_the_rest_at_theta0(tmp_path):
         if name in final:
             assert torch.equal(final[name][~mask], base[name][~mask]), name
     assert any(not torch.equal(final[n][m], base[n][m]) for n, m in masks.items() if n in final)
+
+
+def test_aspg_is_refused_for_trl_baselines():
+    from subnetscope.baselines import BaselineConfig
+    from subnetscope.errors import SubnetscopeError
+
+    with pytest.raises(SubnetscopeError, match="TRL's trainers here take"):
+        BaselineConfig(optimizer="aspg").validate()
