@@ -25,7 +25,7 @@ def _worker(rank: int, port: int, backend: str, density: float | None, iteration
     import torch.distributed as dist
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from subnetscope.aspg import TopKHookState, topk_hook
+    from subnetscope.aspg import register_topk_hook
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(backend, rank=rank, world_size=2)
@@ -34,10 +34,7 @@ def _worker(rank: int, port: int, backend: str, density: float | None, iteration
     model = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=384, n_head=6, n_positions=128, resid_pdrop=0.0,
                                        embd_pdrop=0.0, attn_pdrop=0.0)).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    state = None
-    if density is not None:
-        state = TopKHookState(density)
-        ddp.register_comm_hook(state, topk_hook)
+    state = register_topk_hook(ddp, density) if density is not None else None
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     dense_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) * iterations
     t0 = time.perf_counter()

@@ -29,7 +29,12 @@ class ASPG(torch.optim.Optimizer):
         self.sparsity = sparsity
         self.warmup = warmup
         self.importance_beta = importance_beta
-        self.last_updated = 0
+        self._updated: torch.Tensor | int = 0
+
+    @property
+    def last_updated(self) -> int:
+        """Entries the last step updated (read on demand: no host sync inside step())."""
+        return int(self._updated)
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -100,8 +105,8 @@ class ASPG(torch.optim.Optimizer):
             denom = exp_avg_sq.sqrt() / bias2.sqrt() + group["eps"]
             new = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] / bias1 * exp_avg / denom
             p.copy_(torch.where(chosen, new, p))
-            updated += int(chosen.sum())
-        self.last_updated = updated
+            updated = updated + chosen.sum()
+        self._updated = updated
         return loss
 
 
@@ -120,16 +125,12 @@ class TopKHookState:
         self.dense_bytes = 0
 
 
-def _world(state: TopKHookState) -> int:
-    return dist.get_world_size(state.process_group)
-
-
 def topk_hook(state: TopKHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: average only each rank's top-k entries (by |grad + residual|), sent as
     int32 indices + values; what is not sent stays in the bucket's residual. The first
     `start_iter` iterations are a plain all-reduce: DDP may rebuild its buckets after the first."""
     tensor = bucket.buffer()
-    world = _world(state)
+    world = dist.get_world_size(state.process_group)
     state.dense_bytes += tensor.numel() * tensor.element_size()
     dense = state.iteration < state.start_iter
     if bucket.is_last():

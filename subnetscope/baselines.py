@@ -79,18 +79,12 @@ def sft_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> d
 def positive_review_records(spec: str, tokenizer, limit: int, prompt_tokens: int, completion_tokens: int,
                             seed: int) -> dict[str, list[str]]:
     """SFT on real positive reviews: each one's opening as the prompt, the words after it as the completion."""
-    from .data import _load_records
+    from .data import load_labelled_reviews
 
-    records = _load_records(spec)
-    if "label" not in records.column_names:
-        raise SubnetscopeError(f"--sft_data positive_reviews needs a labelled data set (label 1 = positive); {spec} has "
-                               f"columns {records.column_names}")
-    records = records.shuffle(seed=seed)
+    texts, labels = load_labelled_reviews(spec, limit=10**9, seed=seed)
     prompts, completions = [], []
-    for row in records:
-        if int(row["label"]) != 1:
-            continue
-        ids = tokenizer(row["text"].replace("<br />", " "), add_special_tokens=False)["input_ids"]
+    for text in (t for t, y in zip(texts, labels) if y == 1):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < prompt_tokens + completion_tokens:
             continue
         prompts.append(tokenizer.decode(ids[:prompt_tokens]))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .changes import RULES, ChangeRules, changed_masks
+from .changes import RULES, ChangeRules
 from .checkpoint import open_checkpoint
+from .engine import analyze_pair
 
 
 class ConfinedUpdates:
@@ -41,10 +42,6 @@ class ConfinedUpdates:
             else:
                 p.copy_(torch.where(mask, p, anchor))
 
-    def kept_fraction(self) -> float:
-        total = sum(m.numel() for _, m, _ in self.entries)
-        return sum(int(m.sum()) for _, m, _ in self.entries) / total if total else 1.0
-
 
 def _final_metrics(run_dir: Path) -> dict:
     from .logger import read_metrics
@@ -55,22 +52,11 @@ def _final_metrics(run_dir: Path) -> dict:
     return {"step": last.get("step"), "reward": last.get("reward/mean"), "eval_greedy_reward": greedy}
 
 
-@torch.no_grad()
-def compare_with_full_run(params: dict[str, torch.Tensor], run_dir: Path, full_run: Path,
-                          rules: ChangeRules) -> dict:
-    """Fraction of weights identical to the full run's final weights under each rule, and the
-    final rewards of both runs."""
-    source = open_checkpoint(str(full_run / "final"))
-    available = set(source.names())
-    same = {r: 0 for r in RULES}
-    total = 0
-    for name, p in params.items():
-        if name not in available:
-            continue
-        changed = changed_masks(source.get(name).to(p.device, p.dtype), p.detach(), rules)
-        for r in RULES:
-            same[r] += p.numel() - int(changed[r].sum())
-        total += p.numel()
-    return {"full_run": str(full_run), "weights_compared": total,
-            "identical_fraction": {r: same[r] / total if total else None for r in RULES},
+def compare_with_full_run(run_dir: Path, full_run: Path, rules: ChangeRules, device: str = "cpu") -> dict:
+    """Fraction of weights identical to the full run's final weights under each rule (the engine's
+    comparison of the two final/ folders), and the final rewards of both runs."""
+    pair = analyze_pair(open_checkpoint(str(full_run / "final")), open_checkpoint(str(run_dir / "final")), rules,
+                        device=device, progress=False)
+    return {"full_run": str(full_run), "weights_compared": pair.numel,
+            "identical_fraction": {r: 1 - pair.fraction(r) if pair.numel else None for r in RULES},
             "subnetwork_run": _final_metrics(run_dir), "full_run_final": _final_metrics(full_run)}

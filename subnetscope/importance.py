@@ -148,20 +148,26 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().clamp(min=0).nan_to_num(0.0).contiguous().view(torch.int32).reshape(-1)
 
 
+def _histogram(parts) -> torch.Tensor:
+    """Sum of per-tensor counts, added on each tensor's device and brought to the host once per
+    device (not once per tensor: ASPG selects every optimizer step)."""
+    per_device: dict[torch.device, torch.Tensor] = {}
+    for counts in parts:
+        per_device[counts.device] = per_device[counts.device] + counts if counts.device in per_device else counts
+    return sum(c.cpu() for c in per_device.values())
+
+
 def kth_smallest(tensors: list[torch.Tensor], k: int) -> float:
     """The k-th smallest (1-based) of all entries of non-negative tensors, exactly, in two
     histogram passes over the high and low 16 bits (radix select)."""
     total = sum(t.numel() for t in tensors)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside 1..{total}")
-    high = sum(torch.bincount(_bits(t) >> 16, minlength=1 << 15).cpu() for t in tensors)
+    high = _histogram(torch.bincount(_bits(t) >> 16, minlength=1 << 15) for t in tensors)
     cum = high.cumsum(0)
     top = int(torch.searchsorted(cum, torch.tensor(k)))
     rank = k - (int(cum[top - 1]) if top else 0)
-    low = torch.zeros(1 << 16, dtype=torch.long)
-    for t in tensors:
-        b = _bits(t)
-        low += torch.bincount(b[(b >> 16) == top] & 0xFFFF, minlength=1 << 16).cpu()
+    low = _histogram(torch.bincount(b[(b >> 16) == top] & 0xFFFF, minlength=1 << 16) for b in map(_bits, tensors))
     bottom = int(torch.searchsorted(low.cumsum(0), torch.tensor(rank)))
     return torch.tensor([(top << 16) | bottom], dtype=torch.int32).view(torch.float32).item()
 
@@ -172,7 +178,7 @@ def smallest_global(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.
         return {n: torch.zeros_like(s, dtype=torch.bool) for n, s in scores.items()}
     threshold = kth_smallest(list(scores.values()), k)
     below = {n: s.float() < threshold for n, s in scores.items()}
-    need = k - sum(int(b.sum()) for b in below.values())
+    need = k - int(_histogram(b.sum().reshape(1) for b in below.values()))
     out = {}
     for name, s in scores.items():
         pick = below[name]

@@ -45,9 +45,6 @@ class MaskSet:
         kept = sum(int(m.sum()) for m in self.masks.values())
         return 1.0 - kept / total if total else 0.0
 
-    def to(self, device: str | torch.device) -> "MaskSet":
-        return MaskSet({n: m.to(device) for n, m in self.masks.items()}, self.settings, self.fingerprint)
-
 
 def save_masks(path: Path, mask_set: MaskSet) -> Path:
     """Write the set atomically (temporary file, then rename)."""
@@ -62,7 +59,7 @@ def save_masks(path: Path, mask_set: MaskSet) -> Path:
     return path
 
 
-def load_masks(path: str | Path, device: str = "cpu") -> MaskSet:
+def load_masks(path: str | Path) -> MaskSet:
     """Read a set written by `save_masks`, one tensor at a time."""
     path = Path(path)
     if not path.is_file():
@@ -78,7 +75,7 @@ def load_masks(path: str | Path, device: str = "cpu") -> MaskSet:
                 numel = 1
                 for s in shape:
                     numel *= s
-                masks[name] = unpack_bits(f.get_tensor(name), numel).view(shape).to(device)
+                masks[name] = unpack_bits(f.get_tensor(name), numel).view(shape)
     except (OSError, ValueError) as err:
         raise SubnetscopeError(f"{path} cannot be read as a mask file ({err}): make one with compute_masks.py") from None
     return MaskSet(masks, json.loads(meta.get("settings", "{}")), meta.get("fingerprint", ""))

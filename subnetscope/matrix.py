@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
-import statistics
 import traceback
 import typing
 from dataclasses import fields
@@ -34,7 +32,8 @@ from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
 from .models import load_causal_lm, load_tokenizer
 from .ppo import PPOConfig, PPOTrainer
-from .report import write_csv, write_json
+from .report import rank_summary, write_csv, write_json
+from .stats import mean_and_sd
 from .rewards import build_reward, score_rollout
 from .sampling import generate
 
@@ -120,7 +119,7 @@ def _run_name(task: str, axes: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))
 
 
-def run_one(run: dict, folder: Path) -> dict:
+def run_one(run: dict, folder: Path, detail: bool = False) -> dict:
     """Train one run (resuming it if half done) and measure what the summary needs."""
     settings = {**run["settings"], "output_dir": str(folder)}
     started = folder.exists()
@@ -133,17 +132,23 @@ def run_one(run: dict, folder: Path) -> dict:
         settings.setdefault("no_tqdm", True)
         trainer_cls(config_cls(**settings, resume=started)).train()
         checkpoint_dir = find_step_checkpoints(str(folder))[-1].path
-    return measure(folder, checkpoint_dir, run["settings"])
+    return measure(folder, checkpoint_dir, run["settings"], detail)
 
 
-def measure(folder: Path, checkpoint_dir: Path, settings: dict) -> dict:
-    """Final sparsity per rule, per-block Gini and evaluation reward of a finished run."""
+def measure(folder: Path, checkpoint_dir: Path, settings: dict, detail: bool = False) -> dict:
+    """Final sparsity per rule, per-block Gini and evaluation reward of a finished run; with `detail`
+    also the entropy and top-k share across blocks and the update rank (one SVD per matrix)."""
     config_rules = {"atol": settings.get("atol", 1e-5), "eta": settings.get("eta", 1e-3)}
     pair = analyze_pair(open_checkpoint(str(folder / "base")), open_checkpoint(str(checkpoint_dir)),
-                        ChangeRules(**config_rules), device="cpu", progress=False)
-    loc = pair.localization(settings.get("topk", 3))
+                        ChangeRules(**config_rules), device="cpu", rank=detail, progress=False)
+    k = settings.get("topk", 3)
+    loc = pair.localization(k)["relative"]["count_per_weight"]
     out = {f"changed_{r}": pair.fraction(r) for r in RULES}
-    out["gini_relative"] = loc["relative"]["count_per_weight"]["gini"]
+    out["gini_relative"] = loc["gini"]
+    if detail:
+        ranks = rank_summary(pair) or {}
+        out.update({"entropy_relative": loc["entropy"], f"top{k}_relative": loc[f"top{k}"],
+                    "rank_percent_mean": ranks.get("mean_percent"), "rank_percent_min": ranks.get("min_percent")})
     out["final_step"] = int(checkpoint_dir.name.split("-")[-1].split("_")[-1])
     out["eval_reward"] = eval_reward(folder / "final", settings)
     return out
@@ -166,8 +171,9 @@ def run_matrix(path: str, output_dir: str | None = None, log=print) -> Path:
     return run_runs(matrix, Path(output_dir or matrix.get("output_dir") or "checkpoints/matrix"), log)
 
 
-def run_runs(matrix: dict, out: Path, log=print) -> Path:
-    """Every run of a matrix (a mapping as in the file), resumable, then the summaries."""
+def run_runs(matrix: dict, out: Path, log=print, detail: bool = False) -> Path:
+    """Every run of a matrix (a mapping as in the file), resumable, then the summaries; `detail`
+    as in `measure`."""
     runs = expand(matrix)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -180,7 +186,7 @@ def run_runs(matrix: dict, out: Path, log=print) -> Path:
         else:
             log(f"[{i}/{len(runs)}] {run['name']}: running")
             try:
-                result = {"status": "ok", **run_one(run, folder)}
+                result = {"status": "ok", **run_one(run, folder, detail)}
                 write_json(done, result)
             except Exception as err:  # a failed run is recorded with its error; the sweep goes on
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -196,6 +202,7 @@ def run_runs(matrix: dict, out: Path, log=print) -> Path:
 def write_summaries(rows: list[dict], out: Path) -> None:
     write_csv(out / "summary.csv", rows)
     metrics = [f"changed_{r}" for r in RULES] + ["gini_relative", "eval_reward"]
+    metrics += sorted({k for r in rows for k in r if k.endswith("_relative") or k.startswith("rank_percent_")} - set(metrics))
     groups: dict[tuple, list[dict]] = {}
     keys = sorted({k for r in rows for k in r} - set(metrics) - {"run", "seed", "status", "error", "final_step",
                                                                  "output_dir"})
@@ -207,9 +214,7 @@ def write_summaries(rows: list[dict], out: Path) -> None:
         entry = {k: json.loads(v) for k, v in key}
         entry["seeds"] = len(members)
         for m in metrics:
-            values = [r[m] for r in members if r.get(m) is not None and math.isfinite(r[m])]
-            entry[f"{m}_mean"] = statistics.mean(values) if values else None
-            entry[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+            entry[f"{m}_mean"], entry[f"{m}_std"] = mean_and_sd([r.get(m) for r in members])
         grouped.append(entry)
     write_csv(out / "grouped_summary.csv", grouped)
     plots.sweep_density(rows, out / "sparsity_vs_settings.png")

@@ -123,10 +123,9 @@ def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int
 
     The tiny models are built with `seed` (0 by default for every run, like a pretrained checkpoint:
     runs of different training seeds then share θ0, so their subnetworks can be compared)."""
-    if spec == "tiny-gpt2":
-        return tiny_model("gpt2", seed, dtype, vocab_size=vocab_size or 257)
-    if spec == "tiny-gemma3n":
-        return tiny_model("gemma3n", seed, dtype, vocab_size=vocab_size or 257)
+    if spec in TINY_MODELS:  # vocabulary: the tokenizer's, by default the built-in word tokenizer's
+        arch = spec.removeprefix("tiny-")
+        return tiny_model(arch, seed, dtype, vocab_size=vocab_size or len(word_tokenizer()))
     if spec in RANDOM_SHAPED:
         torch.manual_seed(seed)
         config = random_shaped_config(spec, vocab_size or 50257)

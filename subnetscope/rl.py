@@ -391,7 +391,7 @@ class RLTrainer:
         self.accelerator.wait_for_everyone()
 
     def _write_subnetwork_comparison(self) -> None:
-        result = compare_with_full_run(self.params, self.run_dir, self.full_run, ChangeRules(self.config.atol, self.config.eta))
+        result = compare_with_full_run(self.run_dir, self.full_run, ChangeRules(self.config.atol, self.config.eta), self.device)
         write_json(self.run_dir / "subnetwork_comparison.json", result)
         same = result["identical_fraction"]
         self._print(f"subnetwork-only vs the full run {self.full_run}: identical weights exact {same['exact']:.2%}, "

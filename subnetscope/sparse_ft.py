@@ -24,6 +24,7 @@ from .confine import ConfinedUpdates
 from .data import load_task_texts, token_stream
 from .devices import resolve_device
 from .errors import SubnetscopeError
+from .importance import prunable_tensors
 from .lm import heldout_loss, lm_loss, sample_windows
 from .logger import MetricsLogger
 from .masks import check_masks_fit, load_masks
@@ -116,8 +117,6 @@ class SparseFTTrainer:
         torch.manual_seed(config.seed)
         self.confined = None
         if config.method == "lora":
-            from .importance import prunable_tensors
-
             lora_masks = masks or {n: torch.ones(t.param.shape, dtype=torch.bool)
                                    for n, t in prunable_tensors(base).items()}
             self.model = add_sparse_lora(base, lora_masks, config.lora_mode, config.lora_rank, config.lora_alpha,

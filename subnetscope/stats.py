@@ -65,3 +65,12 @@ def more_concentrated_test(a: Sequence[float], b: Sequence[float], n_resamples: 
                                alternative="greater", n_resamples=n_resamples,
                                random_state=np.random.default_rng(seed), vectorized=True)
     return {"statistic": float(res.statistic), "p_value": float(res.pvalue)}
+
+
+def mean_and_sd(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation over seeds, skipping missing and non-finite values;
+    sd 0 for one value, (None, None) for none."""
+    xs = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not xs:
+        return None, None
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -23,13 +22,14 @@ import torch
 from . import plots
 from .changes import RULES, ChangeRules
 from .checkpoint import find_step_checkpoints, open_checkpoint
-from .engine import analyze_overlap, analyze_pair
+from .engine import analyze_overlap
 from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
 from .masks import MaskSet, model_fingerprint, save_masks
 from .matrix import _run_name, eval_reward, run_runs
-from .report import rank_summary, write_csv, write_json
+from .report import write_csv, write_json
 from .runstate import ever_changed_masks
+from .stats import mean_and_sd
 
 ALGOS = {"grpo": "rl-grpo", "ppo": "rl-ppo", "sft": "sft", "dpo": "dpo"}
 MARKED_RATIO = 1.5  # the paper's "SFT far denser": at least this many times the weights RL changes
@@ -82,17 +82,14 @@ def _final_checkpoint(folder: Path) -> Path:
     return find_step_checkpoints(str(folder))[-1].path
 
 
-def run_row(algo: str, seed: int, folder: Path, reward_before: float, reward_after: float, device: str) -> dict:
-    """Sparsity per rule, localization and update rank of one finished run."""
-    pair = analyze_pair(open_checkpoint(str(folder / "base")), open_checkpoint(str(_final_checkpoint(folder))),
-                        ChangeRules(), device=device, rank=True, progress=False)
-    loc = pair.localization(3)["relative"]["count_per_weight"]
-    ranks = rank_summary(pair) or {}
-    return {"algo": algo, "seed": seed, **{f"changed_{r}": pair.fraction(r) for r in RULES},
-            **{f"sparsity_{r}": 1 - pair.fraction(r) for r in RULES},
-            "gini": loc["gini"], "entropy": loc["entropy"], "top3": loc["top3"],
-            "rank_percent_mean": ranks.get("mean_percent"), "rank_percent_min": ranks.get("min_percent"),
-            "reward_before": reward_before, "reward_after": reward_after}
+def run_row(algo: str, seed: int, measured: dict, reward_before: float) -> dict:
+    """One run's line of results.csv, from what the run matrix measured (its done.json)."""
+    return {"algo": algo, "seed": seed, **{f"changed_{r}": measured[f"changed_{r}"] for r in RULES},
+            **{f"sparsity_{r}": 1 - measured[f"changed_{r}"] for r in RULES},
+            "gini": measured["gini_relative"], "entropy": measured.get("entropy_relative"),
+            "top3": measured.get("top3_relative"), "rank_percent_mean": measured.get("rank_percent_mean"),
+            "rank_percent_min": measured.get("rank_percent_min"), "reward_before": reward_before,
+            "reward_after": measured["eval_reward"]}
 
 
 def overlap_rows(algo: str, folders: dict[int, Path], device: str) -> list[dict]:
@@ -147,13 +144,7 @@ def precision_run(cfg: StudyConfig, out: Path) -> dict:
 
 
 def _mean(values: list) -> float | None:
-    xs = [v for v in values if v is not None]
-    return statistics.fmean(xs) if xs else None
-
-
-def _sd(values: list) -> float | None:
-    xs = [v for v in values if v is not None]
-    return statistics.stdev(xs) if len(xs) > 1 else (0.0 if xs else None)
+    return mean_and_sd(values)[0]
 
 
 def claims(rows: list[dict], overlaps: list[dict]) -> list[str]:
@@ -188,7 +179,7 @@ def markdown_table(rows: list[dict], overlaps: list[dict], subnet: dict | None, 
         rs = [r for r in rows if r["algo"] == algo]
 
         def cell(key: str, pct: bool = True) -> str:
-            m, s = _mean([r[key] for r in rs]), _sd([r[key] for r in rs])
+            m, s = mean_and_sd([r[key] for r in rs])
             if m is None:
                 return "n/a"
             return f"{m:.2%} ± {s:.2%}" if pct else f"{m:.3f} ± {s:.3f}"
@@ -220,7 +211,7 @@ def markdown_table(rows: list[dict], overlaps: list[dict], subnet: dict | None, 
 def run_study(cfg: StudyConfig, log=print) -> Path:
     cfg.validate()
     out = Path(cfg.output_dir)
-    run_runs(study_matrix(cfg), out, log)
+    run_runs(study_matrix(cfg), out, log, detail=True)
     device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     settings = {"reward": "model", "reward_model": str(Path(cfg.testbed) / "reward"), "max_new_tokens": cfg.max_new_tokens}
     reward_before = eval_reward(Path(cfg.testbed) / "policy", settings)
@@ -230,8 +221,7 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
             folder = out / "runs" / _run_name(ALGOS[algo], {"seed": seed})
             if not (folder / "done.json").is_file():
                 raise SubnetscopeError(f"{folder.name} failed (see {folder}.error.txt); fix it and run the study again")
-            done = json.loads((folder / "done.json").read_text())
-            rows.append(run_row(algo, seed, folder, reward_before, done["eval_reward"], device))
+            rows.append(run_row(algo, seed, json.loads((folder / "done.json").read_text()), reward_before))
             folders.setdefault(algo, {})[seed] = folder
     overlaps = [row for algo, fs in folders.items() for row in overlap_rows(algo, fs, device)]
     subnet = precision = None

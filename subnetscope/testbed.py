@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import atomic_save_dir
-from .data import EVAL_PROMPTS, IMDB_OFFLINE_HINT, _load_records
+from .data import EVAL_PROMPTS, load_labelled_reviews
 from .devices import resolve_device
 from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
@@ -68,17 +68,6 @@ class TestbedConfig:
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, lm_steps=40, lm_batch_size=8, clf_steps=30,
             clf_batch_size=8, max_reviews=600, heldout_reviews=100)
-
-
-def load_reviews(spec: str, limit: int, seed: int) -> tuple[list[str], list[int]]:
-    """IMDB reviews and labels (1 = positive), shuffled with `seed`: `datasets` "imdb" or a local file."""
-    records = _load_records(spec)
-    if "text" not in records.column_names or "label" not in records.column_names:
-        raise SubnetscopeError(f"{spec} needs text and label columns (found {records.column_names}): "
-                               f"pass {IMDB_OFFLINE_HINT}")
-    records = records.shuffle(seed=seed).select(range(min(limit, len(records))))
-    texts = [t.replace("<br />", " ") for t in records["text"]]
-    return texts, [int(x) for x in records["label"]]
 
 
 def save_with_card(model, tokenizer, card: dict, folder: Path) -> None:
@@ -195,11 +184,10 @@ def train_classifier(cfg: TestbedConfig, tokenizer, policy_dir: Path, texts: lis
 
 def vader_accuracy(texts: list[str], labels: list[int]) -> float:
     """VADER's compound score >= 0 read as positive, on the same reviews."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from .rewards import VaderReward
 
-    analyzer = SentimentIntensityAnalyzer()
-    hits = sum((analyzer.polarity_scores(t)["compound"] >= 0) == bool(y) for t, y in zip(texts, labels))
-    return hits / len(labels)
+    scores = VaderReward()([""] * len(texts), texts, [[]] * len(texts))
+    return sum((score >= 0) == bool(y) for score, y in zip(scores, labels)) / len(labels)
 
 
 def build_testbed(cfg: TestbedConfig, log=print) -> dict[str, dict]:
@@ -209,7 +197,7 @@ def build_testbed(cfg: TestbedConfig, log=print) -> dict[str, dict]:
     out = Path(cfg.output_dir)
     tokenizer = tokenizer_from(cfg.tokenizer, "pass a local folder: --tokenizer ../shared/models/tiny-gpt2 has GPT-2's")
     tokenizer.pad_token = tokenizer.eos_token
-    texts, labels = load_reviews(cfg.data, cfg.max_reviews, cfg.seed)
+    texts, labels = load_labelled_reviews(cfg.data, cfg.max_reviews, cfg.seed)
     n = len(texts) - cfg.heldout_reviews
     if n < 1:
         raise SubnetscopeError(f"{cfg.data} has {len(texts)} reviews: fewer than --heldout_reviews {cfg.heldout_reviews}")

@@ -20,7 +20,7 @@ from ..errors import SubnetscopeError, cli_main
 from ..importance import (EXTRA_TENSORS, GROUPS, IMPORTANCES, METHODS, expected_pruned, importance_scores, nm_masks,
                           prunable_tensors, random_scores, select_masks, unit_groups)
 from ..masks import MaskSet, model_fingerprint, save_masks, validation_rows, validation_summary
-from ..models import TINY_MODELS, load_causal_lm, load_tokenizer
+from ..models import load_causal_lm, load_tokenizer
 from ..report import write_csv, write_json
 from ..runstate import ever_changed_masks
 from .training import quiet_transformers
@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if needs_data and not args.calib_data:
         raise SubnetscopeError(f"--importance {args.importance} needs data: pass --calib_data (a data set name "
                                "or a local file such as ../shared/data/imdb/train.jsonl.gz)")
-    # the tiny models take their vocabulary from the tokenizer, as in training, so masks fit their runs
-    tokenizer = load_tokenizer(args.model_path, args.tokenizer) if needs_data or args.model_path in TINY_MODELS else None
+    tokenizer = load_tokenizer(args.model_path, args.tokenizer) if needs_data else None
     model = load_causal_lm(args.model_path, torch.float32, vocab_size=len(tokenizer) if tokenizer else None).to(device)
     tensors = prunable_tensors(model, tuple(args.include))
     batches = None

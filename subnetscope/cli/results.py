@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 from pathlib import Path
 
 from .. import plots
@@ -28,6 +27,7 @@ from ..errors import SubnetscopeError, cli_main
 from ..logger import read_metrics
 from ..naming import block_index
 from ..report import write_csv, write_json
+from ..stats import mean_and_sd
 
 LAYER_KEY = re.compile(r"^(sparsity|dead_neurons)/layer_(\d+)$")
 
@@ -96,13 +96,6 @@ def summary_rows(runs: list[dict]) -> list[dict]:
 GROUP_KEYS = ("model", "task", "method", "target_sparsity")
 
 
-def _mean_std(values: list) -> tuple[float | None, float | None]:
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
 def grouped_rows(summary: list[dict]) -> list[dict]:
     """Mean and sample std over seeds (and any repeats) of each model / task / method / sparsity."""
     groups: dict[tuple, list[dict]] = {}
@@ -112,7 +105,7 @@ def grouped_rows(summary: list[dict]) -> list[dict]:
     for key, rows in groups.items():
         entry = dict(zip(GROUP_KEYS, key), runs=len(rows))
         for metric in ("final_val_loss", "samples_per_s", "final_sparsity"):
-            entry[f"{metric}_mean"], entry[f"{metric}_std"] = _mean_std([r[metric] for r in rows])
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean_and_sd([r[metric] for r in rows])
         out.append(entry)
     return sorted(out, key=lambda r: tuple(str(r[k]) if k != "target_sparsity" else f"{r[k]:08.4f}" for k in GROUP_KEYS))
 
