@@ -334,23 +334,29 @@ def throughput_vs_batch(rows: list[dict], path: Path) -> Path:
 
 
 def study_figures(rows: list[dict], overlaps: list[dict], out: Path) -> list[Path]:
-    """The study's figures: sparsity per algorithm and rule (results.csv), and the seed-to-seed
-    Jaccard overlap against its chance level (overlap.csv)."""
+    """The study's figures: the share of weights each algorithm changed, per rule (results.csv), and
+    the seed-to-seed Jaccard overlap against its chance level (overlap.csv). The first plots the
+    changed share, not sparsity, so that differences of a point or two stay visible."""
     made = []
     algos = list(dict.fromkeys(r["algo"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4.2))
     width = 0.8 / len(RULES)
+    top = 0.0
     for i, rule in enumerate(RULES):
-        values = [[r[f"sparsity_{rule}"] for r in rows if r["algo"] == a] for a in algos]
-        ax.bar(np.arange(len(algos)) + (i - 1) * width, [statistics.fmean(v) for v in values], width,
-               yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3,
-               color=RULE_COLORS[rule], label=RULE_LABELS[rule])
+        values = [[100 * r[f"changed_{rule}"] for r in rows if r["algo"] == a] for a in algos]
+        means = [statistics.fmean(v) for v in values]
+        bars = ax.bar(np.arange(len(algos)) + (i - 1) * width, means, width,
+                      yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in values], capsize=3,
+                      color=RULE_COLORS[rule], label=RULE_LABELS[rule])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        top = max(top, *means)
     ax.set_xticks(range(len(algos)), algos)
-    ax.set_ylabel("fraction of weights unchanged (update sparsity)")
-    ax.set_title("update sparsity by algorithm (mean ± sd over seeds)")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("weights changed (%)  =  100 - update sparsity")
+    ax.set_title("weights changed by algorithm (mean ± sd over seeds)")
+    ax.set_ylim(0, top * 1.3 if top > 0 else 1)
     ax.grid(alpha=0.3, axis="y")
-    made.append(_save_with_legend(fig, ax, out / "sparsity_by_algorithm.png"))
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
+    made.append(_save(fig, out / "sparsity_by_algorithm.png"))
     relative = [o for o in overlaps if o["rule"] == "relative" and o["jaccard"] is not None]
     if relative:
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -361,6 +367,8 @@ def study_figures(rows: list[dict], overlaps: list[dict], out: Path) -> list[Pat
         ax.set_xticks(x, labels, rotation=30, ha="right")
         ax.set_ylabel("Jaccard (relative rule)")
         ax.set_title("subnetwork overlap across seeds")
+        ax.set_ylim(0, 1.2)
         ax.grid(alpha=0.3, axis="y")
-        made.append(_save_with_legend(fig, ax, out / "overlap_vs_chance.png"))
+        ax.legend(fontsize=8, ncol=2, loc="upper center")
+        made.append(_save(fig, out / "overlap_vs_chance.png"))
     return made

@@ -25,9 +25,15 @@ def _clean(value):
     return value
 
 
+def _temp_beside(path: Path) -> Path:
+    """A temporary name beside `path`, unique per process: processes sharing a folder (a study's
+    algorithms run in parallel) never rename each other's half-written file."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_beside(path)
     tmp.write_text(json.dumps(_clean(data), indent=2))
     os.replace(tmp, path)
 
@@ -38,7 +44,7 @@ def write_csv(path: Path, rows: Iterable[dict]) -> None:
     for row in rows:
         fields.extend(k for k in row if k not in fields)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _temp_beside(path)
     with open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
