@@ -46,12 +46,19 @@ def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.view(view) != b.view(view)
 
 
+def negate(mask: torch.Tensor) -> torch.Tensor:
+    """Logical not of a bool mask, by xor: one kernel family with `&` and `|`, not another to load."""
+    return mask ^ True
+
+
 def apply_rules(exact: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor,
                 rules: ChangeRules) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The three rules' masks from the bitwise mask and both sides in the compute dtype, and |Δ|."""
     absd = (fb - fa).abs_()
-    atol = exact & ~(absd <= rules.atol)
-    relative = exact & ~(absd <= torch.maximum(fa.abs(), fb.abs()).mul_(rules.eta))
+    atol = exact & negate(absd <= rules.atol)
+    # |Δ| <= η·max(|a|,|b|) is (|Δ| <= η|a|) | (|Δ| <= η|b|), rounding being monotone: the same mask
+    # with the bitwise kernels `&` needs anyway (a GPU loads each new kernel on first use, 20-70 ms)
+    relative = exact & negate((absd <= fa.abs().mul_(rules.eta)) | (absd <= fb.abs().mul_(rules.eta)))
     return {"exact": exact, "atol": atol, "relative": relative}, absd
 
 
@@ -103,7 +110,7 @@ def _nonfinite_count(x: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(x)).sum()
 
 
-_NORM_CHUNK = 1 << 22
+_NORM_CHUNK = 1 << 20
 
 
 def changed_indices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,30 +132,40 @@ def _to_calc(x: torch.Tensor, calc: torch.dtype) -> torch.Tensor:
 
 
 def squared_norm(x: torch.Tensor, calc: torch.dtype) -> torch.Tensor:
-    """Σx² of a flat tensor in float64; NaN or inf when x holds any. On the CPU from chunked dot
-    products (several times faster than vector_norm on bf16); on a GPU from one norm kernel, since
-    a dot would start cuBLAS, whose first use costs more than the whole comparison of a small model."""
+    """Σx² of a flat tensor, accumulated in float64 (a float32 accumulator drifts by 1e-5 over a
+    4M-entry matrix); NaN or inf when x holds any. On the CPU from chunked float64 dot products
+    (faster than vector_norm on bf16); on a GPU from one norm kernel, since a dot would start
+    cuBLAS, whose first use costs more than the whole comparison of a small model."""
     if x.device.type != "cpu":
-        return torch.linalg.vector_norm(x, dtype=calc).double().square()
-    parts = [torch.dot(c, c) for c in (_to_calc(x[i:i + _NORM_CHUNK], calc) for i in range(0, x.numel(), _NORM_CHUNK))]
+        return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    parts = [torch.dot(c, c) for c in (_to_calc(x[i:i + _NORM_CHUNK], calc).double()
+                                       for i in range(0, x.numel(), _NORM_CHUNK))]
     if not parts:
         return torch.zeros((), dtype=torch.float64, device=x.device)
-    return torch.stack(parts).double().sum()
+    return torch.stack(parts).sum()
 
 
-def _finite_squared_norm(x: torch.Tensor, calc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def finite_squared_norm(x: torch.Tensor, calc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Σx² over the finite entries, and the count of the others."""
     finite = torch.isfinite(x)
     zero = torch.zeros((), dtype=calc, device=x.device)
     return torch.where(finite, x.to(calc), zero).double().square().sum(), (~finite).sum()
 
 
+def rule_code(masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per changed entry, atol + 2·relative (0-3): the three rules in one small integer, since every
+    entry listed is changed under `exact`."""
+    return masks["atol"].long() + 2 * masks["relative"].long()
+
+
+def counts_by_rule(table: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-rule counts from a (length, 4) table of how many entries had each rule code."""
+    return {"exact": table.sum(1), "atol": table[:, 1] + table[:, 3], "relative": table[:, 2] + table[:, 3]}
+
+
 def _rule_counts_along(index: torch.Tensor, code: torch.Tensor, length: int) -> dict[str, torch.Tensor]:
-    """Changed counts per row (or column) under each rule, from one bincount of index·4 + code,
-    where code = atol + 2·relative (every entry listed is changed under `exact`)."""
-    table = torch.bincount(index * 4 + code, minlength=4 * length).view(length, 4)
-    return {"exact": table.sum(1).cpu(), "atol": (table[:, 1] + table[:, 3]).cpu(),
-            "relative": (table[:, 2] + table[:, 3]).cpu()}
+    """Changed counts per row (or column) under each rule, from one bincount of index·4 + code."""
+    return counts_by_rule(torch.bincount(index * 4 + code, minlength=4 * length).view(length, 4).cpu())
 
 
 def diff_stats(
@@ -174,7 +191,7 @@ def diff_stats(
     absd = torch.where(finite, absd, torch.zeros((), dtype=calc, device=dev))
     base_sq = squared_norm(fa_all, calc)
     if not bool(torch.isfinite(base_sq)):
-        base_sq, nonfinite_a = _finite_squared_norm(fa_all, calc)
+        base_sq, nonfinite_a = finite_squared_norm(fa_all, calc)
     else:
         nonfinite_a = torch.zeros((), dtype=torch.int64, device=dev)
     nonfinite_b = nonfinite_a - _nonfinite_count(va) + _nonfinite_count(vb)
@@ -189,7 +206,7 @@ def diff_stats(
     stats.nonfinite_base, stats.nonfinite_tuned = int(summary[4]), int(summary[5])
     stats.abs_max, stats.abs_sum, stats.abs_sq_sum, stats.base_sq_sum = summary[6:10]
     if per_row_col and len(shape) == 2:
-        code = masks["atol"].long() + 2 * masks["relative"].long()
+        code = rule_code(masks)
         stats.row_changed = _rule_counts_along(changed_idx // shape[1], code, shape[0])
         stats.col_changed = _rule_counts_along(changed_idx % shape[1], code, shape[1])
     return stats

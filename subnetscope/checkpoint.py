@@ -21,6 +21,7 @@ import shutil
 import struct
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,11 @@ class TensorSource:
         a view of it, valid until the buffer's next use: no new pages to fault in per tensor."""
         raise NotImplementedError
 
+    def byte_range(self, name: str) -> tuple[Path, int, int] | None:
+        """(file, start, end) of the tensor's raw bytes where they lie uncompressed in a file; None
+        when they do not (then only `get` reads it)."""
+        return None
+
     def numel(self, name: str) -> int:
         n = 1
         for s in self.shape(name):
@@ -102,6 +108,21 @@ def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
             if k != "__metadata__"}
 
 
+def _close_all(fds: dict) -> None:
+    for fd in fds.values():
+        os.close(fd)
+
+
+def pread_exact(fd: int, view: memoryview, offset: int, what: str) -> None:
+    """Fill `view` from the file at `offset` (pread: no shared file position, releases the GIL)."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise SubnetscopeError(f"{what} is cut short: the file is truncated; re-save it")
+        done += n
+
+
 class SafetensorsSource(TensorSource):
     """One safetensors file or a sharded set described by `model.safetensors.index.json`.
 
@@ -120,6 +141,7 @@ class SafetensorsSource(TensorSource):
         self._lock = threading.Lock()
         self._offsets: dict[str, tuple[int, int]] = {}
         self._fds: dict[Path, int] = {}
+        weakref.finalize(self, _close_all, self._fds)
         for path in files:
             handle = self._open(path)
             self._handles[path] = [handle, 0]
@@ -173,18 +195,13 @@ class SafetensorsSource(TensorSource):
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
         buf = scratch.take(end - start)
-        view, done = memoryview(buf.numpy()), 0
-        while done < end - start:
-            n = os.preadv(fd, [view[done:]], start + done)
-            if n <= 0:
-                raise SubnetscopeError(f"{path}: tensor {key!r} is cut short: the file is truncated; re-save it")
-            done += n
+        pread_exact(fd, memoryview(buf.numpy()), start, f"{path}: tensor {key!r}")
         shape, dtype = self._meta[name]
         return buf.view(dtype).view(shape)
 
-    def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        return (self._where[name][0], *self._offsets[name])
+
 
 
 class TorchBinSource(TensorSource):

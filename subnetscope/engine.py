@@ -22,6 +22,7 @@ from .checkpoint import ScratchBuffer, TensorSource
 from .errors import SubnetscopeError, warn
 from .metrics import block_localization, overlap, shell_density, shell_edges, update_rank
 from .naming import block_index, module_type, neuron_axis
+from .segments import batchable, compare_segments
 
 DEFAULT_SHELLS = (8192, 16384)
 
@@ -176,20 +177,24 @@ def _worker_stream(device: str) -> "torch.cuda.Stream | None":
     return torch.cuda.Stream(device=device) if torch.device(device).type == "cuda" else None
 
 
-def analyze_pair(
-    base: TensorSource,
-    tuned: TensorSource,
-    rules: ChangeRules = ChangeRules(),
-    device: str = "cpu",
-    rank: bool = False,
-    shells: Sequence[int] = DEFAULT_SHELLS,
-    progress: bool = True,
-    workers: int | None = None,
-) -> PairResult:
-    """Every per-tensor metric for one (base, tuned) pair, streamed tensor by tensor."""
-    common, only_base, only_tuned = _pair_names(base, tuned)
-    result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned)
-    shell_acc: dict[tuple[str, int], dict] = {}
+def _tensor_result(name: str, shape: tuple[int, ...], dtype: torch.dtype, stats, note: str = "",
+                   ranks: tuple[int, int] | None = None) -> TensorResult:
+    tr = TensorResult(
+        name=name, block=block_index(name), module=module_type(name), shape=tuple(shape),
+        numel=stats.numel, dtype=str(dtype).replace("torch.", ""), changed=stats.changed,
+        abs_max=stats.abs_max, abs_mean=stats.abs_mean, abs_std=stats.abs_std, abs_sum=stats.abs_sum,
+        relative_norm=stats.relative_norm, nonfinite_base=stats.nonfinite_base,
+        nonfinite_tuned=stats.nonfinite_tuned, note=note,
+    )
+    if ranks is not None:
+        tr.rank, tr.full_rank = ranks
+    return tr
+
+
+def _tensor_by_tensor(base: TensorSource, tuned: TensorSource, names: Sequence[str], rules: ChangeRules,
+                      device: str, rank: bool, notes: list[str], workers: int | None) -> Iterable[tuple]:
+    """(TensorResult, DiffStats, neuron axis) per tensor, compared by a pool of threads that each
+    read into their own reusable buffers."""
     local = threading.local()
     pin = torch.device(device).type == "cuda"
 
@@ -201,36 +206,62 @@ def analyze_pair(
             return compare_on_stream(name, local.scratch)
 
     def compare_on_stream(name: str, scratch: tuple[ScratchBuffer, ScratchBuffer]):
-        a, b, note = _load_pair(base, tuned, name, result.notes, scratch)
+        a, b, note = _load_pair(base, tuned, name, notes, scratch)
         axis = neuron_axis(name, tuple(a.shape))
         stats = diff_stats(a, b, rules, per_row_col=axis is not None, device=device)
-        tr = TensorResult(
-            name=name, block=block_index(name), module=module_type(name), shape=tuple(a.shape),
-            numel=stats.numel, dtype=str(a.dtype).replace("torch.", ""), changed=stats.changed,
-            abs_max=stats.abs_max, abs_mean=stats.abs_mean, abs_std=stats.abs_std, abs_sum=stats.abs_sum,
-            relative_norm=stats.relative_norm, nonfinite_base=stats.nonfinite_base,
-            nonfinite_tuned=stats.nonfinite_tuned, note=note,
-        )
+        ranks = None
         if rank and a.dim() == 2:
             delta = b.to(device=device, dtype=torch.float32) - a.to(device=device, dtype=torch.float32)
-            tr.rank, tr.full_rank = update_rank(delta, device)
-        return tr, stats, axis
+            ranks = update_rank(delta, device)
+        return _tensor_result(name, a.shape, a.dtype, stats, note, ranks), stats, axis
 
-    sizes = [base.numel(n) * base.dtype(n).itemsize for n in common]
-    workers = workers or default_workers(sizes, device)
-    bar = tqdm(total=2 * sum(sizes), unit="B", unit_scale=True, desc="comparing", disable=not progress)
+    if not names:
+        return
+    workers = workers or default_workers([base.numel(n) * base.dtype(n).itemsize for n in names], device)
     with _intra_op_threads(device, workers), ThreadPoolExecutor(max_workers=workers) as pool:
-        for tr, stats, axis in pool.map(compare, common):
-            if axis is not None:
-                _accumulate_shells(shell_acc, tr, stats, axis, shells)
-            if stats.nonfinite_base or stats.nonfinite_tuned:
-                msg = (f"{tr.name}: NaN/inf weights: {stats.nonfinite_base} in the base, "
-                       f"{stats.nonfinite_tuned} in the tuned model")
-                warn(msg)
-                result.notes.append(msg)
-            result.tensors.append(tr)
-            bar.update(base.numel(tr.name) * base.dtype(tr.name).itemsize * 2)
+        yield from pool.map(compare, names)
+
+
+def analyze_pair(
+    base: TensorSource,
+    tuned: TensorSource,
+    rules: ChangeRules = ChangeRules(),
+    device: str = "cpu",
+    rank: bool = False,
+    shells: Sequence[int] = DEFAULT_SHELLS,
+    progress: bool = True,
+    workers: int | None = None,
+) -> PairResult:
+    """Every per-tensor metric for one (base, tuned) pair, streamed tensor by tensor; on a GPU the
+    tensors that match on both sides go through the batched pass (`segments`), the rest one by one."""
+    common, only_base, only_tuned = _pair_names(base, tuned)
+    result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned)
+    shell_acc: dict[tuple[str, int], dict] = {}
+    on_gpu = torch.device(device).type == "cuda"
+    batched = [n for n in common if on_gpu and batchable(base, tuned, n)]
+    batched_set = set(batched)
+    one_by_one = [n for n in common if n not in batched_set]
+    found: dict[str, TensorResult] = {}
+    bar = tqdm(total=2 * sum(base.numel(n) * base.dtype(n).itemsize for n in common), unit="B", unit_scale=True,
+               desc="comparing", disable=not progress)
+
+    def record(tr: TensorResult, stats, axis: int | None) -> None:
+        if axis is not None:
+            _accumulate_shells(shell_acc, tr, stats, axis, shells)
+        if stats.nonfinite_base or stats.nonfinite_tuned:
+            msg = (f"{tr.name}: NaN/inf weights: {stats.nonfinite_base} in the base, "
+                   f"{stats.nonfinite_tuned} in the tuned model")
+            warn(msg)
+            result.notes.append(msg)
+        found[tr.name] = tr
+        bar.update(base.numel(tr.name) * base.dtype(tr.name).itemsize * 2)
+
+    for member, stats, ranks in compare_segments(base, tuned, batched, rules, device, rank):
+        record(_tensor_result(member.name, member.shape, base.dtype(member.name), stats, ranks=ranks), stats, member.axis)
+    for tr, stats, axis in _tensor_by_tensor(base, tuned, one_by_one, rules, device, rank, result.notes, workers):
+        record(tr, stats, axis)
     bar.close()
+    result.tensors = [found[n] for n in common]
     result.shells = _finish_shells(shell_acc, shells)
     return result
 

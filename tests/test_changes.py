@@ -93,3 +93,10 @@ def test_rules_never_modify_their_inputs():
     changed_masks(a, b, ChangeRules())
     diff_stats(a, b, ChangeRules())
     assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
+def test_squared_norm_of_a_large_bf16_matrix_is_exact_to_float64():
+    """Σw² of 4M bf16 weights against numpy's float64 sum (a float32 accumulator was 2e-5 off)."""
+    x = (torch.randn(1024 * 4096, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    want = float(np.square(x.float().numpy().astype(np.float64)).sum())
+    assert float(changes.squared_norm(x, torch.float32)) == pytest.approx(want, rel=1e-12)

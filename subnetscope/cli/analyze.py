@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MatFormer shell boundaries in FFN neurons (default 8192 16384: E2B inside E4B); "
                         "matrices of another width are scaled in proportion")
     p.add_argument("--workers", type=int,
-                   help="tensors compared at once in the base-vs-tuned pass, reading overlapping compute (default: up to 8, "
-                        "fewer with few cores or large tensors, to bound the scratch memory)")
+                   help="tensors compared at once by the CPU's tensor-by-tensor pass, reading overlapping compute "
+                        "(default: up to 8, fewer with few cores or large tensors, to bound the scratch memory); on a GPU "
+                        "only tensors that differ in shape or dtype between the two sides go that way")
     p.add_argument("--output_dir", default="plots/analysis", help="results folder (default plots/analysis)")
     return p
 

@@ -1,0 +1,306 @@
+"""The batched pass of the engine on a GPU: many tensors per kernel launch.
+
+Compared one at a time, a model's tensors cost a GPU mostly fixed overheads: a few dozen kernel
+launches and host syncs per tensor, and GPT-2-medium has 290 tensors, 190 of them small biases and
+norms. Here tensors of one dtype are packed into segments (about SEGMENT_BYTES each, a larger tensor
+alone), read from the files into device buffers through a small ring of pinned chunks while the
+previous segment is compared, and each segment costs one bitwise pass, one `nonzero`, per-tensor
+sums by `segment_reduce` over the changed entries, and one copy of all its results to the host.
+The rules are `changes.apply_rules`, as for every other comparison.
+"""
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .changes import (ChangeRules, DiffStats, apply_rules, changed_indices, compute_dtype, counts_by_rule,
+                      finite_squared_norm, negate, rule_code)
+from .checkpoint import TensorSource, pread_exact
+from .metrics import update_rank
+from .naming import neuron_axis
+
+SEGMENT_BYTES = 64 << 20
+CHUNK_BYTES = 8 << 20
+PINNED_CHUNKS = 8
+READ_THREADS = 4
+SLOT_BUDGET = 1 << 30  # device memory for the segments read ahead (at least two)
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Member:
+    """One tensor of a segment: where its bytes are on both sides, and where its elements start."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    start: int
+    axis: int | None
+    base_range: tuple[Path, int, int]
+    tuned_range: tuple[Path, int, int]
+
+
+@dataclass
+class Segment:
+    dtype: torch.dtype
+    members: list[Member]
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def batchable(base: TensorSource, tuned: TensorSource, name: str) -> bool:
+    """Same float dtype and shape on both sides, raw bytes in a file: the common case. Anything
+    else (a resized vocabulary, mixed dtypes, other formats) goes tensor by tensor with its note."""
+    rb, rt = base.byte_range(name), tuned.byte_range(name)
+    if rb is None or rt is None:
+        return False
+    dtype, shape = base.dtype(name), tuple(base.shape(name))
+    size = base.numel(name) * dtype.itemsize
+    return (dtype in _FLOATS and dtype == tuned.dtype(name) and shape == tuple(tuned.shape(name)) and size > 0
+            and rb[2] - rb[1] == size and rt[2] - rt[1] == size)
+
+
+def plan_segments(base: TensorSource, tuned: TensorSource, names: Sequence[str],
+                  target_bytes: int = SEGMENT_BYTES) -> list[Segment]:
+    """Pack the tensors, in the base file's order within each dtype, into segments of about
+    `target_bytes` (a larger tensor gets a segment of its own)."""
+    order = sorted(names, key=lambda n: (str(base.dtype(n)), str(base.byte_range(n)[0]), base.byte_range(n)[1]))
+    segments: list[Segment] = []
+    for name in order:
+        dtype, shape, numel = base.dtype(name), tuple(base.shape(name)), base.numel(name)
+        seg = segments[-1] if segments else None
+        if seg is None or seg.dtype != dtype or (seg.nbytes + numel * dtype.itemsize > target_bytes):
+            seg = Segment(dtype, [], 0)
+            segments.append(seg)
+        seg.members.append(Member(name, shape, numel, seg.numel, neuron_axis(name, shape),
+                                  base.byte_range(name), tuned.byte_range(name)))
+        seg.numel += numel
+    return segments
+
+
+class RangeReader:
+    """Reads byte ranges of files into (device) tensors with a few threads. For a GPU each piece is
+    pread into one of a small ring of pinned chunks and copied asynchronously on the thread's own
+    stream: a few chunks allocated once instead of pinned buffers the size of the largest tensor."""
+
+    def __init__(self, device: torch.device, threads: int = READ_THREADS):
+        self.device, self.cuda = device, device.type == "cuda"
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._free: queue.Queue = queue.Queue()
+        self._chunks_made = 0
+
+    def submit(self, path: Path, offset: int, dest: torch.Tensor) -> list[Future]:
+        """Start reading len(dest) bytes at `offset` of `path` into the uint8 tensor `dest`."""
+        n = dest.numel()
+        return [self.pool.submit(self._piece, path, offset + i, dest[i:i + CHUNK_BYTES])
+                for i in range(0, n, CHUNK_BYTES)]
+
+    def wait(self, futures: Sequence[Future]) -> None:
+        """Block until every piece is read; on a GPU the current stream then waits for the copies."""
+        for f in futures:
+            event = f.result()
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            return self._fds[path]
+
+    def _piece(self, path: Path, offset: int, dest: torch.Tensor) -> "torch.cuda.Event | None":
+        fd, n = self._fd(path), dest.numel()
+        if not self.cuda:
+            pread_exact(fd, memoryview(dest.numpy()), offset, str(path))
+            return None
+        chunk = self._take_chunk()
+        try:
+            if chunk[1] is not None:
+                chunk[1].synchronize()  # the chunk's previous copy has left it
+            pread_exact(fd, memoryview(chunk[0].numpy())[:n], offset, str(path))
+            if not hasattr(self._local, "stream"):
+                self._local.stream = torch.cuda.Stream(device=dest.device)
+            with torch.cuda.stream(self._local.stream):
+                dest.copy_(chunk[0][:n], non_blocking=True)
+                chunk[1] = torch.cuda.Event()
+                chunk[1].record(self._local.stream)
+            return chunk[1]
+        finally:
+            self._free.put(chunk)
+
+    def _take_chunk(self) -> list:
+        """A free pinned chunk [buffer, event of its last copy]; made on first need (pinning costs
+        about 4 ms per 8 MB, so the first read does not wait for the whole ring)."""
+        with self._lock:
+            if self._free.empty() and self._chunks_made < PINNED_CHUNKS:
+                self._chunks_made += 1
+                return [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True), None]
+        return self._free.get()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def compare_segments(base: TensorSource, tuned: TensorSource, names: Sequence[str], rules: ChangeRules,
+                     device: str, rank: bool = False, target_bytes: int | None = None,
+                     ) -> Iterator[tuple[Member, DiffStats, tuple[int, int] | None]]:
+    """Every `batchable` tensor's statistics (and update rank with `rank`), segment by segment; the
+    next segments are read while one is compared, into a ring of device buffer pairs."""
+    segments = plan_segments(base, tuned, names, target_bytes or SEGMENT_BYTES)
+    if not segments:
+        return
+    dev = torch.device(device)
+    size = max(s.nbytes for s in segments)
+    depth = min(len(segments), max(2, SLOT_BUDGET // (2 * size)))
+    slots = [(torch.empty(size, dtype=torch.uint8, device=dev), torch.empty(size, dtype=torch.uint8, device=dev))
+             for _ in range(depth)]
+    reader = RangeReader(dev)
+
+    def start_reading(k: int) -> list[Future]:
+        seg, (buf_a, buf_b) = segments[k], slots[k % depth]
+        isz = seg.dtype.itemsize
+        futures = []
+        for m in seg.members:
+            for buf, (path, lo, hi) in ((buf_a, m.base_range), (buf_b, m.tuned_range)):
+                futures += reader.submit(path, lo, buf[m.start * isz:m.start * isz + hi - lo])
+        return futures
+
+    try:
+        pending = {k: start_reading(k) for k in range(depth)}
+        for k, seg in enumerate(segments):
+            reader.wait(pending.pop(k))
+            buf_a, buf_b = slots[k % depth]
+            a, b = buf_a[:seg.nbytes].view(seg.dtype), buf_b[:seg.nbytes].view(seg.dtype)
+            yield from segment_stats(a, b, seg, rules, rank)  # ends in a host sync: the slot is free again
+            if k + depth < len(segments):
+                pending[k + depth] = start_reading(k + depth)
+    finally:
+        reader.close()
+
+
+def load_kernels(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, rules: ChangeRules = ChangeRules()) -> None:
+    """Run the segment kernels once on a made-up 40-weight segment. A GPU loads each kernel's code
+    on its first launch (CUDA lazy loading): about 0.35 s per process for the engine's kernels on
+    an H100, a one-time cost like starting the CUDA context, which this moves to where it suits."""
+    dev, nowhere = torch.device(device), (Path(), 0, 0)
+    members = [Member("model.layers.0.mlp.up_proj.weight", (4, 8), 32, 0, 0, nowhere, nowhere),
+               Member("model.layers.0.mlp.up_proj.bias", (8,), 8, 32, None, nowhere, nowhere)]
+    a = torch.linspace(-1, 1, 40, device=dev).to(dtype)
+    b = torch.where(torch.arange(40, device=dev) % 3 == 0, a * 2, a)
+    for _ in segment_stats(a, b, Segment(dtype, members, 40), rules):
+        pass
+
+
+def _per_member(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """Sum (or max) of x over each member's run of entries, runs given by their `offsets`."""
+    return torch.segment_reduce(x, reduce, offsets=offsets, unsafe=True, initial=0)
+
+
+def segment_stats(a: torch.Tensor, b: torch.Tensor, seg: Segment, rules: ChangeRules, rank: bool = False,
+                  ) -> Iterator[tuple[Member, DiffStats, tuple[int, int] | None]]:
+    """The statistics of every tensor of one segment (flat `a`, `b` hold the members back to back),
+    as `changes.diff_stats` computes them for one tensor.
+
+    The changed entries come sorted, so each member's are one run of them, found by a binary
+    search of the member boundaries; per-member sums and maxima reduce those runs. The ops are
+    few and shared on purpose: a GPU loads each kernel's code on its first launch (20-70 ms)."""
+    dev, calc, T = a.device, compute_dtype(seg.dtype), len(seg.members)
+    bounds = torch.tensor([m.start for m in seg.members] + [seg.numel], device=dev)
+    idx = changed_indices(a, b).to(dev)
+    runs = torch.searchsorted(idx, bounds)  # member j's changed entries are idx[runs[j]:runs[j + 1]]
+    va, vb = a.index_select(0, idx).to(calc), b.index_select(0, idx).to(calc)
+    masks, absd = apply_rules(torch.ones(idx.shape, dtype=torch.bool, device=dev), va, vb, rules)
+    finite = torch.isfinite(absd)
+    absd = torch.where(finite, absd, torch.zeros((), dtype=calc, device=dev))
+    absd64 = absd.double()
+    columns = [
+        masks["atol"].double(), masks["relative"].double(), negate(finite).double(),
+        negate(torch.isfinite(vb)).double() - negate(torch.isfinite(va)).double(),
+    ]
+    summary = torch.empty(8, T, dtype=torch.float64, device=dev)
+    for i, x in enumerate(columns):
+        summary[i].copy_(_per_member(x, runs))
+    summary[4].copy_(_per_member(absd, runs, "max"))
+    summary[5].copy_(_per_member(absd64, runs))
+    summary[6].copy_(_per_member(absd64 * absd64, runs))
+    summary[7].copy_(_per_member(a.double() * a.double(), bounds))
+    along = _counts_along_neurons(seg, idx, rule_code(masks)) if any(m.axis is not None for m in seg.members) else {}
+    runs, summary = runs.cpu().tolist(), summary.cpu().T.tolist()
+    for j, m in enumerate(seg.members):
+        atol, relative, nonfinite_d, shift, abs_max, abs_sum, abs_sq, base_sq = summary[j]
+        stats = DiffStats(numel=m.numel)
+        stats.changed = {"exact": runs[j + 1] - runs[j], "atol": int(atol), "relative": int(relative)}
+        stats.finite_count = m.numel - int(nonfinite_d)
+        if math.isfinite(base_sq):
+            nonfinite_a = 0
+        else:
+            sq, bad = finite_squared_norm(a[m.start:m.start + m.numel], calc)
+            base_sq, nonfinite_a = float(sq), int(bad)
+        stats.nonfinite_base, stats.nonfinite_tuned = nonfinite_a, nonfinite_a + int(shift)
+        stats.abs_max, stats.abs_sum, stats.abs_sq_sum, stats.base_sq_sum = abs_max, abs_sum, abs_sq, base_sq
+        if j in along:
+            stats.row_changed, stats.col_changed = along[j]
+        ranks = None
+        if rank and len(m.shape) == 2:
+            delta = (b[m.start:m.start + m.numel].float() - a[m.start:m.start + m.numel].float()).view(m.shape)
+            ranks = update_rank(delta, str(dev))
+        yield m, stats, ranks
+
+
+def _counts_along_neurons(seg: Segment, idx: torch.Tensor, code: torch.Tensor) -> dict[int, tuple[dict, dict]]:
+    """Per-row and per-column changed counts of the segment's FFN matrices (for the MatFormer
+    shells): a binary search of the row starts gives each changed entry its row (no integer
+    division), then one bincount per axis over slots laid out matrix after matrix. Every other
+    member is one long "row" whose entries land in a last, discarded slot."""
+    ffn = [m for m in seg.members if m.axis is not None]
+    rows_total, cols_total = sum(m.shape[0] for m in ffn), sum(m.shape[1] for m in ffn)
+    starts, row_slot, col_slot, col_step = [], [], [], []
+    r0 = c0 = 0
+    for m in seg.members:
+        if m.axis is None:
+            starts.append(torch.tensor([m.start]))
+            row_slot.append(torch.tensor([rows_total]))
+            col_slot.append(torch.tensor([cols_total]))
+            col_step.append(torch.tensor([0]))
+            continue
+        rows, cols = m.shape
+        starts.append(m.start + cols * torch.arange(rows))
+        row_slot.append(r0 + torch.arange(rows))
+        col_slot.append(torch.full((rows,), c0))
+        col_step.append(torch.ones(rows, dtype=torch.long))
+        r0, c0 = r0 + rows, c0 + cols
+    dev = idx.device
+
+    def per_entry(parts: list[torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+        return torch.cat(parts).to(dev).index_select(0, row)
+
+    row_start = torch.cat(starts).to(dev)
+    row = torch.searchsorted(row_start[1:], idx, right=True)
+    in_row = idx - row_start.index_select(0, row)
+    slots = [(per_entry(row_slot, row), rows_total),
+             (per_entry(col_slot, row) + in_row * per_entry(col_step, row), cols_total)]
+    tables = [torch.bincount(slot * 4 + code, minlength=4 * (total + 1)).view(total + 1, 4).cpu() for slot, total in slots]
+    out, r0, c0 = {}, 0, 0
+    for j, m in enumerate(seg.members):
+        if m.axis is not None:
+            rows, cols = m.shape
+            out[j] = (counts_by_rule(tables[0][r0:r0 + rows]), counts_by_rule(tables[1][c0:c0 + cols]))
+            r0, c0 = r0 + rows, c0 + cols
+    return out

@@ -1,0 +1,122 @@
+"""The engine's batched pass (segments.py, used on GPUs) against the tensor-by-tensor statistics of
+changes.diff_stats, run here on the CPU: same counts, same per-neuron tables, same sums."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from subnetscope.changes import RULES, ChangeRules, diff_stats
+from subnetscope.checkpoint import open_checkpoint
+from subnetscope.errors import SubnetscopeError
+from subnetscope.metrics import update_rank
+from subnetscope.naming import neuron_axis
+from subnetscope.segments import batchable, compare_segments, plan_segments
+
+from .conftest import plant, save_state
+
+
+def _odd_pair(tmp_path):
+    """bf16 and fp32 tensors with NaN and inf on either side, one unchanged, one fully changed."""
+    gen = torch.Generator().manual_seed(3)
+    base = {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(24, 10, generator=gen).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(10, 24, generator=gen).to(torch.bfloat16),
+        "model.layers.0.input_layernorm.weight": torch.randn(10, generator=gen),
+        "model.layers.1.self_attn.q_proj.weight": torch.randn(16, 10, generator=gen).to(torch.bfloat16),
+        "model.layers.1.post_attention_layernorm.weight": torch.randn(10, generator=gen),
+        "model.norm.weight": torch.randn(10, generator=gen).to(torch.bfloat16),
+    }
+    tuned = plant(base, {"model.layers.0.mlp.up_proj.weight": 31, "model.layers.0.mlp.down_proj.weight": 7,
+                         "model.layers.0.input_layernorm.weight": 3})
+    base["model.layers.1.self_attn.q_proj.weight"][2, 3] = float("inf")
+    tuned["model.layers.1.self_attn.q_proj.weight"] = base["model.layers.1.self_attn.q_proj.weight"].clone()
+    tuned["model.layers.1.self_attn.q_proj.weight"][0, :4] = float("nan")
+    tuned["model.layers.1.post_attention_layernorm.weight"] = base["model.layers.1.post_attention_layernorm.weight"] * 1.5
+    tuned["model.norm.weight"] = base["model.norm.weight"].clone()
+    return save_state(tmp_path / "odd_base", base), save_state(tmp_path / "odd_tuned", tuned)
+
+
+def _assert_same(batched, ref, name):
+    assert batched.changed == ref.changed, name
+    assert (batched.nonfinite_base, batched.nonfinite_tuned, batched.finite_count) == \
+           (ref.nonfinite_base, ref.nonfinite_tuned, ref.finite_count), name
+    for field in ("abs_max", "abs_sum", "abs_sq_sum", "base_sq_sum"):
+        assert getattr(batched, field) == pytest.approx(getattr(ref, field), rel=1e-9, abs=1e-15), (name, field)
+    for along in ("row_changed", "col_changed"):
+        got, want = getattr(batched, along), getattr(ref, along)
+        assert (got is None) == (want is None), (name, along)
+        if want is not None:
+            for rule in RULES:
+                assert torch.equal(got[rule], want[rule]), (name, along, rule)
+
+
+@pytest.mark.parametrize("target_bytes", [1, 700, 1 << 30])
+def test_batched_pass_equals_tensor_by_tensor(tiny_gpt2_pair, tmp_path, target_bytes):
+    """One tensor per segment, several per segment (and tensors larger than the target), one
+    segment per dtype: every statistic equals diff_stats', ranks equal update_rank's."""
+    rules = ChangeRules(atol=1e-2, eta=1e-3)
+    for base_dir, tuned_dir in [tiny_gpt2_pair[:2], _odd_pair(tmp_path)]:
+        base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+        names = [n for n in base.names() if n in tuned.names()]
+        assert all(batchable(base, tuned, n) for n in names)
+        seen = set()
+        for member, stats, ranks in compare_segments(base, tuned, names, rules, "cpu", rank=True,
+                                                     target_bytes=target_bytes):
+            a, b = base.get(member.name), tuned.get(member.name)
+            axis = neuron_axis(member.name, tuple(a.shape))
+            assert member.axis == axis
+            _assert_same(stats, diff_stats(a, b, rules, per_row_col=axis is not None), member.name)
+            assert ranks == (update_rank(b.float() - a.float()) if a.dim() == 2 else None)
+            seen.add(member.name)
+        assert seen == set(names)
+
+
+def test_batched_pass_counts_the_planted_changes(tiny_gpt2_pair):
+    base_dir, tuned_dir, counts, _ = tiny_gpt2_pair
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    got = {m.name: s.changed["exact"] for m, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu",
+                                                                      target_bytes=512)}
+    assert {n: c for n, c in got.items() if c} == counts
+
+
+def test_nonfinite_weights_are_counted_and_kept_out_of_the_sums(tmp_path):
+    base_dir, tuned_dir = _odd_pair(tmp_path)
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    got = {m.name: s for m, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu")}
+    q = got["model.layers.1.self_attn.q_proj.weight"]
+    assert (q.nonfinite_base, q.nonfinite_tuned, q.changed["exact"]) == (1, 5, 4)
+    assert math.isfinite(q.base_sq_sum) and math.isfinite(q.abs_sum) and q.finite_count == q.numel - 4
+    assert got["model.norm.weight"].changed == {r: 0 for r in RULES}
+    assert got["model.layers.1.post_attention_layernorm.weight"].changed["exact"] == 10
+
+
+def test_segments_are_single_dtype_packed_and_bounded(tiny_gpt2_pair, tmp_path):
+    base_dir, tuned_dir = _odd_pair(tmp_path)
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    segments = plan_segments(base, tuned, base.names(), target_bytes=500)
+    assert sorted(m.name for s in segments for m in s.members) == sorted(base.names())
+    for seg in segments:
+        assert all(base.dtype(m.name) == seg.dtype for m in seg.members)
+        assert [m.start for m in seg.members] == [sum(x.numel for x in seg.members[:i]) for i in range(len(seg.members))]
+        assert seg.nbytes <= 500 or len(seg.members) == 1
+
+
+def test_mismatched_tensors_are_left_to_the_tensor_by_tensor_path(tmp_path):
+    a = {"w": torch.zeros(4, 3), "v": torch.zeros(5), "u": torch.zeros(2, dtype=torch.bfloat16),
+         "i": torch.zeros(3, dtype=torch.int64)}
+    b = {"w": torch.zeros(5, 3), "v": torch.zeros(5, dtype=torch.float16), "u": torch.zeros(2, dtype=torch.bfloat16),
+         "i": torch.zeros(3, dtype=torch.int64)}
+    base = open_checkpoint(str(save_state(tmp_path / "a", a)))
+    tuned = open_checkpoint(str(save_state(tmp_path / "b", b)))
+    assert [n for n in ("w", "v", "u", "i") if batchable(base, tuned, n)] == ["u"]
+
+
+def test_a_file_cut_short_is_a_one_line_error(tiny_gpt2_pair):
+    base_dir, tuned_dir, _, _ = tiny_gpt2_pair
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    path = tuned_dir / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # opened intact, cut before the read
+    with pytest.raises(SubnetscopeError, match="cut short"):
+        list(compare_segments(base, tuned, base.names(), ChangeRules(), "cpu"))
