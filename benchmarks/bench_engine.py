@@ -7,12 +7,11 @@ synthetic 4B-parameter pair) and a planted sparse delta, then times, each in a f
   engine : subnetscope's full metrics, rank off (analyze_pair)
   usual  : from_pretrained both, state dicts, concatenate all deltas, count
 
-and on a GPU also engine_loaded: the engine with its kernels loaded before the clock starts
-(segments.load_kernels, like the CUDA context start-up that every task does untimed): CUDA loads
-each kernel's code on first launch, a per-process cost of about 0.35 s that does not grow with the
-checkpoint, so the two engine rows separate it from the work.
-
-and prints the ratios the targets are stated in, with every process's peak RSS.
+(on a GPU also engine_loaded: the engine with its kernels loaded before the clock starts, by
+segments.load_kernels, like the CUDA context start-up that every task does untimed; CUDA loads
+each kernel's code on first launch, a per-process cost of 0.05-0.4 s on an H100 that does not grow
+with the checkpoint, so the two engine rows separate it from the work), and prints the ratios the
+targets are stated in, with every process's peak RSS.
 Run: python benchmarks/bench_engine.py [--shape medium|4b] [--device cpu|cuda] [--workdir DIR]
 """
 from __future__ import annotations

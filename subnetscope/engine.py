@@ -238,7 +238,7 @@ def analyze_pair(
     result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned)
     shell_acc: dict[tuple[str, int], dict] = {}
     on_gpu = torch.device(device).type == "cuda"
-    batched = [n for n in common if on_gpu and batchable(base, tuned, n)]
+    batched = [n for n in common if on_gpu and batchable(base, tuned, n, rank)]
     batched_set = set(batched)
     one_by_one = [n for n in common if n not in batched_set]
     found: dict[str, TensorResult] = {}
@@ -256,8 +256,9 @@ def analyze_pair(
         found[tr.name] = tr
         bar.update(base.numel(tr.name) * base.dtype(tr.name).itemsize * 2)
 
-    for member, stats, ranks in compare_segments(base, tuned, batched, rules, device, rank):
-        record(_tensor_result(member.name, member.shape, base.dtype(member.name), stats, ranks=ranks), stats, member.axis)
+    for name, stats, ranks in compare_segments(base, tuned, batched, rules, device, rank):
+        shape = tuple(base.shape(name))
+        record(_tensor_result(name, shape, base.dtype(name), stats, ranks=ranks), stats, neuron_axis(name, shape))
     for tr, stats, axis in _tensor_by_tensor(base, tuned, one_by_one, rules, device, rank, result.notes, workers):
         record(tr, stats, axis)
     bar.close()

@@ -2,11 +2,12 @@
 
 Compared one at a time, a model's tensors cost a GPU mostly fixed overheads: a few dozen kernel
 launches and host syncs per tensor, and GPT-2-medium has 290 tensors, 190 of them small biases and
-norms. Here tensors of one dtype are packed into segments (about SEGMENT_BYTES each, a larger tensor
-alone), read from the files into device buffers through a small ring of pinned chunks while the
-previous segment is compared, and each segment costs one bitwise pass, one `nonzero`, per-tensor
-sums by `segment_reduce` over the changed entries, and one copy of all its results to the host.
-The rules are `changes.apply_rules`, as for every other comparison.
+norms. Here tensors of one dtype are packed into segments of at most SEGMENT_BYTES (a larger
+tensor is cut into pieces of whole rows, whose statistics are merged), read from the files into
+device buffers through a small ring of pinned chunks while earlier segments are compared, and each
+segment costs one bitwise pass, one `nonzero`, per-tensor sums by `segment_reduce` over the changed
+entries, and one copy of its results to the host. The rules are `changes.apply_rules`, as for
+every other comparison.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class Member:
-    """One tensor of a segment: where its bytes are on both sides, and where its elements start."""
+    """One tensor, or a piece of whole rows of one, in a segment: where its bytes are on both
+    sides, and where its elements start in the segment."""
 
     name: str
     shape: tuple[int, ...]
@@ -46,6 +48,7 @@ class Member:
     axis: int | None
     base_range: tuple[Path, int, int]
     tuned_range: tuple[Path, int, int]
+    pieces: int = 1
 
 
 @dataclass
@@ -59,34 +62,71 @@ class Segment:
         return self.numel * self.dtype.itemsize
 
 
-def batchable(base: TensorSource, tuned: TensorSource, name: str) -> bool:
+def batchable(base: TensorSource, tuned: TensorSource, name: str, rank: bool = False) -> bool:
     """Same float dtype and shape on both sides, raw bytes in a file: the common case. Anything
-    else (a resized vocabulary, mixed dtypes, other formats) goes tensor by tensor with its note."""
+    else (a resized vocabulary, mixed dtypes, other formats) goes tensor by tensor with its note,
+    and so does a matrix whose rank is asked for but that is split across segments."""
     rb, rt = base.byte_range(name), tuned.byte_range(name)
     if rb is None or rt is None:
         return False
     dtype, shape = base.dtype(name), tuple(base.shape(name))
     size = base.numel(name) * dtype.itemsize
+    if rank and len(shape) == 2 and size > SEGMENT_BYTES:
+        return False
     return (dtype in _FLOATS and dtype == tuned.dtype(name) and shape == tuple(tuned.shape(name)) and size > 0
             and rb[2] - rb[1] == size and rt[2] - rt[1] == size)
+
+
+def _row_pieces(shape: tuple[int, ...], max_numel: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the pieces a tensor is cut into: whole rows (slices of the first axis),
+    at most max_numel elements each unless one row is larger."""
+    if len(shape) == 0:
+        return [(0, 1)]
+    rows = shape[0]
+    per_row = math.prod(shape[1:])
+    step = max(1, max_numel // max(1, per_row))
+    return [(r, min(step, rows - r)) for r in range(0, rows, step)]
 
 
 def plan_segments(base: TensorSource, tuned: TensorSource, names: Sequence[str],
                   target_bytes: int = SEGMENT_BYTES) -> list[Segment]:
     """Pack the tensors, in the base file's order within each dtype, into segments of about
-    `target_bytes` (a larger tensor gets a segment of its own)."""
+    `target_bytes`; a larger tensor is cut into pieces of whole rows, so device memory stays
+    bounded by the segment size whatever the largest tensor (Gemma-3n's per-layer embeddings: 4 GB)."""
     order = sorted(names, key=lambda n: (str(base.dtype(n)), str(base.byte_range(n)[0]), base.byte_range(n)[1]))
     segments: list[Segment] = []
     for name in order:
-        dtype, shape, numel = base.dtype(name), tuple(base.shape(name)), base.numel(name)
-        seg = segments[-1] if segments else None
-        if seg is None or seg.dtype != dtype or (seg.nbytes + numel * dtype.itemsize > target_bytes):
-            seg = Segment(dtype, [], 0)
-            segments.append(seg)
-        seg.members.append(Member(name, shape, numel, seg.numel, neuron_axis(name, shape),
-                                  base.byte_range(name), tuned.byte_range(name)))
-        seg.numel += numel
+        dtype, shape = base.dtype(name), tuple(base.shape(name))
+        per_row = math.prod(shape[1:]) if shape else 1
+        pieces = _row_pieces(shape, max(1, target_bytes // dtype.itemsize))
+        for first, rows in pieces:
+            numel = rows * per_row
+            seg = segments[-1] if segments else None
+            if seg is None or seg.dtype != dtype or (seg.nbytes + numel * dtype.itemsize > target_bytes):
+                seg = Segment(dtype, [], 0)
+                segments.append(seg)
+            lo, hi = first * per_row * dtype.itemsize, (first * per_row + numel) * dtype.itemsize
+            ranges = [(path, start + lo, start + hi) for path, start, _ in (base.byte_range(name), tuned.byte_range(name))]
+            seg.members.append(Member(name, (rows, *shape[1:]) if shape else (), numel, seg.numel,
+                                      neuron_axis(name, shape), *ranges, pieces=len(pieces)))
+            seg.numel += numel
     return segments
+
+
+def merge_pieces(parts: list[DiffStats]) -> DiffStats:
+    """One tensor's statistics from those of its pieces (consecutive whole rows): counts and sums
+    add, maxima take the max, per-row counts concatenate, per-column counts add."""
+    if len(parts) == 1:
+        return parts[0]
+    out = DiffStats(numel=sum(p.numel for p in parts))
+    out.changed = {r: sum(p.changed[r] for p in parts) for r in parts[0].changed}
+    for f in ("nonfinite_base", "nonfinite_tuned", "abs_sum", "abs_sq_sum", "base_sq_sum", "finite_count"):
+        setattr(out, f, sum(getattr(p, f) for p in parts))
+    out.abs_max = max(p.abs_max for p in parts)
+    if parts[0].row_changed is not None:
+        out.row_changed = {r: torch.cat([p.row_changed[r] for p in parts]) for r in parts[0].row_changed}
+        out.col_changed = {r: sum(p.col_changed[r] for p in parts) for r in parts[0].col_changed}
+    return out
 
 
 class RangeReader:
@@ -160,9 +200,9 @@ class RangeReader:
 
 def compare_segments(base: TensorSource, tuned: TensorSource, names: Sequence[str], rules: ChangeRules,
                      device: str, rank: bool = False, target_bytes: int | None = None,
-                     ) -> Iterator[tuple[Member, DiffStats, tuple[int, int] | None]]:
-    """Every `batchable` tensor's statistics (and update rank with `rank`), segment by segment; the
-    next segments are read while one is compared, into a ring of device buffer pairs."""
+                     ) -> Iterator[tuple[str, DiffStats, tuple[int, int] | None]]:
+    """(name, statistics, update rank with `rank`) of every `batchable` tensor, segment by segment;
+    the next segments are read while one is compared, into a ring of device buffer pairs."""
     segments = plan_segments(base, tuned, names, target_bytes or SEGMENT_BYTES)
     if not segments:
         return
@@ -184,11 +224,16 @@ def compare_segments(base: TensorSource, tuned: TensorSource, names: Sequence[st
 
     try:
         pending = {k: start_reading(k) for k in range(depth)}
+        pending_pieces: dict[str, list[DiffStats]] = {}
         for k, seg in enumerate(segments):
             reader.wait(pending.pop(k))
             buf_a, buf_b = slots[k % depth]
             a, b = buf_a[:seg.nbytes].view(seg.dtype), buf_b[:seg.nbytes].view(seg.dtype)
-            yield from segment_stats(a, b, seg, rules, rank)  # ends in a host sync: the slot is free again
+            for member, stats, ranks in segment_stats(a, b, seg, rules, rank):  # a host sync: the slot is free again
+                parts = pending_pieces.setdefault(member.name, [])
+                parts.append(stats)
+                if len(parts) == member.pieces:
+                    yield member.name, merge_pieces(pending_pieces.pop(member.name)), ranks
             if k + depth < len(segments):
                 pending[k + depth] = start_reading(k + depth)
     finally:
@@ -197,8 +242,8 @@ def compare_segments(base: TensorSource, tuned: TensorSource, names: Sequence[st
 
 def load_kernels(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, rules: ChangeRules = ChangeRules()) -> None:
     """Run the segment kernels once on a made-up 40-weight segment. A GPU loads each kernel's code
-    on its first launch (CUDA lazy loading): about 0.35 s per process for the engine's kernels on
-    an H100, a one-time cost like starting the CUDA context, which this moves to where it suits."""
+    on its first launch (CUDA lazy loading): 0.05-0.4 s per process for the engine's kernels on an
+    H100, a one-time cost like starting the CUDA context, which this moves to where it suits."""
     dev, nowhere = torch.device(device), (Path(), 0, 0)
     members = [Member("model.layers.0.mlp.up_proj.weight", (4, 8), 32, 0, 0, nowhere, nowhere),
                Member("model.layers.0.mlp.up_proj.bias", (8,), 8, 32, None, nowhere, nowhere)]
@@ -258,7 +303,7 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, seg: Segment, rules: ChangeR
         if j in along:
             stats.row_changed, stats.col_changed = along[j]
         ranks = None
-        if rank and len(m.shape) == 2:
+        if rank and len(m.shape) == 2 and m.pieces == 1:
             delta = (b[m.start:m.start + m.numel].float() - a[m.start:m.start + m.numel].float()).view(m.shape)
             ranks = update_rank(delta, str(dev))
         yield m, stats, ranks

@@ -17,9 +17,10 @@ IMDB_JSONL = SHARED / "data" / "imdb" / "train.jsonl.gz"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
 
-def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float = 120) -> None:
+def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float = 120, env: dict | None = None) -> None:
     """Start `command`, SIGKILL it as soon as `marker` exists (a checkpoint folder): a killed run."""
-    proc = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     deadline = time.time() + timeout
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)

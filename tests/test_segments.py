@@ -54,37 +54,64 @@ def _assert_same(batched, ref, name):
 
 @pytest.mark.parametrize("target_bytes", [1, 700, 1 << 30])
 def test_batched_pass_equals_tensor_by_tensor(tiny_gpt2_pair, tmp_path, target_bytes):
-    """One tensor per segment, several per segment (and tensors larger than the target), one
-    segment per dtype: every statistic equals diff_stats', ranks equal update_rank's."""
+    """Every tensor cut into one-row pieces, several tensors or pieces per segment, one segment per
+    dtype: every statistic equals diff_stats', ranks equal update_rank's for whole matrices."""
     rules = ChangeRules(atol=1e-2, eta=1e-3)
+    any_split = False
     for base_dir, tuned_dir in [tiny_gpt2_pair[:2], _odd_pair(tmp_path)]:
         base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
         names = [n for n in base.names() if n in tuned.names()]
         assert all(batchable(base, tuned, n) for n in names)
-        seen = set()
-        for member, stats, ranks in compare_segments(base, tuned, names, rules, "cpu", rank=True,
-                                                     target_bytes=target_bytes):
-            a, b = base.get(member.name), tuned.get(member.name)
-            axis = neuron_axis(member.name, tuple(a.shape))
-            assert member.axis == axis
-            _assert_same(stats, diff_stats(a, b, rules, per_row_col=axis is not None), member.name)
-            assert ranks == (update_rank(b.float() - a.float()) if a.dim() == 2 else None)
-            seen.add(member.name)
-        assert seen == set(names)
+        split = {m.name for s in plan_segments(base, tuned, names, target_bytes) for m in s.members if m.pieces > 1}
+        any_split |= bool(split)
+        seen = []
+        for name, stats, ranks in compare_segments(base, tuned, names, rules, "cpu", rank=True, target_bytes=target_bytes):
+            a, b = base.get(name), tuned.get(name)
+            axis = neuron_axis(name, tuple(a.shape))
+            _assert_same(stats, diff_stats(a, b, rules, per_row_col=axis is not None), name)
+            whole_matrix = a.dim() == 2 and name not in split
+            assert ranks == (update_rank(b.float() - a.float()) if whole_matrix else None)
+            seen.append(name)
+        assert sorted(seen) == sorted(names)
+    assert any_split == (target_bytes < 1 << 30)
+
+
+def test_large_tensors_are_cut_into_whole_rows(tiny_gpt2_pair):
+    base_dir, tuned_dir, _, state = tiny_gpt2_pair
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    segments = plan_segments(base, tuned, base.names(), target_bytes=1000)
+    pieces = [m for s in segments for m in s.members if m.name == "transformer.wte.weight"]
+    rows, cols = state["transformer.wte.weight"].shape
+    assert len(pieces) == pieces[0].pieces > 1 and sum(m.shape[0] for m in pieces) == rows
+    assert all(m.shape[1:] == (cols,) and m.numel * 2 <= 1000 for m in pieces)
+    assert all(s.nbytes <= 1000 for s in segments)
+    spans = [m.base_range[1:] for m in pieces]
+    assert all(hi == lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:]))  # consecutive row ranges of the file
+
+
+def test_a_matrix_split_across_segments_goes_tensor_by_tensor_when_its_rank_is_asked(tiny_gpt2_pair, monkeypatch):
+    import subnetscope.segments as segments
+
+    base_dir, tuned_dir, _, _ = tiny_gpt2_pair
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 1000)
+    name = "transformer.wte.weight"
+    assert batchable(base, tuned, name) and not batchable(base, tuned, name, rank=True)
+    assert batchable(base, tuned, "transformer.h.0.ln_1.weight", rank=True)
 
 
 def test_batched_pass_counts_the_planted_changes(tiny_gpt2_pair):
     base_dir, tuned_dir, counts, _ = tiny_gpt2_pair
     base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
-    got = {m.name: s.changed["exact"] for m, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu",
-                                                                      target_bytes=512)}
+    got = {n: s.changed["exact"] for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu",
+                                                                  target_bytes=512)}
     assert {n: c for n, c in got.items() if c} == counts
 
 
 def test_nonfinite_weights_are_counted_and_kept_out_of_the_sums(tmp_path):
     base_dir, tuned_dir = _odd_pair(tmp_path)
     base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
-    got = {m.name: s for m, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu")}
+    got = {n: s for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu")}
     q = got["model.layers.1.self_attn.q_proj.weight"]
     assert (q.nonfinite_base, q.nonfinite_tuned, q.changed["exact"]) == (1, 5, 4)
     assert math.isfinite(q.base_sq_sum) and math.isfinite(q.abs_sum) and q.finite_count == q.numel - 4
@@ -100,7 +127,7 @@ def test_segments_are_single_dtype_packed_and_bounded(tiny_gpt2_pair, tmp_path):
     for seg in segments:
         assert all(base.dtype(m.name) == seg.dtype for m in seg.members)
         assert [m.start for m in seg.members] == [sum(x.numel for x in seg.members[:i]) for i in range(len(seg.members))]
-        assert seg.nbytes <= 500 or len(seg.members) == 1
+        assert seg.nbytes <= 500 or (len(seg.members) == 1 and seg.members[0].shape[0] == 1)
 
 
 def test_mismatched_tensors_are_left_to_the_tensor_by_tensor_path(tmp_path):
