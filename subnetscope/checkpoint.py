@@ -319,6 +319,31 @@ def atomic_save_dir(folder: Path, write) -> None:
         raise
 
 
+def atomic_write_file(path: Path, write) -> Path:
+    """Write a file under a temporary name beside it, then rename it into place. The name is unique
+    per process: processes sharing a folder (a study's algorithms run in parallel) never rename
+    each other's half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def latest_resumable(run_dir: Path, state_file: str) -> Path | None:
+    """The newest complete checkpoint-N of a run that holds `state_file` (a trainer's state), if any."""
+    try:
+        done = [c.path for c in find_step_checkpoints(str(run_dir)) if (c.path / state_file).is_file()]
+    except SubnetscopeError:
+        return None
+    return done[-1] if done else None
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", spec)) and not spec.startswith(".")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import pack_bits, unpack_bits
+from .checkpoint import atomic_write_file, pack_bits, unpack_bits
 from .errors import SubnetscopeError
 
 MASK_FORMAT = "subnetscope-mask/1"
@@ -48,15 +47,10 @@ class MaskSet:
 
 def save_masks(path: Path, mask_set: MaskSet) -> Path:
     """Write the set atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {name: pack_bits(m.bool()).cpu() for name, m in mask_set.masks.items()}
     meta = {"format": MASK_FORMAT, "shapes": json.dumps({n: list(m.shape) for n, m in mask_set.masks.items()}),
             "settings": json.dumps(mask_set.settings), "fingerprint": mask_set.fingerprint}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(payload, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_file(path, lambda tmp: save_file(payload, str(tmp), metadata=meta))
 
 
 def load_masks(path: str | Path) -> MaskSet:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .checkpoint import atomic_save_dir, find_step_checkpoints, open_checkpoint
+from .checkpoint import atomic_save_dir, latest_resumable, open_checkpoint
 from .devices import resolve_device
 from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
@@ -218,13 +218,9 @@ class PruneTrainer:
         """Weights, optimizer, masks and counters from the newest complete checkpoint-N, if any."""
         if not self.run_dir.is_dir():
             raise SubnetscopeError(f"--resume: {self.run_dir} does not exist: drop --resume to start a run")
-        try:
-            done = [c.path for c in find_step_checkpoints(str(self.run_dir)) if (c.path / TRAINER_STATE).is_file()]
-        except SubnetscopeError:
-            done = []
-        if not done:
+        folder = latest_resumable(self.run_dir, TRAINER_STATE)
+        if folder is None:
             return
-        folder = done[-1]
         source = open_checkpoint(str(folder))
         params = dict(self.model.named_parameters())
         if set(source.names()) != set(params):

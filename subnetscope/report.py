@@ -4,12 +4,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
 from .changes import RULES
+from .checkpoint import atomic_write_file
 from .engine import OverlapResult, PairResult, SeriesResult, iter_block_table
 from .metrics import RANK_TOLERANCE_DOC
 
@@ -25,17 +25,8 @@ def _clean(value):
     return value
 
 
-def _temp_beside(path: Path) -> Path:
-    """A temporary name beside `path`, unique per process: processes sharing a folder (a study's
-    algorithms run in parallel) never rename each other's half-written file."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
 def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    tmp.write_text(json.dumps(_clean(data), indent=2))
-    os.replace(tmp, path)
+    atomic_write_file(path, lambda tmp: tmp.write_text(json.dumps(_clean(data), indent=2)))
 
 
 def write_csv(path: Path, rows: Iterable[dict]) -> None:
@@ -43,13 +34,14 @@ def write_csv(path: Path, rows: Iterable[dict]) -> None:
     fields: list[str] = []
     for row in rows:
         fields.extend(k for k in row if k not in fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(_clean(r) for r in rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(_clean(r) for r in rows)
+
+    atomic_write_file(path, write)
 
 
 def tensor_rows(pair: PairResult) -> list[dict]:

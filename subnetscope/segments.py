@@ -279,19 +279,19 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, seg: Segment, rules: ChangeR
         masks["atol"].double(), masks["relative"].double(), negate(finite).double(),
         negate(torch.isfinite(vb)).double() - negate(torch.isfinite(va)).double(),
     ]
-    summary = torch.empty(8, T, dtype=torch.float64, device=dev)
-    for i, x in enumerate(columns):
+    summary = torch.empty(9, T, dtype=torch.float64, device=dev)  # one copy to the host for all of it
+    summary[0].copy_(runs[1:] - runs[:-1])
+    for i, x in enumerate(columns, 1):
         summary[i].copy_(_per_member(x, runs))
-    summary[4].copy_(_per_member(absd, runs, "max"))
-    summary[5].copy_(_per_member(absd64, runs))
-    summary[6].copy_(_per_member(absd64 * absd64, runs))
-    summary[7].copy_(_per_member(a.double() * a.double(), bounds))
+    summary[5].copy_(_per_member(absd, runs, "max"))
+    summary[6].copy_(_per_member(absd64, runs))
+    summary[7].copy_(_per_member(absd64 * absd64, runs))
+    summary[8].copy_(_per_member(a.double() * a.double(), bounds))
     along = _counts_along_neurons(seg, idx, rule_code(masks)) if any(m.axis is not None for m in seg.members) else {}
-    runs, summary = runs.cpu().tolist(), summary.cpu().T.tolist()
-    for j, m in enumerate(seg.members):
-        atol, relative, nonfinite_d, shift, abs_max, abs_sum, abs_sq, base_sq = summary[j]
+    for j, (m, row) in enumerate(zip(seg.members, summary.cpu().T.tolist())):
+        exact, atol, relative, nonfinite_d, shift, abs_max, abs_sum, abs_sq, base_sq = row
         stats = DiffStats(numel=m.numel)
-        stats.changed = {"exact": runs[j + 1] - runs[j], "atol": int(atol), "relative": int(relative)}
+        stats.changed = {"exact": int(exact), "atol": int(atol), "relative": int(relative)}
         stats.finite_count = m.numel - int(nonfinite_d)
         if math.isfinite(base_sq):
             nonfinite_a = 0

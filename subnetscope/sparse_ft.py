@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save_dir, find_step_checkpoints, open_checkpoint
+from .checkpoint import atomic_save_dir, latest_resumable, open_checkpoint
 from .confine import ConfinedUpdates
 from .data import load_task_texts, token_stream
 from .devices import resolve_device
@@ -206,20 +206,17 @@ class SparseFTTrainer:
         atomic_save_dir(self.run_dir / f"checkpoint-{step}", write)
 
     def _load_latest(self) -> None:
-        try:
-            done = [c.path for c in find_step_checkpoints(str(self.run_dir)) if (c.path / TRAINER_STATE).is_file()]
-        except SubnetscopeError:
-            done = []
-        if not done:
+        folder = latest_resumable(self.run_dir, TRAINER_STATE)
+        if folder is None:
             return
-        source = open_checkpoint(str(done[-1] / TRAINABLE_FILE))
+        source = open_checkpoint(str(folder / TRAINABLE_FILE))
         if set(source.names()) != set(self.trainable):
-            raise SubnetscopeError(f"--resume: {done[-1]} was written by other settings (method, mask or LoRA rank): "
+            raise SubnetscopeError(f"--resume: {folder} was written by other settings (method, mask or LoRA rank): "
                                    "resume with the same settings, or pick a new --output_dir")
         with torch.no_grad():
             for name, p in self.trainable.items():
                 p.copy_(source.get(name))
-        state = torch.load(done[-1] / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         set_rng_state(state["rng"])  # dropout continues as if never interrupted
