@@ -6,8 +6,12 @@
            pass over a synthetic 16.8M-weight segment (CUDA loads a kernel's code on first launch)
   phases : a fresh process's first and second engine call split into waiting for reads and
            segment compute (the first segment apart)
+  modules: a fresh process's first and second launch of ops the engine uses or could use; CUDA
+           loads kernel code per family (source file) on first use, so an op whose family is
+           loaded already costs nothing extra (run it twice: the first process reads the library
+           files from disk)
 
-Run: python benchmarks/probe_engine_gpu.py {check,ops,phases} [--workdir DIR]
+Run: python benchmarks/probe_engine_gpu.py {check,ops,phases,modules} [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -68,9 +72,10 @@ def ops() -> None:
     n1, n2, nowhere = 4096 * 4096, 1024, (Path(), 0, 0)
     members = [segments.Member("transformer.h.0.mlp.c_fc.weight", (4096, 4096), n1, 0, 1, nowhere, nowhere),
                segments.Member("transformer.h.0.mlp.c_fc.bias", (n2,), n2, n1, None, nowhere, nowhere)]
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    a = (torch.randn(n1 + n2, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
-    b = torch.where(torch.rand(n1 + n2, device="cuda", generator=gen) < 0.05, a * 1.05 + 1e-3, a).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)  # made on the CPU, so that no kernel is loaded before the probe
+    a = (torch.randn(n1 + n2, generator=gen) * 0.02).to(torch.bfloat16)
+    b = torch.where(torch.rand(n1 + n2, generator=gen) < 0.05, a * 1.05 + 1e-3, a).to(torch.bfloat16)
+    a, b = a.to("cuda"), b.to("cuda")
     for attempt in ("first", "second"):
         record.clear()
         with SyncTimer():
@@ -78,6 +83,46 @@ def ops() -> None:
         top = sorted(record, key=lambda r: -r[1])[:12]
         print(f"{attempt} pass: {sum(t for _, t in record):.3f} s in {len(record)} ops; slowest: "
               + ", ".join(f"{name} {t * 1000:.1f} ms" for name, t in top))
+
+
+def modules() -> None:
+    n = 1 << 20
+    gen = torch.Generator().manual_seed(0)  # inputs made on the CPU: no kernel is loaded before the probe
+    a = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    f, m = torch.randn(n, generator=gen), torch.rand(n, generator=gen) < 0.5
+    idx = torch.randint(0, n, (n // 20,), generator=gen).sort().values
+    slots = torch.randint(0, 4000, (n // 20,), generator=gen)
+    a, f, d, m, idx, slots = (x.to("cuda") for x in (a, f, f.double(), m, idx, slots))
+    ai = a.view(torch.int16)
+    offsets = torch.tensor([0, 1000, 50000, n], device="cuda")
+    probes = {
+        "xor int16": lambda: ai ^ ai, "xor bool": lambda: m ^ m, "or bool": lambda: m | m,
+        "nonzero int16": lambda: ai.nonzero(), "nonzero bool": lambda: m.nonzero(),
+        "ne int16": lambda: ai != ai, "eq float32": lambda: f == f, "le float32": lambda: f <= f, "le float64": lambda: d <= 0.5,
+        "cast bf16 to float32": lambda: a.float(), "cast bool to float64": lambda: m.double(),
+        "abs float32": lambda: f.abs(), "sub float32": lambda: f - f, "add int64": lambda: idx + 3,
+        "mul float32": lambda: f * f, "mul float64": lambda: d * d, "isfinite": lambda: torch.isfinite(f),
+        "where": lambda: torch.where(m, f, 0.0),
+        "segment_reduce sum": lambda: torch.segment_reduce(d, "sum", offsets=offsets, unsafe=True, initial=0),
+        "segment_reduce max": lambda: torch.segment_reduce(f, "max", offsets=offsets, unsafe=True, initial=0),
+        "searchsorted": lambda: torch.searchsorted(idx, offsets),
+        "gather bf16": lambda: a.gather(0, idx), "gather int64": lambda: idx.gather(0, slots),
+        "scatter_add_ int64": lambda: torch.zeros(4000, dtype=torch.long, device="cuda").scatter_add_(0, slots, slots),
+        "index_select bf16": lambda: a.index_select(0, idx), "index_select int64": lambda: idx.index_select(0, slots),
+        "bincount": lambda: torch.bincount(slots, minlength=4000), "sum float64": lambda: d.sum(),
+        "cumsum int64": lambda: slots.cumsum(0),
+    }
+
+    def launch_ms(fn) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1000
+
+    times = [(name, launch_ms(fn), launch_ms(fn)) for name, fn in probes.items()]
+    print(f"first launches {sum(t for _, t, _ in times):.0f} ms in all (first / second, ms): "
+          + ", ".join(f"{name} {t1:.1f} / {t2:.2f}" for name, t1, t2 in times))
 
 
 def phases(base: Path, tuned: Path) -> None:
@@ -106,7 +151,7 @@ def phases(base: Path, tuned: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("probe", choices=("check", "ops", "phases"), help="which diagnostic (see above)")
+    p.add_argument("probe", choices=("check", "ops", "phases", "modules"), help="which diagnostic (see above)")
     p.add_argument("--workdir", default="/tmp/subnetscope-bench", help="where bench_engine.py keeps its pairs")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -114,6 +159,9 @@ def main() -> None:
     torch.zeros(1, device="cuda")  # the CUDA context, as in bench_engine.py
     if args.probe == "ops":
         ops()
+        return
+    if args.probe == "modules":
+        modules()
         return
     base, tuned = build_pair(Path(args.workdir), "medium", 0.05)
     if args.probe == "check":

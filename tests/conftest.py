@@ -16,6 +16,9 @@ TINY_GPT2_DIR = SHARED / "models" / "tiny-gpt2"
 IMDB_JSONL = SHARED / "data" / "imdb" / "train.jsonl.gz"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
+# the engine's GPU paths are tested where a GPU is (on the lent H100), skipped in CPU-only CI
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+
 
 def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float = 120, env: dict | None = None) -> None:
     """Start `command`, SIGKILL it as soon as `marker` exists (a checkpoint folder): a killed run."""

@@ -8,6 +8,8 @@ import torch
 from subnetscope import changes
 from subnetscope.changes import ChangeRules, changed_masks, diff_stats
 
+from .conftest import DEVICES
+
 
 def test_three_rules_on_hand_built_values():
     a = torch.tensor([1.0, 1.0, 100.0, 100.0, 0.001, 5.0], dtype=torch.float32)
@@ -53,14 +55,15 @@ def reference_stats(a: np.ndarray, b: np.ndarray, atol: float, eta: float) -> di
     }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(300, 70), (5000,), (3, 4, 50)])
-def test_kernel_matches_numpy(shape):
+def test_kernel_matches_numpy(shape, device):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(shape, generator=gen)
     keep = torch.rand(shape, generator=gen) < 0.8
     b = torch.where(keep, a, a + torch.randn(shape, generator=gen) * 10 ** torch.empty(shape).uniform_(-7, -1, generator=gen))
     rules = ChangeRules(atol=1e-5, eta=1e-3)
-    got = diff_stats(a, b, rules, per_row_col=len(shape) == 2)
+    got = diff_stats(a, b, rules, per_row_col=len(shape) == 2, device=device)
     ref = reference_stats(a.numpy(), b.numpy(), 1e-5, 1e-3)
     assert got.changed == {r: ref[r] for r in changes.RULES}
     assert got.abs_max == pytest.approx(ref["max"], rel=1e-6)
@@ -74,10 +77,11 @@ def test_kernel_matches_numpy(shape):
             assert torch.equal(got.col_changed[r], mask[r].sum(0))
 
 
-def test_kernel_counts_nonfinite_and_keeps_stats_finite():
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_counts_nonfinite_and_keeps_stats_finite(device):
     a = torch.tensor([1.0, 2.0, float("inf"), 4.0, float("nan")])
     b = torch.tensor([1.0, float("nan"), float("inf"), 4.5, 3.0])
-    got = diff_stats(a, b, ChangeRules())
+    got = diff_stats(a, b, ChangeRules(), device=device)
     assert got.nonfinite_base == 2 and got.nonfinite_tuned == 2
     assert got.changed["exact"] == 3
     assert got.abs_max == pytest.approx(0.5)

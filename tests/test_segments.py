@@ -14,7 +14,7 @@ from subnetscope.metrics import update_rank
 from subnetscope.naming import neuron_axis
 from subnetscope.segments import batchable, compare_segments, plan_segments
 
-from .conftest import plant, save_state
+from .conftest import DEVICES, plant, save_state
 
 
 def _odd_pair(tmp_path):
@@ -52,8 +52,9 @@ def _assert_same(batched, ref, name):
                 assert torch.equal(got[rule], want[rule]), (name, along, rule)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("target_bytes", [1, 700, 1 << 30])
-def test_batched_pass_equals_tensor_by_tensor(tiny_gpt2_pair, tmp_path, target_bytes):
+def test_batched_pass_equals_tensor_by_tensor(tiny_gpt2_pair, tmp_path, target_bytes, device):
     """Every tensor cut into one-row pieces, several tensors or pieces per segment, one segment per
     dtype: every statistic equals diff_stats', ranks equal update_rank's for whole matrices."""
     rules = ChangeRules(atol=1e-2, eta=1e-3)
@@ -65,12 +66,12 @@ def test_batched_pass_equals_tensor_by_tensor(tiny_gpt2_pair, tmp_path, target_b
         split = {m.name for s in plan_segments(base, tuned, names, target_bytes) for m in s.members if m.pieces > 1}
         any_split |= bool(split)
         seen = []
-        for name, stats, ranks in compare_segments(base, tuned, names, rules, "cpu", rank=True, target_bytes=target_bytes):
+        for name, stats, ranks in compare_segments(base, tuned, names, rules, device, rank=True, target_bytes=target_bytes):
             a, b = base.get(name), tuned.get(name)
             axis = neuron_axis(name, tuple(a.shape))
             _assert_same(stats, diff_stats(a, b, rules, per_row_col=axis is not None), name)
             whole_matrix = a.dim() == 2 and name not in split
-            assert ranks == (update_rank(b.float() - a.float()) if whole_matrix else None)
+            assert ranks == (update_rank(b.float() - a.float(), device) if whole_matrix else None)
             seen.append(name)
         assert sorted(seen) == sorted(names)
     assert any_split == (target_bytes < 1 << 30)
@@ -100,18 +101,20 @@ def test_a_matrix_split_across_segments_goes_tensor_by_tensor_when_its_rank_is_a
     assert batchable(base, tuned, "transformer.h.0.ln_1.weight", rank=True)
 
 
-def test_batched_pass_counts_the_planted_changes(tiny_gpt2_pair):
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_pass_counts_the_planted_changes(tiny_gpt2_pair, device):
     base_dir, tuned_dir, counts, _ = tiny_gpt2_pair
     base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
-    got = {n: s.changed["exact"] for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu",
+    got = {n: s.changed["exact"] for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), device,
                                                                   target_bytes=512)}
     assert {n: c for n, c in got.items() if c} == counts
 
 
-def test_nonfinite_weights_are_counted_and_kept_out_of_the_sums(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_weights_are_counted_and_kept_out_of_the_sums(tmp_path, device):
     base_dir, tuned_dir = _odd_pair(tmp_path)
     base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
-    got = {n: s for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), "cpu")}
+    got = {n: s for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), device)}
     q = got["model.layers.1.self_attn.q_proj.weight"]
     assert (q.nonfinite_base, q.nonfinite_tuned, q.changed["exact"]) == (1, 5, 4)
     assert math.isfinite(q.base_sq_sum) and math.isfinite(q.abs_sum) and q.finite_count == q.numel - 4
