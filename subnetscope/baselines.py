@@ -81,7 +81,7 @@ def positive_review_records(spec: str, tokenizer, limit: int, prompt_tokens: int
     """SFT on real positive reviews: each one's opening as the prompt, the words after it as the completion."""
     from .data import load_labelled_reviews
 
-    texts, labels = load_labelled_reviews(spec, limit=10**9, seed=seed)
+    texts, labels = load_labelled_reviews(spec, seed)
     prompts, completions = [], []
     for text in (t for t, y in zip(texts, labels) if y == 1):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

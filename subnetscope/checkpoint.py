@@ -203,7 +203,6 @@ class SafetensorsSource(TensorSource):
         return (self._where[name][0], *self._offsets[name])
 
 
-
 class TorchBinSource(TensorSource):
     """`pytorch_model.bin` (or its shards), memory-mapped and loaded with `weights_only=True`."""
 

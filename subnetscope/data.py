@@ -159,11 +159,14 @@ def calibration_batches(tokens: torch.Tensor, n_batches: int, batch_size: int, s
     return list(tokens[:need].view(n_batches, batch_size, seq_len))
 
 
-def load_labelled_reviews(spec: str, limit: int, seed: int) -> tuple[list[str], list[int]]:
-    """Reviews and their labels (1 = positive), shuffled with `seed`: `datasets` "imdb" or a local file."""
+def load_labelled_reviews(spec: str, seed: int, limit: int | None = None) -> tuple[list[str], list[int]]:
+    """Reviews and their labels (1 = positive), shuffled with `seed`, the first `limit` of them (all
+    by default): `datasets` "imdb" or a local file."""
     records = _load_records(spec)
     if "text" not in records.column_names or "label" not in records.column_names:
         raise SubnetscopeError(f"{spec} needs text and label columns, label 1 = positive (found "
                                f"{records.column_names}): pass {IMDB_OFFLINE_HINT}")
-    records = records.shuffle(seed=seed).select(range(min(limit, len(records))))
+    records = records.shuffle(seed=seed)
+    if limit is not None:
+        records = records.select(range(min(limit, len(records))))
     return [t.replace("<br />", " ") for t in records["text"]], [int(x) for x in records["label"]]

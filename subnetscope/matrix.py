@@ -33,9 +33,9 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .models import load_causal_lm, load_tokenizer
 from .ppo import PPOConfig, PPOTrainer
 from .report import rank_summary, write_csv, write_json
-from .stats import mean_and_sd
 from .rewards import build_reward, score_rollout
 from .sampling import generate
+from .stats import mean_and_sd
 
 TASKS = {"rl-grpo": GRPOConfig, "rl-ppo": PPOConfig, "sft": BaselineConfig, "dpo": BaselineConfig}
 TOP_KEYS = {"output_dir", "base", "grid", "per_task"}

@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .changes import (ChangeRules, DiffStats, apply_rules, changed_indices, compute_dtype, counts_by_rule,
-                      diff_stats, rule_code)
+from .changes import (ChangeRules, DiffStats, apply_rules, changed_indices, compute_dtype, diff_stats, rule_code,
+                      rule_counts_along)
 from .checkpoint import TensorSource, pread_exact
 from .metrics import update_rank
 from .naming import neuron_axis
@@ -308,12 +308,11 @@ def _counts_along_neurons(seg: Segment, idx: torch.Tensor, code: torch.Tensor) -
     shells). The segment is cut into "rows" (each FFN matrix row, and every other member as one
     long row); a binary search gives each changed entry its row, which is its row slot, and its
     column slot is idx·w + s with w, s looked up per row (w = 0 sends other members' entries to a
-    last, discarded slot): no integer division. One scatter-add per axis counts slot·4 + rule code."""
-    ffn = [m for m in seg.members if m.axis is not None]
-    cols_total = sum(m.shape[1] for m in ffn)
-    starts, weight, shift, ffn_rows = [], [], [], []
+    last, discarded slot): no integer division."""
+    cols_total = sum(m.shape[1] for m in seg.members if m.axis is not None)
+    starts, weight, shift, first_slots = [], [], [], {}
     n_rows = c0 = 0
-    for m in seg.members:
+    for j, m in enumerate(seg.members):
         rows, cols = m.shape if m.axis is not None else (1, 0)
         starts.append(m.start + cols * torch.arange(rows))
         if m.axis is None:
@@ -322,21 +321,16 @@ def _counts_along_neurons(seg: Segment, idx: torch.Tensor, code: torch.Tensor) -
         else:
             weight.append(torch.ones(rows, dtype=torch.long))
             shift.append(c0 - starts[-1])
-            ffn_rows.append(torch.arange(n_rows, n_rows + rows))
+            first_slots[j] = (n_rows, c0)
             c0 += cols
         n_rows += rows
     dev = idx.device
     row_start = torch.cat(starts).to(dev)
     row = torch.searchsorted(row_start[1:], idx, right=True)
     col = idx * torch.cat(weight).to(dev).gather(0, row) + torch.cat(shift).to(dev).gather(0, row)
-    ones = torch.ones_like(code)
-    tables = [torch.zeros(4 * total, dtype=torch.long, device=dev).scatter_add_(0, slot * 4 + code, ones).view(total, 4).cpu()
-              for slot, total in ((row, n_rows), (col, cols_total + 1))]
-    row_table = tables[0][torch.cat(ffn_rows)]
-    out, r0, c0 = {}, 0, 0
-    for j, m in enumerate(seg.members):
-        if m.axis is not None:
-            rows, cols = m.shape
-            out[j] = (counts_by_rule(row_table[r0:r0 + rows]), counts_by_rule(tables[1][c0:c0 + cols]))
-            r0, c0 = r0 + rows, c0 + cols
+    by_row, by_col = rule_counts_along(row, code, n_rows), rule_counts_along(col, code, cols_total + 1)
+    out = {}
+    for j, (r0, c0) in first_slots.items():
+        rows, cols = seg.members[j].shape
+        out[j] = ({r: v[r0:r0 + rows] for r, v in by_row.items()}, {r: v[c0:c0 + cols] for r, v in by_col.items()})
     return out

@@ -197,7 +197,7 @@ def build_testbed(cfg: TestbedConfig, log=print) -> dict[str, dict]:
     out = Path(cfg.output_dir)
     tokenizer = tokenizer_from(cfg.tokenizer, "pass a local folder: --tokenizer ../shared/models/tiny-gpt2 has GPT-2's")
     tokenizer.pad_token = tokenizer.eos_token
-    texts, labels = load_labelled_reviews(cfg.data, cfg.max_reviews, cfg.seed)
+    texts, labels = load_labelled_reviews(cfg.data, cfg.seed, cfg.max_reviews)
     n = len(texts) - cfg.heldout_reviews
     if n < 1:
         raise SubnetscopeError(f"{cfg.data} has {len(texts)} reviews: fewer than --heldout_reviews {cfg.heldout_reviews}")
