@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from .changes import ChangeRules
-from .callback import SubnetTrackerCallback
+from .callback import TRACKER_FILE, SubnetTrackerCallback
 from .data import load_prompts
 from .errors import SubnetscopeError
-from .models import DTYPES, load_causal_lm, load_tokenizer
-from .rl import RunConfig
+from .models import DTYPES, load_causal_lm, load_tokenizer, model_signature
+from .rl import RunConfig, RunStart, check_run_start
 from .rewards import build_reward, score_rollout
+from .runstate import (FINAL_DIR, HEADER_BYTES, check_resumable, clean_stale_temps, record_resume, tensor_bytes,
+                       write_dir_checked, write_run_config)
 from .sampling import generate
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
 SFT_DATA = ("samples", "positive_reviews")
+METRICS_FILE = "subnet_metrics.jsonl"
+# a complete checkpoint-N of TRL's trainers: weights, the trainer's state, and the tracker's (saved last)
+CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+CHECKPOINT_FILES = ("trainer_state.json", TRACKER_FILE)
 
 
 @dataclass
@@ -105,12 +111,41 @@ def dpo_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> d
             "rejected": [" " + k[2].strip() for k in keep]}
 
 
+def baseline_start(config: BaselineConfig) -> RunStart:
+    """Everything a baseline run could refuse before loading a model or writing a byte (see
+    rl.check_run_start), with TRL's checkpoint-N folders as its checkpoints."""
+    return check_run_start(config, config.task.upper(), weights=CHECKPOINT_WEIGHTS, required=CHECKPOINT_FILES)
+
+
+def _prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Module) -> None:
+    """As RLTrainer's: a resumed run must fit the model; then killed writes' leftovers go, and
+    run_config.json is written (a new run) or brought up to date (a resumed one)."""
+    run_dir = Path(config.output_dir)
+    if start.saved is not None:
+        check_resumable(run_dir, model, start.saved)
+    removed = clean_stale_temps(run_dir)
+    if removed:
+        print(f"removed what killed writes left in {run_dir}: {', '.join(removed)}")
+    for note in start.point.notes():
+        print(f"note: {note}")
+    if start.saved is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_config(run_dir, {"algorithm": config.task.upper(), "settings": asdict(config),
+                                   "parameters": model_signature(model)})
+    else:
+        record_resume(run_dir, start.saved, asdict(config), start.point.step)
+
+
 def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
-    """Build the data set from the initial policy's samples, then train with TRL and the tracker."""
+    """Build the data set from the initial policy's samples, then train with TRL and the tracker. A
+    --resume of a finished run trains nothing (the callback then has no history)."""
     import datasets
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    config.validate()
+    start = baseline_start(config)
+    callback = SubnetTrackerCallback(ChangeRules(config.atol, config.eta), topk=config.topk)
+    if start.finished(config.max_steps):
+        return callback
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
         "cpu" if config.device == "auto" else config.device)
     tokenizer = load_tokenizer(config.policy, config.tokenizer)
@@ -136,7 +171,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
         import os
 
         os.environ.setdefault("WANDB_PROJECT", config.wandb)
-    callback = SubnetTrackerCallback(ChangeRules(config.atol, config.eta), topk=config.topk)
+    _prepare_run_dir(config, start, model)
     if config.task == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
                              callbacks=[callback])
@@ -144,7 +179,8 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), train_dataset=data,
                              args=DPOConfig(beta=config.dpo_beta, **common), processing_class=tokenizer,
                              callbacks=[callback])
-    resume = config.resume and any(Path(config.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
-    trainer.save_model(str(Path(config.output_dir) / "final"))
+    resume_from = start.point.folder
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    write_dir_checked(Path(config.output_dir) / FINAL_DIR, lambda tmp: trainer.save_model(str(tmp)),
+                      tensor_bytes(model.parameters()) + HEADER_BYTES)
     return callback

@@ -7,15 +7,26 @@ Three rules, reported side by side:
 * ``relative``: ``|Δ| > η·max(|w|, |w'|)``, bf16-aware: one bf16 step is 2^-8 of a weight's
   magnitude, so a fixed atol hides updates on large weights and counts every update on small ones.
 
-A weight whose bits are equal is never changed. A weight that became NaN or inf is changed under
-every rule (``~(|Δ| <= threshold)`` is true for NaN).
+A weight whose bits are equal is never changed. ``atol`` and ``relative`` apply their threshold
+only when both sides are finite; when either side is NaN or ±inf, a weight is changed iff its bits
+differ, under every rule: finite → NaN/±inf, NaN/±inf → finite and +inf → -inf are changed, the
+same non-finite bits on both sides are not. (Without that, ``inf <= η·inf`` would call a weight
+that became inf unchanged under ``relative``.) A difference of two finite values too large for the
+compute dtype (|Δ| > 3.4e38 in float32, used for every dtype but float64) counts as changed.
+
+``relative_norm`` = ‖Δ‖/‖W‖ over the finite entries is inf when the base tensor is all zeros and
+Δ is not, and 0.0 when Δ is zero.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 import torch
+
+from .errors import SubnetscopeError
 
 RULES = ("exact", "atol", "relative")
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -23,8 +34,16 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 @dataclass(frozen=True)
 class ChangeRules:
-    atol: float = 1e-5
-    eta: float = 1e-3
+    """The thresholds of the `atol` and `relative` rules; checked where they are made, so a bad flag
+    (NaN, negative) is refused before any work instead of silently turning a rule into `exact`."""
+
+    atol: float = 1e-5  # absolute rule: changed if |Δ| > atol (the RL-sparsity paper's bf16 tolerance)
+    eta: float = 1e-3  # relative rule: changed if |Δ| > eta·max(|w|, |w'|)
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--atol", self.atol), ("--eta", self.eta)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise SubnetscopeError(f"{flag} must be a finite number >= 0 (got {value}); 0 makes the rule `exact`")
 
 
 def wider_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -40,10 +59,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_bits(x: torch.Tensor) -> torch.Tensor:
+    """x's stored bits, as integers of its size: copied or compared through this view, every bit
+    survives (a CUDA foreach copy of 16-bit floats goes through float32 and makes each NaN 0x7FFF)."""
+    return x.view(_INT_VIEW[x.dtype.itemsize])
+
+
 def bits_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elementwise "the stored bits differ"; both tensors must share a dtype."""
-    view = _INT_VIEW[a.dtype.itemsize]
-    return a.view(view) != b.view(view)
+    return as_bits(a) != as_bits(b)
 
 
 def negate(mask: torch.Tensor) -> torch.Tensor:
@@ -55,10 +79,14 @@ def apply_rules(exact: torch.Tensor, fa: torch.Tensor, fb: torch.Tensor,
                 rules: ChangeRules) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The three rules' masks from the bitwise mask and both sides in the compute dtype, and |Δ|."""
     absd = (fb - fa).abs_()
+    # where the bits differ, |Δ| is NaN or inf iff a side is NaN or ±inf (or a finite |Δ| overflows),
+    # and `|Δ| <= atol` is false for both: changed
     atol = exact & negate(absd <= rules.atol)
     # |Δ| <= η·max(|a|,|b|) is (|Δ| <= η|a|) | (|Δ| <= η|b|), rounding being monotone: the same mask
-    # with the bitwise kernels `&` needs anyway (a GPU loads each new family of kernels on first use, 5-45 ms)
-    relative = exact & negate((absd <= fa.abs().mul_(rules.eta)) | (absd <= fb.abs().mul_(rules.eta)))
+    # with the bitwise kernels `&` needs anyway (a GPU loads each new family of kernels on first use, 5-45 ms);
+    # `|Δ| <= finfo.max` (|Δ| finite, with the `<=` kernels) keeps inf <= η·inf from hiding a new ±inf
+    within = (absd <= fa.abs().mul_(rules.eta)) | (absd <= fb.abs().mul_(rules.eta))
+    relative = exact & negate(within & (absd <= torch.finfo(absd.dtype).max))
     return {"exact": exact, "atol": atol, "relative": relative}, absd
 
 
@@ -99,8 +127,11 @@ class DiffStats:
 
     @property
     def relative_norm(self) -> float:
-        """‖Δ‖ / ‖W‖ over finite entries (W = the first, base, tensor)."""
-        return (self.abs_sq_sum / self.base_sq_sum) ** 0.5 if self.base_sq_sum > 0 else 0.0
+        """‖Δ‖ / ‖W‖ over finite entries (W = the first, base, tensor); inf when W is zero and Δ is not
+        (a change from nothing is infinitely large relative to it, not none), 0.0 when Δ is zero."""
+        if self.base_sq_sum > 0:
+            return (self.abs_sq_sum / self.base_sq_sum) ** 0.5
+        return math.inf if self.abs_sq_sum > 0 else 0.0
 
     def fraction(self, rule: str) -> float:
         return self.changed[rule] / self.numel if self.numel else 0.0
@@ -120,8 +151,7 @@ def changed_indices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     the bits goes to `nonzero` directly, since `!=` would load one more kernel family (20-30 ms)."""
     if a.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(bits_differ(a, b).numpy()))
-    view = _INT_VIEW[a.dtype.itemsize]
-    return (a.view(view) ^ b.view(view)).nonzero().squeeze(1)
+    return (as_bits(a) ^ as_bits(b)).nonzero().squeeze(1)
 
 
 def _to_calc(x: torch.Tensor, calc: torch.dtype) -> torch.Tensor:

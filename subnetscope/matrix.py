@@ -17,7 +17,7 @@ import json
 import re
 import traceback
 import typing
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -25,12 +25,13 @@ import torch
 from . import plots
 from .baselines import BaselineConfig, train_baseline
 from .changes import RULES, ChangeRules
-from .checkpoint import find_step_checkpoints, open_checkpoint
+from .checkpoint import atomic_write_file, find_step_checkpoints, open_checkpoint
 from .data import EVAL_PROMPTS
 from .engine import analyze_pair
 from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
 from .models import load_causal_lm, load_tokenizer
+from .outputs import check_output_dir
 from .ppo import PPOConfig, PPOTrainer
 from .report import rank_summary, write_csv, write_json
 from .rewards import build_reward, score_rollout
@@ -42,19 +43,36 @@ TOP_KEYS = {"output_dir", "base", "grid", "per_task"}
 MANAGED = {"output_dir", "resume", "task"}
 
 
+def _parse(path: str, text: str, suffix: str):
+    """The file's data; a syntax error becomes one line naming the file, the problem and its line."""
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            where = f"line {err.lineno}, column {err.colno}"
+            raise SubnetscopeError(f"{path}: not valid JSON at {where}: {err.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(filter(None, (getattr(err, "problem", None), getattr(err, "context", None)))) or str(err)
+        raise SubnetscopeError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
 def load_matrix(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise SubnetscopeError(f"{path} does not exist: pass a matrix file (.yaml, .yml or .json)")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    elif p.suffix == ".json":
-        data = json.loads(text)
-    else:
+    if p.suffix not in (".yaml", ".yml", ".json"):
         raise SubnetscopeError(f"{path}: use a .yaml, .yml or .json matrix file")
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise SubnetscopeError(f"{path} is not a text file: pass a YAML or JSON matrix file") from None
+    data = _parse(path, text, p.suffix)
     if not isinstance(data, dict):
         raise SubnetscopeError(f"{path}: the matrix file must be a mapping with keys {sorted(TOP_KEYS)}")
     return data
@@ -159,19 +177,34 @@ def eval_reward(model_dir: Path, settings: dict) -> float:
     """Mean reward of greedy completions of the fixed evaluation prompts: the same test for every task."""
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), torch.float32).eval()
-    reward = build_reward(settings.get("reward", "vader"), settings.get("reward_model", "lvwerra/distilbert-imdb"), "cpu")
+    reward = build_reward(settings.get("reward", "vader"), settings.get("reward_model", "lvwerra/distilbert-imdb"),
+                          "cpu")
     prompts = list(EVAL_PROMPTS)
     rollout = generate(model, tokenizer, prompts, torch.arange(len(prompts)), seed=0, step=0,
                        max_new_tokens=settings.get("max_new_tokens", 32), greedy=True)
     return float(torch.nanmean(score_rollout(reward, prompts, rollout)))
 
 
-def run_matrix(path: str, output_dir: str | None = None, log=print) -> Path:
+@dataclass(frozen=True)
+class SweepResult:
+    """Where a sweep's summaries went and which of its runs failed (their errors are in runs/<run>.error.txt)."""
+
+    out: Path
+    runs: int
+    failed: list[str]
+
+
+def run_matrix(path: str, output_dir: str | None = None, log=print) -> SweepResult:
+    """The sweep of a matrix file; the file and its output folder are checked before anything runs."""
     matrix = load_matrix(path)
-    return run_runs(matrix, Path(output_dir or matrix.get("output_dir") or "checkpoints/matrix"), log)
+    target = output_dir or matrix.get("output_dir") or "checkpoints/matrix"
+    if not isinstance(target, str):
+        raise SubnetscopeError(f"{path}: output_dir {target!r} is not a folder path: write it as a string")
+    out = check_output_dir(target, "--output_dir" if output_dir else f"{path}: output_dir")
+    return run_runs(matrix, out, log)
 
 
-def run_runs(matrix: dict, out: Path, log=print, detail: bool = False) -> Path:
+def run_runs(matrix: dict, out: Path, log=print, detail: bool = False) -> SweepResult:
     """Every run of a matrix (a mapping as in the file), resumable, then the summaries; `detail`
     as in `measure`."""
     runs = expand(matrix)
@@ -191,18 +224,19 @@ def run_runs(matrix: dict, out: Path, log=print, detail: bool = False) -> Path:
             except Exception as err:  # a failed run is recorded with its error; the sweep goes on
                 message = str(err).splitlines()[0] if str(err) else type(err).__name__
                 result = {"status": "failed", "error": f"{type(err).__name__}: {message}"}
-                (out / "runs").mkdir(parents=True, exist_ok=True)
-                (out / "runs" / f"{run['name']}.error.txt").write_text(traceback.format_exc())
+                trace = traceback.format_exc()
+                atomic_write_file(out / "runs" / f"{run['name']}.error.txt", lambda tmp: tmp.write_text(trace))
                 log(f"[{i}/{len(runs)}] {run['name']}: failed: {result['error']}")
         rows.append({"run": run["name"], "task": run["task"], **run["settings"], **result})
     write_summaries(rows, out)
-    return out
+    return SweepResult(out, len(rows), [r["run"] for r in rows if r["status"] != "ok"])
 
 
 def write_summaries(rows: list[dict], out: Path) -> None:
     write_csv(out / "summary.csv", rows)
     metrics = [f"changed_{r}" for r in RULES] + ["gini_relative", "eval_reward"]
-    metrics += sorted({k for r in rows for k in r if k.endswith("_relative") or k.startswith("rank_percent_")} - set(metrics))
+    extra = {k for r in rows for k in r if k.endswith("_relative") or k.startswith("rank_percent_")}
+    metrics += sorted(extra - set(metrics))
     groups: dict[tuple, list[dict]] = {}
     keys = sorted({k for r in rows for k in r} - set(metrics) - {"run", "seed", "status", "error", "final_step",
                                                                  "output_dir"})

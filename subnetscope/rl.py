@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,12 +19,15 @@ from .confine import ConfinedUpdates, compare_with_full_run
 from .data import EVAL_PROMPTS, load_prompts
 from .devices import resolve_device
 from .errors import SubnetscopeError, warn
-from .logger import MetricsLogger
-from .masks import check_masks_fit, load_masks
+from .logger import MetricsLogger, check_wandb, read_metrics
+from .masks import MaskSet, check_masks_fit, load_masks
 from .models import DTYPES, load_causal_lm, load_tokenizer
+from .outputs import check_output_dir
 from .report import write_json
 from .rewards import RewardFunction, build_reward, score_rollout
-from .runstate import check_resumable, init_run_dir, latest_step, load_step, save_step
+from .runstate import (FINAL_DIR, HEADER_BYTES, ResumePoint, check_resumable, check_run_folder, clean_stale_temps,
+                       describe_changes, final_is_written, init_run_dir, load_step, record_resume, resume_point,
+                       save_step, settings_changes, tensor_bytes, write_dir_checked)
 from .sampling import Rollout, generate
 from .tracker import UpdateTracker
 
@@ -61,6 +64,7 @@ class RunConfig:
     topk: int = 3
     aspg_sparsity: float = 0.9
     aspg_warmup: int = 10
+    allow_changed_settings: bool = False
 
     def require_counts(self, *flags: str) -> None:
         """Each named setting must be a count of at least 1."""
@@ -76,8 +80,9 @@ class RunConfig:
                 raise SubnetscopeError(f"--{flag} must be a {kind} number (got {value})")
 
     def validate(self) -> None:
-        self.require_counts("batch_size", "max_steps", "save_every")
+        self.require_counts("batch_size", "max_steps", "save_every", "max_prompt_tokens", "max_new_tokens", "topk")
         self.require_numbers("lr", "temperature", positive=True)
+        ChangeRules(self.atol, self.eta)
         if self.optimizer not in OPTIMIZERS:
             raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.aspg_sparsity < 1.0 or self.aspg_warmup < 0:
@@ -101,6 +106,47 @@ class RLConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         self.require_counts("eval_every")
+        self.require_numbers("weight_decay", "max_grad_norm")
+        if self.update_mask and not Path(self.update_mask).is_file():
+            raise SubnetscopeError(f"--update_mask {self.update_mask} does not exist: pass a mask file written by "
+                                   "compute_masks.py")
+
+
+@dataclass
+class RunStart:
+    """What the checks before a run's first write found: the run being resumed (its run_config.json)
+    and the checkpoint it continues from."""
+
+    run_dir: Path
+    saved: dict | None = None
+    point: ResumePoint = field(default_factory=lambda: ResumePoint(None))
+
+    def finished(self, max_steps: int) -> bool:
+        """A --resume of a run that reached max_steps and wrote its final model: nothing to train."""
+        return self.point.folder is not None and self.point.step >= max_steps and final_is_written(self.run_dir)
+
+
+def check_run_start(config: RunConfig, algorithm: str, weights: tuple[str, ...] | None = None,
+                    required: tuple[str, ...] | None = None) -> RunStart:
+    """Everything a run could refuse that needs no model: its settings, --output_dir, --wandb, and the
+    folder (a --resume of the same algorithm with the same settings). Writes nothing. `weights` and
+    `required` name the files of a complete checkpoint (default: this module's step_N)."""
+    config.validate()
+    run_dir = Path(config.output_dir)
+    check_output_dir(run_dir)
+    check_wandb(config.wandb)
+    saved = check_run_folder(run_dir, algorithm, asdict(config), config.resume, config.allow_changed_settings)
+    if not config.resume:
+        return RunStart(run_dir)
+    files = {k: v for k, v in (("weights", weights), ("required", required)) if v is not None}
+    return RunStart(run_dir, saved, resume_point(run_dir, **files))
+
+
+def last_record(path: Path, step: int | None = None) -> dict:
+    """The last metrics record (at or before `step`), with its step; {} when there is none."""
+    records = read_metrics(path) if Path(path).is_file() else []
+    records = [r for r in records if step is None or r.get("step", 0) <= step]
+    return records[-1] if records else {}
 
 
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -167,9 +213,10 @@ class RLTrainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        config.validate()
         self.config = config
+        self.start = check_run_start(config, self.name)
         self.accelerator = Accelerator(cpu=config.device == "cpu")
+        self.check_split(self.accelerator.num_processes)
         set_seed(config.seed)
         self.device = str(self.accelerator.device)
         self.run_dir = Path(config.output_dir)
@@ -191,44 +238,70 @@ class RLTrainer:
         self.reward_fn = reward_fn or build_reward(config.reward, config.reward_model, reward_device)
         self.prompts = load_prompts(config.dataset, self.tokenizer, config.max_prompt_tokens, seed=config.seed)
         self.eval_prompts = self._split_eval_prompts()
-        world = self.accelerator.num_processes
-        if config.batch_size % world:
-            raise SubnetscopeError(
-                f"--batch_size {config.batch_size} does not split over {world} processes: use a multiple of {world}"
-            )
         self.params = dict(self.policy.named_parameters())
+        mask_set = self._load_update_mask()
         self.extra_modules = self.build_extra_modules()
         trainable = list(self.policy.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
         self.optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay,
                                          config.aspg_sparsity, config.aspg_warmup)
-        self.start_step = 0
-        resume_from = self._prepare_run_dir()
+        self._prepare_run_dir()
         self.tracker = UpdateTracker(self.params, ChangeRules(config.atol, config.eta), initial=self._theta0(),
                                      max_steps=config.max_steps, topk=config.topk)
-        self.confined, self.full_run = self._confine_updates()
-        if resume_from is not None:
-            self.start_step, tracker_state, extra, tensors = load_step(resume_from, self.params, self.optimizer)
-            self.tracker.load_state_dict({k: v.to(self.device) for k, v in tracker_state.items()})
-            self.load_extra_state(extra, tensors)
-            self._print(f"resumed from {resume_from} at step {self.start_step}")
+        self.confined = ConfinedUpdates(self.params, mask_set.masks, anchors=self.tracker.initial) if mask_set else None
+        self.full_run = self._full_run(mask_set)
+        self.start_step = 0
+        self.skipped_rewards = 0
+        if self.start.point.folder is not None:
+            self._resume(self.start.point.folder)
+        if self.start.saved is not None:
+            self._record_settings()
         for name, module in self.extra_modules.items():
             self.extra_modules[name] = self.accelerator.prepare(module.to(self.device))
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
         self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), self.start_step,
                                     enabled=self.accelerator.is_main_process)
-        self.skipped_rewards = 0
 
-    def _confine_updates(self) -> tuple[ConfinedUpdates | None, Path | None]:
-        """--update_mask: updates confined to the mask, weights outside it held at θ0; and the full run
-        the mask came from (compute_masks.py --from_run), to compare with at the end."""
+    def check_split(self, world: int) -> None:
+        """The batch must split over the processes; checked before anything is loaded or written."""
+        if self.config.batch_size % world:
+            raise SubnetscopeError(f"--batch_size {self.config.batch_size} does not split over {world} processes: "
+                                   f"use a multiple of {world}")
+
+    def _load_update_mask(self) -> MaskSet | None:
+        """--update_mask: read and checked against the model before the run folder is written."""
         if not self.config.update_mask:
-            return None, None
-        mask_set = load_masks(self.config.update_mask)
+            return None
+        try:
+            mask_set = load_masks(self.config.update_mask)
+        except SubnetscopeError as err:
+            raise SubnetscopeError(f"--update_mask: {err}") from None
         check_masks_fit(mask_set, self.params, f"--update_mask {self.config.update_mask}")
-        confined = ConfinedUpdates(self.params, mask_set.masks, anchors=self.tracker.initial)
-        source = mask_set.settings.get("source_run")
-        full_run = Path(source) if source and (Path(source) / "final").is_dir() else None
-        return confined, full_run
+        return mask_set
+
+    @staticmethod
+    def _full_run(mask_set: MaskSet | None) -> Path | None:
+        """The full run an --update_mask came from (compute_masks.py --from_run), to compare with at the end."""
+        source = mask_set.settings.get("source_run") if mask_set else None
+        return Path(source) if source and (Path(source) / FINAL_DIR).is_dir() else None
+
+    def _settings(self) -> dict:
+        return {**asdict(self.config), "dtype_used": str(self.dtype)}
+
+    def _resume(self, folder: Path) -> None:
+        """Weights, optimizer, RNG, tracker and the trainer's own state from a step folder."""
+        self.start_step, tracker_state, extra, tensors = load_step(folder, self.params, self.optimizer)
+        self.tracker.load_state_dict({k: v.to(self.device) for k, v in tracker_state.items()})
+        self.load_extra_state(extra, tensors)
+        self._print(f"resumed from {folder} at step {self.start_step}")
+
+    def _record_settings(self) -> None:
+        """run_config.json's settings brought up to date on resume, each changed one recorded."""
+        if self.accelerator.is_main_process:
+            changes = record_resume(self.run_dir, self.start.saved, self._settings(), self.start_step)
+            if changes:
+                self._print(f"settings changed after step {self.start_step} (recorded in run_config.json): "
+                            f"{describe_changes(changes)}")
+        self.accelerator.wait_for_everyone()
 
     def uses_reference(self) -> bool:
         return True
@@ -267,20 +340,27 @@ class RLTrainer:
         ref_params = dict(self.ref.named_parameters())
         return {n: ref_params[n] for n in self.params}
 
-    def _prepare_run_dir(self) -> Path | None:
-        run = self.run_dir
-        if self.config.resume:
-            check_resumable(run, self.policy)
-            folder = latest_step(run)
-            if folder is None:
-                self._print(f"--resume: {run} has no complete checkpoint yet; starting from step 0")
-            return folder
-        if (run / "run_config.json").exists():
-            raise SubnetscopeError(f"{run} already holds a run: pass --resume to continue it, or a new --output_dir")
+    def _prepare_run_dir(self) -> None:
+        """A resumed run must fit this model and dtype; a new one gets θ0 and run_config.json. Both
+        first lose what killed writes left behind."""
+        run, saved = self.run_dir, self.start.saved
+        if saved is not None:
+            check_resumable(run, self.policy, saved)
+            changes = settings_changes(saved["settings"], {"dtype_used": str(self.dtype)})
+            if changes and not self.config.allow_changed_settings:
+                raise SubnetscopeError(f"--resume: {run} was trained in {changes[0][1]}, this run would use "
+                                       f"{changes[0][2]}: pass the run's --dtype, or --allow_changed_settings")
         if self.accelerator.is_main_process:
-            init_run_dir(run, self.policy, self.tokenizer, {**asdict(self.config), "dtype_used": str(self.dtype)})
+            removed = clean_stale_temps(run)
+            if removed:
+                self._print(f"removed what killed writes left in {run}: {', '.join(removed)}")
+            for note in self.start.point.notes():
+                self._print(f"note: {note}")
+            if self.config.resume and self.start.point.folder is None and not self.start.point.skipped:
+                self._print(f"--resume: {run} has no complete checkpoint yet; starting from step 0")
+            if saved is None:
+                init_run_dir(run, self.policy, self.tokenizer, self._settings(), self.name)
         self.accelerator.wait_for_everyone()
-        return None
 
     def _step_prompts(self, step: int) -> tuple[list[str], torch.Tensor]:
         """This process's prompts for `step` (repeated per group) and their global row ids."""
@@ -390,6 +470,15 @@ class RLTrainer:
                       self.tracker.state_dict(), self.config.full_checkpoints, extra=extra, extra_tensors=tensors)
         self.accelerator.wait_for_everyone()
 
+    def _write_final(self) -> None:
+        unwrapped = self.accelerator.unwrap_model(self.model)
+
+        def write(tmp: Path) -> None:
+            unwrapped.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+
+        write_dir_checked(self.run_dir / FINAL_DIR, write, tensor_bytes(unwrapped.parameters()) + HEADER_BYTES)
+
     def _write_subnetwork_comparison(self) -> None:
         result = compare_with_full_run(self.run_dir, self.full_run, ChangeRules(self.config.atol, self.config.eta), self.device)
         write_json(self.run_dir / "subnetwork_comparison.json", result)
@@ -399,10 +488,12 @@ class RLTrainer:
                     f"{result['subnetwork_run']['reward']} vs {result['full_run_final']['reward']}")
 
     def train(self) -> dict[str, float]:
+        """Train from the start (or resumed) step to max_steps; the last step's metrics, with its step.
+        A resumed run that already reached max_steps trains nothing and returns its last record."""
         cfg = self.config
-        last: dict[str, float] = {}
-        bar = tqdm(range(self.start_step + 1, cfg.max_steps + 1), initial=self.start_step, total=cfg.max_steps,
-                   desc=self.name, disable=cfg.no_tqdm or not self.accelerator.is_main_process)
+        last: dict[str, float] = last_record(self.run_dir / "metrics.jsonl", self.start_step)
+        bar = tqdm(range(self.start_step + 1, cfg.max_steps + 1), initial=min(self.start_step, cfg.max_steps),
+                   total=cfg.max_steps, desc=self.name, disable=cfg.no_tqdm or not self.accelerator.is_main_process)
         for step in bar:
             metrics = self.train_step(step)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
@@ -412,14 +503,17 @@ class RLTrainer:
                             changed=f"{metrics['changed/relative']:.2%}")
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 self._save(step)
-            last = metrics
-        if self.accelerator.is_main_process:
-            final = self.run_dir / "final"
-            self.accelerator.unwrap_model(self.model).save_pretrained(final)
-            self.tokenizer.save_pretrained(final)
+            last = {"step": step, **metrics}
+        trained = self.start_step < cfg.max_steps
+        if self.accelerator.is_main_process and (trained or not final_is_written(self.run_dir)):
+            self._write_final()
             if self.full_run is not None:
                 self._write_subnetwork_comparison()
+        elif not trained:
+            self._print(f"{self.run_dir} already reached step {self.start_step} (--max_steps {cfg.max_steps}): "
+                        "nothing to train")
+        self.accelerator.wait_for_everyone()
         self.logger.close()
-        if self.skipped_rewards:
+        if self.skipped_rewards and trained:
             warn(f"{self.skipped_rewards} completions had NaN or inf rewards; they got advantage 0")
         return last

@@ -267,8 +267,10 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, seg: Segment, rules: ChangeR
     The changed entries come sorted, so each member's are one run of them, found by a binary
     search of the member boundaries; per-member sums and maxima reduce those runs. The ops are
     few and shared on purpose: a GPU loads each family of kernels on its first use (5-45 ms each).
-    A member holding NaN or inf (its sums are not finite) is recomputed by `diff_stats` itself,
-    which counts and skips them: rare, so its kernels are loaded only when needed."""
+    A member holding NaN or ±inf is recomputed by `diff_stats` itself, which counts and skips them:
+    rare, so its kernels are loaded only when needed. Every such member has a sum that is not finite
+    (a base entry makes Σa² NaN or inf; a tuned one the base lacks is changed, so its |Δ| makes Σ|Δ|
+    NaN or inf, never cancelled since |Δ| >= 0), and its counts come from `apply_rules` either way."""
     dev, calc, T = a.device, compute_dtype(seg.dtype), len(seg.members)
     bounds = torch.tensor([m.start for m in seg.members] + [seg.numel], device=dev)
     idx = changed_indices(a, b).to(dev)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .changes import RULES, ChangeRules, changed_masks
+from .changes import RULES, ChangeRules, as_bits, changed_masks
 from .metrics import block_localization
 from .naming import block_index, module_type
 
@@ -48,9 +48,15 @@ def track_flat(initial: torch.Tensor, previous: torch.Tensor, current: torch.Ten
     vs_prev = changed_masks(previous, current, rules)
     first = torch.where(vs_init["exact"] & (first_changed < 0), step, first_changed)
     first_changed.copy_(first)
-    previous.copy_(current)
+    as_bits(previous).copy_(as_bits(current))  # bit for bit: a NaN's payload is a stored change too
     masks = [vs_init[r] for r in RULES] + [vs_prev[r] for r in RULES] + [first >= 0]
     return torch.stack([m.view(-1, CHUNK).sum(dim=1, dtype=torch.int32) for m in masks])
+
+
+def copy_bits(dest: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """One multi-tensor copy that keeps every stored bit (see `changes.as_bits`), converting a
+    source of another dtype first."""
+    torch._foreach_copy_([as_bits(d) for d in dest], [as_bits(s.to(d.dtype)) for d, s in zip(dest, src)])
 
 
 class _FlatGroup:
@@ -62,24 +68,28 @@ class _FlatGroup:
     """
 
     def __init__(self, names: list[str], params: dict[str, torch.Tensor], initial: dict[str, torch.Tensor],
-                 borrowed: bool, step_dtype: torch.dtype, compile: bool):
+                 borrowed: bool, step_dtype: torch.dtype, compile: bool, dtype: torch.dtype):
         self.names = names
         self.params = [params[n] for n in names]
         sizes = [p.numel() for p in self.params]
         padded = [-(-s // CHUNK) * CHUNK for s in sizes]
         self.offsets = [sum(padded[:i]) for i in range(len(names))]
         total = sum(padded)
-        device, dtype = self.params[0].device, self.params[0].dtype
+        device = self.params[0].device
+        # weights kept in another dtype (fp32 masters judged at bf16) are rounded into the buffers each step
+        self.rounds = self.params[0].dtype != dtype
         self.current = torch.zeros(total, dtype=dtype, device=device)
-        self._current_views = [self.view(self.current, i) for i in range(len(names))]
+        views = [self.view(self.current, i) for i in range(len(names))]
+        self._current_views = views if self.rounds else [as_bits(v) for v in views]
         self.previous = torch.zeros_like(self.current)
         self.initial = torch.zeros_like(self.current)
         self._initial_views = [self.view(self.initial, i) for i in range(len(names))]
-        torch._foreach_copy_(self._initial_views, [initial[n].detach() for n in names])
-        if borrowed:  # the frozen reference now lives in our flat θ0 buffer: no second copy
+        copy_bits(self._initial_views, [initial[n].detach() for n in names])
+        if borrowed and all(initial[n].dtype == dtype for n in names):
+            # the frozen reference now lives in our flat θ0 buffer: no second copy
             for view, name in zip(self._initial_views, names):
                 initial[name].data = view
-        torch._foreach_copy_([self.view(self.previous, i) for i in range(len(names))], [p.detach() for p in self.params])
+        copy_bits([self.view(self.previous, i) for i in range(len(names))], [p.detach() for p in self.params])
         self.first_changed = torch.full((total,), -1, dtype=step_dtype, device=device)
         self.chunk_bounds = torch.tensor([o // CHUNK for o in self.offsets] + [total // CHUNK], device=device)
         self._step_fn = torch.compile(track_flat, dynamic=False) if compile else track_flat
@@ -89,7 +99,10 @@ class _FlatGroup:
 
     def update(self, step: int, atol: float, eta: float) -> torch.Tensor:
         """Per-tensor counts, shape (len(names), 7), still on the device."""
-        torch._foreach_copy_(self._current_views, [p.detach() for p in self.params])
+        if self.rounds:  # round to nearest even, as .to(dtype) and a published checkpoint do
+            torch._foreach_copy_(self._current_views, [p.detach() for p in self.params])
+        else:
+            torch._foreach_copy_(self._current_views, [as_bits(p.detach()) for p in self.params])
         step_t = torch.tensor(step, dtype=self.first_changed.dtype, device=self.current.device)
         partial = self._step_fn(self.initial, self.previous, self.current, self.first_changed, step_t, atol, eta)
         cumulative = torch.nn.functional.pad(partial.long().cumsum(dim=1), (1, 0))
@@ -99,10 +112,13 @@ class _FlatGroup:
 class UpdateTracker:
     def __init__(self, params: dict[str, torch.Tensor], rules: ChangeRules = ChangeRules(),
                  initial: dict[str, torch.Tensor] | None = None, max_steps: int = 32767, topk: int = 3,
-                 compile: bool = True):
+                 compile: bool = True, view_dtype: torch.dtype | None = None):
+        """`view_dtype`: judge the weights rounded to this dtype (θ0 and θ_t alike), as they would be
+        published: fp32 master weights judged at bf16. None: in the weights' own dtype."""
         self.params = params
         self.rules = rules
         self.topk = topk
+        self.view_dtype = view_dtype
         borrowed = initial is not None
         reference = initial if borrowed else {n: p.detach() for n, p in params.items()}
         missing = [n for n in params if n not in reference or reference[n].shape != params[n].shape]
@@ -112,11 +128,11 @@ class UpdateTracker:
         by_kind: dict[tuple, list[str]] = {}
         for name, p in params.items():
             by_kind.setdefault((p.dtype, p.device), []).append(name)
-        self.groups = [_FlatGroup(names, params, reference, borrowed, step_dtype, compile and device.type == "cuda")
-                       for (_, device), names in by_kind.items()]
-        # θ0 per tensor: the borrowed reference weights, or views into the groups' own copies
-        self.initial = dict(reference) if borrowed else {
-            n: g.view(g.initial, i) for g in self.groups for i, n in enumerate(g.names)}
+        self.groups = [_FlatGroup(names, params, reference, borrowed, step_dtype, compile and device.type == "cuda",
+                                  view_dtype or dtype)
+                       for (dtype, device), names in by_kind.items()]
+        # θ0 per tensor (at the view dtype): views into the groups' buffers, which a borrowed reference shares
+        self.initial = {n: g.view(g.initial, i) for g in self.groups for i, n in enumerate(g.names)}
         self.previous: dict[str, torch.Tensor] = {}
         self.first_changed: dict[str, torch.Tensor] = {}
         for group in self.groups:
@@ -142,9 +158,14 @@ class UpdateTracker:
         self.history.append(record)
         return record
 
+    def published(self, name: str) -> torch.Tensor:
+        """A parameter as it is judged (and checkpointed): rounded to the view dtype, if any."""
+        p = self.params[name].detach()
+        return p.to(self.view_dtype) if self.view_dtype is not None else p
+
     def exact_masks(self) -> dict[str, torch.Tensor]:
-        """Weights whose stored bits now differ from θ0: what a compact checkpoint stores."""
-        return {n: changed_masks(self.initial[n], p.detach(), self.rules)["exact"] for n, p in self.params.items()}
+        """Weights whose stored bits now differ from θ0 at the view dtype: what a compact checkpoint stores."""
+        return {n: changed_masks(self.initial[n], self.published(n), self.rules)["exact"] for n in self.params}
 
     def metrics(self, record: StepCounts) -> dict[str, float]:
         """Global sparsity, per-block localization and per-module fractions for logging."""
@@ -186,6 +207,6 @@ class UpdateTracker:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore after the weights were restored: the previous step's weights are the current ones."""
-        for n, p in self.params.items():
-            self.previous[n].copy_(p.detach())
+        for n in self.params:
+            as_bits(self.previous[n]).copy_(as_bits(self.published(n)))
             self.first_changed[n].copy_(state[f"first_changed::{n}"])

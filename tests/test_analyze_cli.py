@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from subnetscope.checkpoint import COMPACT_FILE, atomic_save_dir, save_compact
+from subnetscope import plots
+from subnetscope.changes import ChangeRules
+from subnetscope.checkpoint import COMPACT_FILE, atomic_save_dir, open_checkpoint, save_compact
 from subnetscope.cli.analyze import main
+from subnetscope.engine import analyze_pair, analyze_series
 from subnetscope.models import tiny_model
 
-from .conftest import save_state
+from .conftest import plant, save_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +62,8 @@ def test_worker_count_does_not_change_results(tiny_gpt2_pair, tmp_path):
 def test_rank_of_planted_rank_one_update(tmp_path):
     base_state = {"transformer.h.0.mlp.c_fc.weight": torch.randn(16, 24), "transformer.h.0.ln_1.weight": torch.ones(16)}
     tuned_state = dict(base_state)
-    tuned_state["transformer.h.0.mlp.c_fc.weight"] = base_state["transformer.h.0.mlp.c_fc.weight"] + torch.outer(torch.randn(16), torch.randn(24))
+    tuned_state["transformer.h.0.mlp.c_fc.weight"] = (base_state["transformer.h.0.mlp.c_fc.weight"]
+                                                      + torch.outer(torch.randn(16), torch.randn(24)))
     save_state(tmp_path / "a", base_state)
     save_state(tmp_path / "b", tuned_state)
     run_cli("--base", tmp_path / "a", "--tuned", tmp_path / "b", "--output_dir", tmp_path / "out", "--rank")
@@ -185,6 +189,7 @@ def run_script(*args):
                           capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "single", "nothing", "workers"])
 def test_bad_input_exits_2_with_one_line(tmp_path, case):
     if case == "missing":
@@ -204,9 +209,73 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_help_explains_every_flag():
     result = run_script("--help")
     assert result.returncode == 0
     for flag in ("--ckpt_dir", "--model", "--max_step", "--step_interval", "--base", "--tuned", "--atol", "--eta",
                  "--device", "--rank", "--workers", "--output_dir", "--overlap_with", "--shells", "--rule", "--topk"):
         assert flag in result.stdout
+
+
+def test_shells_figure_only_for_a_matformer(tiny_gpt2_pair, tmp_path, capsys):
+    """GPT-2 has no nested FFNs: no MatFormer figure (one line says why); Gemma-3n gets it."""
+    base, tuned, _, _ = tiny_gpt2_pair
+    run_cli("--base", base, "--tuned", tuned, "--output_dir", tmp_path / "gpt2")
+    said = [line for line in capsys.readouterr().out.splitlines() if "shells.png" in line]
+    assert not (tmp_path / "gpt2" / "shells.png").exists()
+    assert len(said) == 1 and "not a MatFormer" in said[0]
+    model = tiny_model("gemma3n", vocab_size=64)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_state(tmp_path / "g0", state)
+    save_state(tmp_path / "g1", plant(state, {"model.layers.0.mlp.gate_proj.weight": 50}))
+    run_cli("--base", tmp_path / "g0", "--tuned", tmp_path / "g1", "--output_dir", tmp_path / "gemma")
+    assert (tmp_path / "gemma" / "shells.png").stat().st_size > 1000
+    assert "no shells.png" not in capsys.readouterr().out
+
+
+def test_per_block_legend_covers_no_bar(tmp_path):
+    """Every block fully changed: bars reach the top, so a legend inside the axes would cover some."""
+    model = tiny_model("gpt2", vocab_size=64, n_layer=3)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if "lm_head" not in k}
+    save_state(tmp_path / "a", state)
+    save_state(tmp_path / "b", {k: v + 1.0 for k, v in state.items()})
+    pair = analyze_pair(open_checkpoint(str(tmp_path / "a")), open_checkpoint(str(tmp_path / "b")), ChangeRules(),
+                        progress=False)
+    fig = plots.per_block_figure(pair)
+    fig.tight_layout()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [p.get_window_extent(renderer) for p in ax.patches]
+    assert len(bars) == 3 * 3 and max(b.y1 for b in bars) > ax.get_window_extent(renderer).y1 - 20
+    assert not any(legend.overlaps(bar) for bar in bars)
+    assert not legend.overlaps(ax.title.get_window_extent(renderer))
+    assert fig.bbox.contains(legend.x0, legend.y0) and fig.bbox.contains(legend.x1, legend.y1)
+    plots.plt.close(fig)
+
+
+def visible_ticks(axis, limits) -> list[float]:
+    low, high = sorted(limits)
+    return [t for t in axis.get_ticklocs() if low <= t <= high]
+
+
+def test_count_axes_have_whole_number_ticks(tmp_path):
+    """Steps 1-3 and 0-3 checkpoints: matplotlib's default ticks would be 1.25, 2.5, ..."""
+    name = "model.layers.1.mlp.gate_proj.weight"
+    first = torch.zeros(64, 32, dtype=torch.bool)
+    first[:4] = True
+    more = first.clone()
+    more[10:12] = True
+    run, _ = gemma_run(tmp_path, {1: {name: first}, 2: {name: more}, 3: {name: first}})
+    opened = [(s, open_checkpoint(str(run / f"step_{s}"))) for s in (1, 2, 3)]
+    series = analyze_series(open_checkpoint(str(run / "base")), opened, ChangeRules(), progress=False)
+    hot = plots.hot_histogram_figure(series, "exact")
+    curves = plots.density_coverage_figure(series)
+    for ax in [*hot.axes, *curves.axes]:
+        ticks = visible_ticks(ax.xaxis, ax.get_xlim())
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+    assert visible_ticks(hot.axes[0].xaxis, hot.axes[0].get_xlim()) == [0, 1, 2, 3]
+    plots.plt.close(hot)
+    plots.plt.close(curves)

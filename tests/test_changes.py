@@ -7,6 +7,7 @@ import torch
 
 from subnetscope import changes
 from subnetscope.changes import ChangeRules, changed_masks, diff_stats
+from subnetscope.errors import SubnetscopeError
 
 from .conftest import DEVICES
 
@@ -104,3 +105,135 @@ def test_squared_norm_of_a_large_bf16_matrix_is_exact_to_float64():
     x = (torch.randn(1024 * 4096, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
     want = float(np.square(x.float().numpy().astype(np.float64)).sum())
     assert float(changes.squared_norm(x, torch.float32)) == pytest.approx(want, rel=1e-12)
+
+
+# the repro of issue 14: 0 → NaN, 0 → +inf, 0 → -inf, 1 → 1.5 and an unchanged 2
+REPRO_BASE = [0.0, 0.0, 0.0, 1.0, 2.0]
+REPRO_TUNED = [float("nan"), float("inf"), float("-inf"), 1.5, 2.0]
+
+# stored bit patterns per dtype: +inf, -inf, NaN, NaN with another payload, -NaN
+SPECIAL_BITS = {
+    torch.float16: (np.uint16, [0x7C00, 0xFC00, 0x7E00, 0x7E01, 0xFE00]),
+    torch.bfloat16: (np.uint16, [0x7F80, 0xFF80, 0x7FC0, 0x7FC1, 0xFFC0]),
+    torch.float32: (np.uint32, [0x7F800000, 0xFF800000, 0x7FC00000, 0x7FC00001, 0xFFC00000]),
+    torch.float64: (np.uint64, [0x7FF0 << 48, 0xFFF0 << 48, 0x7FF8 << 48, (0x7FF8 << 48) + 1, 0xFFF8 << 48]),
+}
+_SIGNED = {np.uint16: np.int16, np.uint32: np.int32, np.uint64: np.int64}
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def special_values(dtype: torch.dtype) -> torch.Tensor:
+    """+inf, -inf and three distinct NaNs of `dtype`, built from their bits."""
+    unsigned, bits = SPECIAL_BITS[dtype]
+    return torch.from_numpy(np.array(bits, dtype=unsigned).view(_SIGNED[unsigned])).view(dtype)
+
+
+def planted_pair(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random weights and a tuned copy: updates from 1e-7 to 10 of the weight's scale, some -0.0 for 0.0,
+    and NaN/±inf planted on either side, on both sides alike, and on both sides differently."""
+    gen = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    a = torch.randn(n, generator=gen, dtype=torch.float64)
+    scale = 10 ** torch.empty(n, dtype=torch.float64).uniform_(-7, 1, generator=gen)
+    step = scale * torch.randn(n, generator=gen, dtype=torch.float64)
+    b = torch.where(torch.rand(n, generator=gen) < 0.7, a + step, a)
+    zeros = torch.rand(n, generator=gen) < 0.02
+    a, b = torch.where(zeros, 0.0, a).to(dtype), torch.where(zeros, -0.0, b).to(dtype)
+    specials = special_values(dtype)
+    picks = [specials[torch.randint(len(specials), (n,), generator=gen)] for _ in range(3)]
+    where = torch.rand(n, generator=gen)
+    a = torch.where(where < 0.05, picks[0], a)  # NaN/inf in the base only (or also in b below)
+    b = torch.where((where >= 0.05) & (where < 0.10), picks[1], b)  # in the tuned model only
+    b = torch.where(where < 0.03, picks[2], b)  # on both sides, the same or different bits
+    same = (where >= 0.10) & (where < 0.13)
+    a = torch.where(same, specials[2], a)  # the same NaN or inf on both sides: unchanged
+    b = torch.where(same, specials[2], b)
+    return a.view(shape), b.view(shape)
+
+
+def numpy_rules(a: torch.Tensor, b: torch.Tensor, atol: float, eta: float) -> dict[str, np.ndarray]:
+    """The rules as decided in issue 14, in float64 numpy: exact = the bits differ; atol and relative
+    apply their threshold when both sides are finite, and are `exact` where either side is not."""
+    view = _INT_VIEW[a.dtype.itemsize]
+    differ = a.reshape(-1).view(view).numpy() != b.reshape(-1).view(view).numpy()
+    a64, b64 = a.reshape(-1).double().numpy(), b.reshape(-1).double().numpy()
+    finite = np.isfinite(a64) & np.isfinite(b64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(b64 - a64)
+        big = eta * np.maximum(np.abs(a64), np.abs(b64))
+        return {"exact": differ, "atol": differ & np.where(finite, d > atol, True),
+                "relative": differ & np.where(finite, d > big, True)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_nonfinite_repro_is_changed_under_every_rule(dtype, device):
+    a, b = torch.tensor(REPRO_BASE, dtype=dtype), torch.tensor(REPRO_TUNED, dtype=dtype)
+    masks = changed_masks(a.to(device), b.to(device), ChangeRules())
+    assert {r: masks[r].tolist() for r in changes.RULES} == {r: [True] * 4 + [False] for r in changes.RULES}
+    stats = diff_stats(a, b, ChangeRules(), device=device)
+    assert stats.changed == {"exact": 4, "atol": 4, "relative": 4}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_cases_one_by_one(device):
+    inf, nan = float("inf"), float("nan")
+    a = torch.tensor([inf, inf, -inf, nan, inf, nan, 5.0, 3e38, 0.0], dtype=torch.float32)
+    b = torch.tensor([-inf, 1.0, -inf, 7.0, nan, 0.0, 5.0, -3e38, -0.0], dtype=torch.float32)
+    b[5] = special_values(torch.float32)[3]  # a NaN of another payload than a's
+    want_changed = [True, True, False, True, True, True, False, True, True]
+    masks = changed_masks(a.to(device), b.to(device), ChangeRules())
+    assert masks["exact"].tolist() == want_changed
+    # |Δ| = 6e38 overflows float32 but is a change of both rules; -0.0 for 0.0 is a change of bits only
+    assert masks["atol"].tolist() == masks["relative"].tolist() == want_changed[:-1] + [False]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_rules_with_planted_nonfinite_match_numpy(dtype, device):
+    rules = ChangeRules(atol=1e-5, eta=1e-3)
+    for seed, shape in enumerate([(64, 50), (3000,)]):
+        a, b = planted_pair(shape, dtype, seed)
+        want = numpy_rules(a, b, rules.atol, rules.eta)
+        assert all(want[r].sum() > 0 for r in changes.RULES) and want["exact"].sum() > want["relative"].sum()
+        masks = changed_masks(a.to(device), b.to(device), rules)
+        for r in changes.RULES:
+            assert np.array_equal(masks[r].cpu().reshape(-1).numpy(), want[r]), (dtype, shape, r)
+        stats = diff_stats(a, b, rules, per_row_col=len(shape) == 2, device=device)
+        assert stats.changed == {r: int(want[r].sum()) for r in changes.RULES}
+        if len(shape) == 2:
+            for r in changes.RULES:
+                assert stats.row_changed[r].tolist() == want[r].reshape(shape).sum(1).tolist()
+                assert stats.col_changed[r].tolist() == want[r].reshape(shape).sum(0).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_relative_norm_hand_values(device):
+    def rel(a, b):
+        return diff_stats(torch.tensor(a), torch.tensor(b), ChangeRules(), device=device).relative_norm
+
+    assert rel([0.0, 0.0], [3.0, 4.0]) == math.inf  # a change from an all-zero tensor
+    assert rel([0.0, 0.0], [0.0, 0.0]) == 0.0
+    assert rel([0.0, 0.0], [0.0, -0.0]) == 0.0  # bits differ, Δ is zero
+    assert rel([0.0, 0.0], [float("nan"), 0.0]) == 0.0  # over finite entries only
+    assert rel([3.0, 4.0], [3.0, 4.0]) == 0.0
+    assert rel([3.0, 4.0], [3.0, 5.0]) == pytest.approx(0.2)  # ‖(0, 1)‖ / ‖(3, 4)‖
+    assert changes.DiffStats(numel=2, abs_sq_sum=25.0, base_sq_sum=0.0).relative_norm == math.inf
+    assert changes.DiffStats(numel=2, abs_sq_sum=0.0, base_sq_sum=0.0).relative_norm == 0.0
+
+
+@pytest.mark.parametrize("flag,kwargs", [
+    ("--atol", {"atol": float("nan")}), ("--atol", {"atol": -1.0}), ("--atol", {"atol": float("inf")}),
+    ("--eta", {"eta": float("nan")}), ("--eta", {"eta": -1.0}), ("--eta", {"eta": float("inf")}),
+    ("--eta", {"eta": "0.1"}),
+])
+def test_change_rules_refuse_bad_thresholds(flag, kwargs):
+    with pytest.raises(SubnetscopeError, match=f"^{flag} must be a finite number >= 0"):
+        ChangeRules(**kwargs)
+
+
+def test_change_rules_take_zero_and_small_thresholds():
+    assert (ChangeRules(0, 0).atol, ChangeRules(0, 0).eta) == (0, 0)
+    assert ChangeRules(atol=1e-5, eta=1e-5) == ChangeRules(1e-5, 1e-5)
+    zero = changed_masks(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0 + 2**-20]), ChangeRules(0, 0))
+    assert [zero[r].tolist() for r in changes.RULES] == [[False, True]] * 3  # 0 makes both rules `exact`

@@ -45,12 +45,14 @@ def test_pytorch_bin_fallback(tmp_path):
 def test_gemma3n_multimodal_prefix_is_canonical(tmp_path):
     model = tiny_model("gemma3n", vocab_size=64)
     plain = {k: v.detach() for k, v in model.state_dict().items()}
-    multimodal = {k.replace("model.", "model.language_model.", 1): v for k, v in plain.items() if k.startswith("model.")}
+    multimodal = {k.replace("model.", "model.language_model.", 1): v for k, v in plain.items()
+                  if k.startswith("model.")}
     multimodal["model.vision_tower.stub.weight"] = torch.zeros(2)
     src = open_checkpoint(str(save_state(tmp_path / "mm", multimodal)))
     assert "model.layers.0.mlp.gate_proj.weight" in src.names()
     assert "model.vision_tower.stub.weight" in src.names()
-    assert torch.equal(src.get("model.layers.0.laurel.linear_left.weight"), plain["model.layers.0.laurel.linear_left.weight"])
+    laurel = "model.layers.0.laurel.linear_left.weight"
+    assert torch.equal(src.get(laurel), plain[laurel])
 
 
 @requires_shared(TINY_GPT2_DIR)
@@ -84,7 +86,8 @@ def test_compact_checkpoint_roundtrip_is_exact(tmp_path):
     masks = {k: (tuned[k].view(torch.int16 if v.dtype == torch.bfloat16 else torch.int32)
                  != v.view(torch.int16 if v.dtype == torch.bfloat16 else torch.int32)) for k, v in base_state.items()}
     atomic_save_dir(tmp_path / "run" / "step_5",
-                    lambda tmp: save_compact(tmp / COMPACT_FILE, 5, "../base", {k: (tuned[k], masks[k]) for k in tuned}))
+                    lambda tmp: save_compact(tmp / COMPACT_FILE, 5, "../base",
+                                             {k: (tuned[k], masks[k]) for k in tuned}))
     src = open_checkpoint(str(tmp_path / "run" / "step_5"))
     assert isinstance(src, CompactSource) and src.step == 5
     for k in tuned:
@@ -116,10 +119,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     data = (tmp_path / "full.safetensors").read_bytes()
     (tmp_path / "trunc").mkdir()
     (tmp_path / "trunc" / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(SubnetscopeError, match="truncated or corrupt"):
+    with pytest.raises(SubnetscopeError, match=f"is truncated: its header describes {len(data):,} bytes, the file has "
+                                                f"{len(data) // 2:,}"):
         open_checkpoint(str(tmp_path / "trunc"))
     (tmp_path / "sharded").mkdir()
-    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "model-1.safetensors"}}))
+    index = json.dumps({"weight_map": {"w": "model-1.safetensors"}})
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(index)
     with pytest.raises(SubnetscopeError, match="missing: model-1.safetensors"):
         open_checkpoint(str(tmp_path / "sharded"))
 

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from subnetscope.cli.compare import main
 
 
+@pytest.mark.slow
 def test_comparison_end_to_end(tmp_path, capsys):
     args = ["--algo", "grpo", "--max_steps", "2", "--save_every", "2", "--batch_size", "4", "--max_new_tokens", "6",
             "--reward", "easy", "--dataset", "easy", "--device", "cpu", "--seeds", "0", "1",
@@ -25,7 +26,8 @@ def test_comparison_end_to_end(tmp_path, capsys):
         speed = {(r["model"], r["seed"]): r for r in csv.DictReader(fh)}
     assert len(speed) == 4
     row = speed[("tiny-gpt2", "1")]
-    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny-gpt2-seed1" / "metrics.jsonl").read_text().splitlines()]
+    metrics = tmp_path / "runs" / "tiny-gpt2-seed1" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     step2 = [r for r in records if r.get("step") == 2 and "time/step" in r][0]
     assert int(row["steps"]) == 2 and float(row["steps_per_s"]) == pytest.approx(1 / step2["time/step"])
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "tiny-gpt2-seed1" / "base")

@@ -115,9 +115,34 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert steps == list(range(1, 11))
 
 
+def key_bias_entries(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """True at GPT-2's attention key biases (the middle third of c_attn.bias).
+
+    Their gradient is zero in exact arithmetic (softmax ignores a constant added to every score of a row),
+    so what they get is rounding residue, and Adam turns even a residue of 1e-13 into a step of
+    lr·|g|/(|g|+eps): whether such an entry changed, and by how much, depends on the order of the sums."""
+    mask = torch.zeros(tensor.shape, dtype=torch.bool)
+    if name.endswith("attn.c_attn.bias"):
+        third = tensor.numel() // 3
+        mask[third:2 * third] = True
+    return mask
+
+
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
+    """One process against two torchrun (gloo, CPU) processes, 2 steps of AdamW at lr 1e-3.
+
+    Not bit-identical: DDP adds two 8-row gradients where one process sums 16 rows in one kernel (and
+    torchrun runs 1 thread per process), so gradients differ in their last bits. Measured on 9 run pairs
+    (seeds 0-4 at lr 1e-3; seeds 0-1 at 3e-3 and at 1e-2): completions and rewards identical; the set of
+    weights that changed identical outside attention key biases, where 1 of 64 differed in 1 run of 9
+    (changed counts 35744 vs 35743 at step 1, every rule within 1 weight); max |w1 - w2| at most
+    5.3e-5·lr outside key biases and 7.9e-4·lr in them. The bounds below are about 4-10x those figures,
+    and far below one Adam step (lr), the size of what a real divergence (another batch, a gradient not
+    all-reduced) makes. Seed 4 is the run of the 9 whose counts differed (on the x86 CPUs measured)."""
+    lr = 1e-3
     args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--dtype", "float32", "--batch_size", "4",
-            "--max_steps", "2", "--lr", "1e-3", "--save_every", "1", "--no_tqdm"]
+            "--max_steps", "2", "--lr", str(lr), "--seed", "4", "--save_every", "1", "--no_tqdm"]
     one = cli(*args, "--output_dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -126,11 +151,21 @@ def test_two_processes_match_one(tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 2
-    for a, b in zip(m1, m2):
-        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
+    base = open_checkpoint(str(tmp_path / "one" / "base"))
+    total = sum(base.numel(n) for n in base.names())
+    for step, (a, b) in enumerate(zip(m1, m2), 1):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)  # the same completions
         for rule in RULES:
-            assert a[f"changed/{rule}"] == b[f"changed/{rule}"]
-            assert a[f"step_change/{rule}"] == b[f"step_change/{rule}"]
+            assert abs(a[f"changed/{rule}"] - b[f"changed/{rule}"]) * total <= 4.5, (step, rule)
+            assert abs(a[f"step_change/{rule}"] - b[f"step_change/{rule}"]) * total <= 4.5, (step, rule)
+        w1 = open_checkpoint(str(tmp_path / "one" / f"step_{step}"))
+        w2 = open_checkpoint(str(tmp_path / "two" / f"step_{step}"))
+        for name in base.names():
+            w0, x, y = base.get(name), w1.get(name), w2.get(name)
+            outside = ~key_bias_entries(name, w0)
+            assert torch.equal((x != w0)[outside], (y != w0)[outside]), (step, name)
+            assert (x - y).abs()[outside].max() <= 5e-4 * lr, (step, name)
+            assert (x - y).abs().max() <= 1e-2 * lr, (step, name)
 
 
 def test_trl_grpo_trainer_with_callback_matches_its_checkpoints(tmp_path):

@@ -40,12 +40,15 @@ def test_grid_expands_every_combination_with_task_settings(tmp_path):
     assert all("group_size" not in r["settings"] for r in runs if r["task"] == "sft")
 
 
+@pytest.mark.slow
 def test_small_sweep_records_failures_resumes_and_aggregates(tmp_path):
     matrix = {"output_dir": str(tmp_path / "out"), "base": BASE,
               "grid": {"task": ["rl-grpo", "sft"], "seed": [0, 1], "policy": ["tiny-gpt2", str(tmp_path / "nope")]},
               "per_task": {"rl-grpo": {"group_size": 2, "eval_every": 2}}}
     path = write(tmp_path, matrix)
-    out = run_matrix(path, log=lambda msg: None)
+    result = run_matrix(path, log=lambda msg: None)
+    out = result.out
+    assert result.runs == 8 and len(result.failed) == 4 and all("nope" in name for name in result.failed)
     with open(out / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8

@@ -111,7 +111,7 @@ def test_original_experiment_defaults_and_flag_overrides():
 
     d = PPOConfig()
     assert (d.policy, d.batch_size, d.max_steps, d.save_every, d.atol, d.log_localization, d.topk) == \
-        ("gpt2-medium", 32, 600, 20, 1e-6, True, 3)
+        ("gpt2-medium", 32, 600, 20, 1e-5, True, 3)
     args = ppo_cli.build_parser().parse_args(["--policy", "google/gemma-3n-E2B-it", "--fixed_kl", "--no_localization"])
     cfg = config_from_args(PPOConfig, args)
     assert cfg.policy == "google/gemma-3n-E2B-it" and cfg.target_kl is None and not cfg.log_localization

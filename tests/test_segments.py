@@ -15,6 +15,7 @@ from subnetscope.naming import neuron_axis
 from subnetscope.segments import batchable, compare_segments, plan_segments
 
 from .conftest import DEVICES, plant, save_state
+from .test_changes import REPRO_BASE, REPRO_TUNED, numpy_rules, planted_pair
 
 
 def _odd_pair(tmp_path):
@@ -150,3 +151,79 @@ def test_a_file_cut_short_is_a_one_line_error(tiny_gpt2_pair):
     path.write_bytes(path.read_bytes()[:-100])  # opened intact, cut before the read
     with pytest.raises(SubnetscopeError, match="cut short"):
         list(compare_segments(base, tuned, base.names(), ChangeRules(), "cpu"))
+
+
+def _nonfinite_pair(tmp_path):
+    """Hand-built tensors for the non-finite rules and the all-zero base, with their hand counts
+    (exact, atol, relative); a finite member shares each segment with them."""
+    inf, nan = float("inf"), float("nan")
+    cases = {  # name: (base, tuned, counts)
+        "repro": (REPRO_BASE, REPRO_TUNED, 4),
+        "inf_only": ([0.0, 1.0, 2.0, 3.0], [inf, -inf, 2.0, 3.0], 2),  # Σ|Δ| is inf, not NaN
+        "flip": ([inf, 1.0], [-inf, 1.0], 1),
+        "base_inf": ([inf, 1.0, 2.0], [1.0, 1.0, 2.0], 1),
+        "same_nonfinite": ([inf, nan, 1.0], [inf, nan, 1.0], 0),
+        "finite": ([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.5], 1),
+        "zero_base": ([0.0, 0.0, 0.0], [0.0, 3.0, 4.0], 2),
+    }
+    base, tuned, want = {}, {}, {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for name, (a, b, n) in cases.items():
+            key = f"{name}.{str(dtype).replace('torch.', '')}"
+            base[key], tuned[key] = torch.tensor(a, dtype=dtype), torch.tensor(b, dtype=dtype)
+            want[key] = {r: n for r in RULES}
+    return save_state(tmp_path / "nf_base", base), save_state(tmp_path / "nf_tuned", tuned), want
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target_bytes", [8, 1 << 30])
+def test_batched_pass_counts_nonfinite_changes_by_hand(tmp_path, target_bytes, device):
+    base_dir, tuned_dir, want = _nonfinite_pair(tmp_path)
+    base, tuned = open_checkpoint(str(base_dir)), open_checkpoint(str(tuned_dir))
+    got = {n: s for n, s, _ in compare_segments(base, tuned, base.names(), ChangeRules(), device,
+                                                 target_bytes=target_bytes)}
+    assert {n: s.changed for n, s in got.items()} == want
+    for dtype in ("float32", "bfloat16"):
+        assert got[f"zero_base.{dtype}"].relative_norm == math.inf
+        assert got[f"same_nonfinite.{dtype}"].relative_norm == 0.0
+        assert got[f"finite.{dtype}"].relative_norm == pytest.approx(0.5 / math.sqrt(30))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("target_bytes", [700, 1 << 30])
+def test_batched_pass_with_planted_nonfinite_matches_numpy(tmp_path, target_bytes, device):
+    """Random tensors with NaN/±inf on both sides, some segments free of them: every count equals
+    the float64 numpy rules', and every statistic diff_stats'."""
+    rules = ChangeRules(atol=1e-5, eta=1e-3)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (40, 12), "model.layers.0.mlp.down_proj.weight": (12, 40),
+              "model.layers.0.input_layernorm.weight": (300,), "model.norm.weight": (7,)}
+    base, tuned = {}, {}
+    for i, (name, shape) in enumerate(shapes.items()):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            key = f"{name}.{str(dtype).replace('torch.', '')}" if dtype != torch.float32 else name
+            base[key], tuned[key] = planted_pair(shape, dtype, seed=i)
+    clean = "model.layers.1.self_attn.q_proj.weight"  # a finite member: the fast path, no recomputation
+    base[clean] = torch.randn(30, 20, generator=torch.Generator().manual_seed(9))
+    tuned[clean] = plant({clean: base[clean]}, {clean: 50})[clean]
+    base_src = open_checkpoint(str(save_state(tmp_path / "p_base", base)))
+    tuned_src = open_checkpoint(str(save_state(tmp_path / "p_tuned", tuned)))
+    seen = 0
+    for name, stats, _ in compare_segments(base_src, tuned_src, base_src.names(), rules, device,
+                                           target_bytes=target_bytes):
+        want = numpy_rules(base[name], tuned[name], rules.atol, rules.eta)
+        assert stats.changed == {r: int(want[r].sum()) for r in RULES}, name
+        axis = neuron_axis(name, tuple(base[name].shape))
+        _assert_same(stats, diff_stats(base[name], tuned[name], rules, per_row_col=axis is not None), name)
+        seen += 1
+    assert seen == len(base)
+
+
+def test_engine_reports_an_infinite_relative_norm_for_an_all_zero_base(tmp_path):
+    from subnetscope.engine import analyze_pair
+
+    base = {"zero": torch.zeros(3), "still": torch.zeros(2), "w": torch.tensor([3.0, 4.0])}
+    tuned = {"zero": torch.tensor([0.0, 3.0, 4.0]), "still": torch.zeros(2), "w": torch.tensor([3.0, 5.0])}
+    result = analyze_pair(open_checkpoint(str(save_state(tmp_path / "zb", base))),
+                          open_checkpoint(str(save_state(tmp_path / "zt", tuned))), progress=False, workers=1)
+    got = {t.name: t.relative_norm for t in result.tensors}
+    assert got == {"zero": math.inf, "still": 0.0, "w": pytest.approx(0.2)}

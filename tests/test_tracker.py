@@ -1,8 +1,14 @@
 """The flat, chunked tracker against a direct per-tensor computation of the same rules."""
+import numpy as np
+import pytest
 import torch
 
-from subnetscope.changes import RULES, ChangeRules, changed_masks
-from subnetscope.tracker import CHUNK, UpdateTracker
+from subnetscope.changes import RULES, ChangeRules, as_bits, changed_masks
+from subnetscope.errors import SubnetscopeError
+from subnetscope.tracker import CHUNK, UpdateTracker, track_flat
+
+from .conftest import DEVICES
+from .test_changes import REPRO_BASE, REPRO_TUNED, numpy_rules, planted_pair, special_values
 
 
 def test_tracker_counts_equal_direct_masks_across_dtypes_and_ragged_sizes():
@@ -69,3 +75,107 @@ def test_state_roundtrip_restores_first_changed():
     fresh.load_state_dict(state)
     assert fresh.first_changed["w"].tolist() == [-1, -1, 1, -1, -1, 2, -1, -1, -1, -1]
     assert fresh.update(3).vs_previous["exact"] == [0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracker_counts_nonfinite_steps_by_hand(device):
+    """The issue-14 repro and two more steps, vs θ0 and vs the previous step (the compiled step on a GPU)."""
+    params = {"w": torch.tensor(REPRO_BASE, device=device)}
+    tracker = UpdateTracker(params, ChangeRules())
+    steps = [  # weights, then (vs θ0, vs previous) for every rule
+        (REPRO_TUNED, 4, 4),  # 0 → NaN, 0 → ±inf, 1 → 1.5
+        ([float("nan"), float("-inf"), float("-inf"), 1.5, 2.0], 4, 1),  # the same NaN bits; +inf → -inf
+        ([1.0, float("-inf"), float("-inf"), 1.5, 2.0], 4, 1),  # NaN → 1
+    ]
+    for step, (weights, vs0, vs1) in enumerate(steps, start=1):
+        params["w"].copy_(torch.tensor(weights))
+        record = tracker.update(step)
+        assert {r: record.vs_initial[r] for r in RULES} == {r: [vs0] for r in RULES}, step
+        assert {r: record.vs_previous[r] for r in RULES} == {r: [vs1] for r in RULES}, step
+        assert record.ever_changed == [4]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracker_with_planted_nonfinite_matches_numpy(device):
+    rules = ChangeRules(atol=1e-5, eta=1e-3)
+    trajectories = {f"transformer.h.{i}.mlp.c_fc.weight": [planted_pair((CHUNK + 7,), dtype, seed=s)
+                                                             for s in range(3)]
+                    for i, dtype in enumerate((torch.float32, torch.bfloat16, torch.float16))}
+    params = {n: pairs[0][0].clone().to(device) for n, pairs in trajectories.items()}
+    theta0 = {n: p.cpu().clone() for n, p in params.items()}
+    tracker = UpdateTracker(params, rules)
+    previous = dict(theta0)
+    for step in range(3):
+        for name, pairs in trajectories.items():
+            params[name].copy_(pairs[step][1])  # a fresh planted tensor each step: changes vs both sides
+        record = tracker.update(step + 1)
+        for i, name in enumerate(record.names):
+            current = params[name].cpu()
+            vs0, vs1 = numpy_rules(theta0[name], current, 1e-5, 1e-3), numpy_rules(previous[name], current, 1e-5, 1e-3)
+            for r in RULES:
+                assert record.vs_initial[r][i] == int(vs0[r].sum()), (step, name, r)
+                assert record.vs_previous[r][i] == int(vs1[r].sum()), (step, name, r)
+            previous[name] = current.clone()
+
+
+@pytest.mark.parametrize("atol,eta,flag", [(float("nan"), 1e-3, "--atol"), (-1.0, 1e-3, "--atol"),
+                                           (1e-5, -1.0, "--eta"), (1e-5, float("inf"), "--eta")])
+def test_tracker_step_refuses_bad_thresholds(atol, eta, flag):
+    flat = torch.zeros(CHUNK)
+    first = torch.full((CHUNK,), -1, dtype=torch.int16)
+    with pytest.raises(SubnetscopeError, match=f"^{flag} must be a finite number >= 0"):
+        track_flat(flat, flat.clone(), flat.clone(), first, torch.tensor(1, dtype=torch.int16), atol, eta)
+    assert first.tolist() == [-1] * CHUNK  # refused before any work
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_tracker_keeps_every_bit_of_a_nan(dtype, device):
+    """A NaN whose payload or sign changes is a stored change (a CUDA foreach copy of 16-bit floats
+    would turn every NaN into 0x7FFF, hiding it), and θ0 and the previous step keep the exact bits."""
+    nans = special_values(dtype)[2:]  # NaN, NaN of another payload, -NaN
+    theta0 = torch.cat([nans[:1], torch.ones(3, dtype=dtype)])
+    params = {"w": theta0.clone().to(device)}
+    tracker = UpdateTracker(params, ChangeRules())
+    for step, nan in enumerate(nans[1:], start=1):
+        params["w"][0] = nan
+        record = tracker.update(step)
+        assert {r: (record.vs_initial[r], record.vs_previous[r]) for r in RULES} == {r: ([1], [1]) for r in RULES}
+        assert torch.equal(as_bits(tracker.previous["w"]).cpu(), as_bits(params["w"]).cpu())
+    assert torch.equal(as_bits(tracker.initial["w"]).cpu(), as_bits(theta0))
+
+
+def numpy_bf16_bits(x: torch.Tensor) -> np.ndarray:
+    """float32 -> bfloat16 by round-to-nearest-even on the bits, in numpy (finite inputs)."""
+    bits = x.numpy().view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_view_dtype_judges_fp32_masters_as_their_bf16_rounding(device):
+    gen = torch.Generator().manual_seed(3)
+    params = {"h.0.mlp.c_fc.weight": torch.randn(64, 77, generator=gen).to(device),
+              "h.1.ln.weight": torch.randn(CHUNK + 3, generator=gen).to(device)}
+    theta0 = {n: p.clone().cpu() for n, p in params.items()}
+    rules = ChangeRules(atol=1e-5, eta=1e-3)
+    view = UpdateTracker(params, rules, view_dtype=torch.bfloat16)
+    master = UpdateTracker(params, rules)
+    for step in (1, 2):
+        for p in params.values():  # Adam-sized steps: most vanish in bf16, a few cross a rounding boundary
+            p.add_(1e-3 * torch.randn(p.shape, generator=gen).to(device))
+        v, m = view.update(step), master.update(step)
+        for i, name in enumerate(v.names):
+            now = params[name].cpu()
+            a = torch.from_numpy(numpy_bf16_bits(theta0[name]).view(np.int16)).view(torch.bfloat16)
+            b = torch.from_numpy(numpy_bf16_bits(now).view(np.int16)).view(torch.bfloat16)
+            expected = numpy_rules(a, b, rules.atol, rules.eta)
+            fp32 = numpy_rules(theta0[name], now, rules.atol, rules.eta)
+            for rule in RULES:
+                assert v.vs_initial[rule][i] == int(expected[rule].sum()), (step, name, rule)
+                assert m.vs_initial[rule][i] == int(fp32[rule].sum()), (step, name, rule)
+            assert v.vs_initial["exact"][i] < m.vs_initial["exact"][i]  # rounding hides most fp32 updates
+    masks = view.exact_masks()
+    for name, p in params.items():
+        assert torch.equal(masks[name].cpu(), changed_masks(theta0[name].to(torch.bfloat16),
+                                                            p.cpu().to(torch.bfloat16), rules)["exact"])
+        assert view.published(name).dtype == torch.bfloat16 and p.dtype == torch.float32

@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrices of another width are scaled in proportion")
     p.add_argument("--workers", type=int,
                    help="tensors compared at once by the CPU's tensor-by-tensor pass, reading overlapping compute "
-                        "(default: up to 8, fewer with few cores or large tensors, to bound the scratch memory); on a GPU "
-                        "only tensors that differ in shape or dtype between the two sides go that way")
+                        "(default: up to 8, fewer with few cores or large tensors, to bound the scratch memory); "
+                        "on a GPU only tensors that differ in shape or dtype between the two sides go that way")
     p.add_argument("--output_dir", default="plots/analysis", help="results folder (default plots/analysis)")
     return p
 
@@ -66,8 +66,11 @@ def _pick_mode(args: argparse.Namespace) -> str:
 def _figures_for_pair(pair, out: Path, rule: str) -> list[Path]:
     made = [plots.block_module_heatmap(pair, rule, out / "heatmap_block_module.png"),
             plots.per_block_bars(pair, out / "per_block.png"),
-            plots.rank_histogram(pair, out / "rank_histogram.png"),
-            plots.shell_chart(pair, rule, out / "shells.png")]
+            plots.rank_histogram(pair, out / "rank_histogram.png")]
+    if plots.has_nested_ffn(pair):
+        made.append(plots.shell_chart(pair, rule, out / "shells.png"))
+    else:
+        print("no shells.png: the model is not a MatFormer (Gemma-3n), so its FFNs have no nested shells")
     return [m for m in made if m is not None]
 
 

@@ -6,13 +6,13 @@ streaming one tensor at a time. Embeddings, norms and biases are left out, as in
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..checkpoint import open_checkpoint
 from ..errors import cli_main
 from ..naming import module_type
 from ..pruning import dead_rows_cols
 from ..report import write_json
+from .common import check_output_file
 
 NOT_LINEAR = {"embedding", "per_layer_embedding", "norm", "lm_head", "head"}
 
@@ -46,13 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    json_path = check_output_file(args.json, "--json") if args.json else None
     summary = sparsity_summary(args.model_dir)
     width = max((len(r["name"]) for r in summary["tensors"]), default=4)
     print(f"{'tensor':<{width}}  {'sparsity':>9}  {'dead rows':>9}  {'dead cols':>9}")
     for r in summary["tensors"]:
         print(f"{r['name']:<{width}}  {r['sparsity']:>9.4f}  {r['dead_rows']:>9}  {r['dead_cols']:>9}")
     print(f"overall: {summary['overall_sparsity']:.4f} of {summary['numel']:,} linear weights are zero")
-    if args.json:
-        write_json(Path(args.json), summary)
+    if json_path:
+        write_json(json_path, summary)
     return 0
 

@@ -9,6 +9,7 @@ from ..changes import RULES, ChangeRules
 from ..devices import resolve_device
 from ..engine import DEFAULT_SHELLS
 from ..errors import SubnetscopeError
+from ..outputs import check_output_dir
 
 
 def add_rule_args(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +31,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def rules_from_args(args: argparse.Namespace) -> ChangeRules:
-    if args.atol < 0 or args.eta < 0:
-        raise SubnetscopeError("--atol and --eta must be >= 0")
+    """The change rules (ChangeRules refuses NaN and negative thresholds) after checking --topk."""
     if args.topk < 1:
         raise SubnetscopeError("--topk must be at least 1")
     return ChangeRules(atol=args.atol, eta=args.eta)
@@ -54,8 +54,16 @@ class RunSettings:
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
-    """Check the shared flags and create the output folder."""
-    settings = RunSettings(rules_from_args(args), resolve_device(args.device), shells_from_args(args.shells),
-                           Path(args.output_dir), not args.no_tqdm)
-    settings.out.mkdir(parents=True, exist_ok=True)
-    return settings
+    """Check the shared flags and that --output_dir can be written, creating nothing: the folder is
+    made by the first file written into it, once the work is done."""
+    return RunSettings(rules_from_args(args), resolve_device(args.device), shells_from_args(args.shells),
+                       check_output_dir(args.output_dir), not args.no_tqdm)
+
+
+def check_output_file(path: str, flag: str) -> Path:
+    """Refuse an output file that is a folder or whose folder cannot be made or written, before any work."""
+    out = Path(path)
+    if out.is_dir():
+        raise SubnetscopeError(f"{flag} {path} is a folder: pass a file name, e.g. {out / 'report.json'}")
+    check_output_dir(out.parent, flag)
+    return out

@@ -19,6 +19,7 @@ from ..engine import analyze_overlap
 from ..errors import SubnetscopeError, cli_main
 from ..grpo import GRPOConfig, GRPOTrainer
 from ..logger import read_metrics
+from ..outputs import check_output_dir
 from ..ppo import PPOConfig, PPOTrainer
 from ..report import write_csv, write_json
 from . import localize
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-gemma3n"],
                    help="policies to compare (default tiny-gpt2 tiny-gemma3n; on a GPU e.g. gpt2-medium "
                         "google/gemma-3n-E2B-it)")
-    p.add_argument("--tokenizer", help="tokenizer for random-* policies (default gpt2; offline ../shared/models/tiny-gpt2)")
+    p.add_argument("--tokenizer",
+                   help="tokenizer for random-* policies (default gpt2; offline ../shared/models/tiny-gpt2)")
     p.add_argument("--labels", nargs="+", help="names for the figures (default: the model names)")
     p.add_argument("--algo", choices=sorted(ALGOS), default="ppo", help="the RL recipe (default ppo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
@@ -55,8 +57,8 @@ def _train(args: argparse.Namespace, policy: str, label: str, seed: int) -> Path
     config_cls, trainer_cls = ALGOS[args.algo]
     extra = {"mini_batch_size": min(4, args.batch_size), "ppo_epochs": 2, "init_kl_coef": 0.02,
              "target_kl": None} if args.algo == "ppo" else {}
-    config = config_cls(policy=policy, tokenizer=args.tokenizer, reward=args.reward, reward_model=args.reward_model, dataset=args.dataset,
-                        batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every,
+    config = config_cls(policy=policy, tokenizer=args.tokenizer, reward=args.reward, reward_model=args.reward_model,
+                        dataset=args.dataset, batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every,
                         eval_every=args.max_steps, lr=args.lr, max_new_tokens=args.max_new_tokens,
                         device=args.device, seed=seed, output_dir=str(folder), no_tqdm=True,
                         resume=folder.exists(), **extra)
@@ -94,12 +96,16 @@ def run(args: argparse.Namespace) -> dict:
     labels = args.labels or [m.replace("/", "_") for m in args.models]
     if len(labels) != len(args.models) or len(args.models) < 2:
         raise SubnetscopeError("give at least two --models, and as many --labels as models")
+    if len(set(labels)) != len(labels):
+        raise SubnetscopeError("--models / --labels name one model twice: each run folder needs its own label")
     if len(set(args.seeds)) != len(args.seeds):
         raise SubnetscopeError("--seeds must be distinct")
+    check_output_dir(args.runs_dir, "--runs_dir")
+    out = check_output_dir(args.output_dir)
     runs = {label: [_train(args, model, label, seed) for seed in args.seeds]
             for model, label in zip(args.models, labels)}
-    out = Path(args.output_dir)
-    speed = [run_speed(folder, label, seed) for label, folders in runs.items() for folder, seed in zip(folders, args.seeds)]
+    speed = [run_speed(folder, label, seed) for label, folders in runs.items()
+             for folder, seed in zip(folders, args.seeds)]
     write_csv(out / "runs.csv", speed)
     for row in speed:
         peak = f"{row['peak_gpu_gb']:.1f} GB" if row["peak_gpu_gb"] is not None else "n/a (CPU)"
@@ -121,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
         write_csv(out / "seed_overlap.csv", rows)
         for row in rows:
             if row["rule"] == "relative":
-                print(f"{row['model']} {row['run_a']} vs {row['run_b']}: o1={row['o1']} (random {row['o1_random']:.4f}), "
+                print(f"{row['model']} {row['run_a']} vs {row['run_b']}: "
+                      f"o1={row['o1']} (random {row['o1_random']:.4f}), "
                       f"jaccard={row['jaccard']} (random {row['jaccard_random']})")
     write_json(out / "comparison.json", summary)
     return summary

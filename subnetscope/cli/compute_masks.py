@@ -21,6 +21,7 @@ from ..importance import (EXTRA_TENSORS, GROUPS, IMPORTANCES, METHODS, expected_
                           prunable_tensors, random_scores, select_masks, unit_groups)
 from ..masks import MaskSet, model_fingerprint, save_masks, validation_rows, validation_summary
 from ..models import load_causal_lm, load_tokenizer
+from ..outputs import check_output_dir
 from ..report import write_csv, write_json
 from ..runstate import ever_changed_masks
 from .training import quiet_transformers
@@ -34,14 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model_path", help="model to score: a folder written by save_pretrained, a Hub id, or "
                                           "tiny-gpt2 / tiny-gemma3n (random, offline)")
     src.add_argument("--from_run", help="a main_grpo.py / main_ppo.py run folder: write its 'ever changed' mask")
-    p.add_argument("--output_dir", default="checkpoints/masks", help="where the mask files and reports go (default checkpoints/masks)")
+    p.add_argument("--output_dir", default="checkpoints/masks",
+                   help="where the mask files and reports go (default checkpoints/masks)")
     p.add_argument("--sparsity", type=float, nargs="+", help="fractions of weights to remove, each in [0, 1) "
                    "(default 0.0 0.1 ... 0.9; not with --method nm, whose sparsity is 1 - N/M)")
     p.add_argument("--method", choices=METHODS, default="unstructured",
                    help="unstructured; structured (whole MLP neurons and attention heads); random (the baseline); "
                         "nm (N of every M consecutive inputs kept) (default unstructured)")
     p.add_argument("--importance", choices=IMPORTANCES, default="magnitude",
-                   help="|W|; |grad| or |W*grad| summed over calibration batches; or Wanda's |W|*||x|| (default magnitude)")
+                   help="|W|; |grad| or |W*grad| summed over calibration batches; or Wanda's |W|*||x|| "
+                        "(default magnitude)")
     p.add_argument("--group", choices=GROUPS, default="matrix",
                    help="which weights compete for the cut (unstructured and random): each matrix, each output row "
                         "(Wanda), or all tensors at once (default matrix)")
@@ -55,16 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib_seq_len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--tokenizer", help="tokenizer for models without one (default: the model's own)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --method random and of the calibration sample (default 0)")
-    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write mask_validation.png (default on)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of --method random and of the calibration sample (default 0)")
+    p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True,
+                   help="write mask_validation.png (default on)")
     return p
 
 
 def parse_nm(spec: str) -> tuple[int, int]:
+    """N and M of an N:M pattern: N of every M inputs kept, so 0 < N < M (as `nm_masks` needs)."""
     try:
         n, m = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise SubnetscopeError(f"--nm {spec!r}: write it as N:M, e.g. 2:4") from None
+        raise SubnetscopeError(f"--nm {spec}: write it as N:M, e.g. 2:4") from None
+    if not 0 < n < m:
+        raise SubnetscopeError(f"--nm {spec}: N of every M inputs are kept, so need 0 < N < M, e.g. 2:4")
     return n, m
 
 
@@ -93,7 +101,7 @@ def write_run_mask(args: argparse.Namespace, out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_transformers()
-    out = Path(args.output_dir)
+    out = check_output_dir(args.output_dir)
     if args.from_run:
         return write_run_mask(args, out)
     nm = parse_nm(args.nm)
@@ -135,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             scores, tensors, level, args.method, args.group, units)
         settings = {"model": args.model_path, "method": args.method,
                     "importance": "random" if args.method == "random" else args.importance,
-                    "group": args.group if args.method in ("unstructured", "random") else None, "sparsity": level, "include": args.include, "seed": args.seed,
+                    "group": args.group if args.method in ("unstructured", "random") else None, "sparsity": level,
+                    "include": args.include, "seed": args.seed,
                     "nm": args.nm if args.method == "nm" else None, "calib_data": args.calib_data,
                     "calib_batches": args.calib_batches if batches else 0}
         path = save_masks(out / mask_name(args.method, args.importance, args.group, level, nm),

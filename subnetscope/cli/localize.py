@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 from pathlib import Path
 
 from .. import plots
@@ -27,20 +28,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt_dirs", nargs="+", required=True, help="one run folder per model")
     p.add_argument("--models", nargs="+",
                    help="θ0 of each run, in the same order (folder or Hub id); default: each RUN/base")
-    p.add_argument("--labels", nargs="+", help="names for the figures (default: the run folders' names)")
+    p.add_argument("--labels", nargs="+",
+                   help="names for the figures and each run's table folder (default: the run folders' names, "
+                        "with as many parent folders as it takes to tell them apart)")
     p.add_argument("--max_step", type=int, help="ignore checkpoints after this step")
     p.add_argument("--step_interval", type=int, help="keep only steps that are multiples of this")
     add_rule_args(p)
     add_run_args(p)
     p.add_argument("--shells", type=int, nargs="+", metavar="N",
                    help="MatFormer shell boundaries in FFN neurons (default 8192 16384)")
-    p.add_argument("--n_boot", type=int, default=2000, help="bootstrap and permutation resamples (default 2000)")
+    p.add_argument("--n_boot", type=int, default=2000,
+                   help="bootstrap and permutation resamples, at least 1 (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
     p.add_argument("--output_dir", default="plots/comparative", help="results folder (default plots/comparative)")
     return p
 
 
-def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def distinct_suffixes(dirs: list[str]) -> list[str]:
+    """Each folder's shortest trailing path (its name, then parent/name, ...) that no other folder shares."""
+    parts = [Path(d).resolve().parts for d in dirs]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i]
+        if mine in others:
+            raise SubnetscopeError(f"--ckpt_dirs lists {dirs[i]} twice: give each run once")
+        k = next(k for k in range(1, len(mine) + 1) if all(p[-k:] != mine[-k:] for p in others))
+        labels.append("/".join(mine[-k:]).lstrip("/") or "root")
+    return labels
+
+
+def folder_name(label: str) -> str:
+    """A label made safe as one folder name (no separators, no `..`)."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label).strip(".") or "run"
+
+
+def run_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """Labels for the figures and tables and the per-run folder names, all distinct: two runs never
+    write into one folder."""
+    if args.labels and len(set(args.labels)) != len(args.labels):
+        dup = next(label for label in args.labels if args.labels.count(label) > 1)
+        raise SubnetscopeError(f"--labels names {dup!r} twice: give each run its own label")
+    labels = args.labels or distinct_suffixes(args.ckpt_dirs)
+    folders = [folder_name(label) for label in labels]
+    for (i, a), (j, b) in itertools.combinations(enumerate(folders), 2):
+        if a.lower() == b.lower():
+            raise SubnetscopeError(f"labels {labels[i]!r} and {labels[j]!r} would share the folder {a}: "
+                                   "pass --labels that differ in letters or digits")
+    return labels, folders
+
+
+def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     n = len(args.ckpt_dirs)
     if n < 2:
         raise SubnetscopeError("--ckpt_dirs needs at least two runs to compare")
@@ -48,39 +85,42 @@ def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise SubnetscopeError(f"--models has {len(args.models)} entries for {n} --ckpt_dirs: give one per run")
     if args.labels and len(args.labels) != n:
         raise SubnetscopeError(f"--labels has {len(args.labels)} entries for {n} --ckpt_dirs: give one per run")
-    labels = args.labels or [Path(d).resolve().name for d in args.ckpt_dirs]
+    if args.n_boot < 1:
+        raise SubnetscopeError(f"--n_boot {args.n_boot}: needs at least 1 resample (default 2000)")
+    labels, folders = run_labels(args)
     models = []
     for i, run_dir in enumerate(args.ckpt_dirs):
         model = args.models[i] if args.models else default_base_for_run(run_dir)
         if model is None:
             raise SubnetscopeError(f"{run_dir}/base does not exist: pass --models with each run's θ0")
         models.append(model)
-    return labels, models
+    return labels, folders, models
 
 
 def run(args: argparse.Namespace) -> dict:
-    labels, models = _check_lengths(args)
+    labels, folders, models = _check_lengths(args)
     cfg = settings_from_args(args)
     rules, device, shells, out, progress = cfg.rules, cfg.device, cfg.shells, cfg.out, cfg.progress
     statistics = concentration_statistics(args.topk)
     profiles, per_model, series_curves = [], [], []
-    for label, model, run_dir in zip(labels, models, args.ckpt_dirs):
+    for label, folder, model, run_dir in zip(labels, folders, models, args.ckpt_dirs):
         checkpoints = find_step_checkpoints(run_dir, args.max_step, args.step_interval)
         base = open_checkpoint(model)
         opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
         pair = analyze_pair(base, opened[-1][1], rules, device, False, shells, progress)
-        write_pair_outputs(pair, out / label, args.topk)
+        write_pair_outputs(pair, out / folder, args.topk)
         per_block = pair.group("block")
         blocks = pair.blocks()
         profile = [per_block[b][args.rule] / per_block[b]["numel"] for b in blocks]
         profiles.append(profile)
-        row = {"model": label, "run": run_dir, "final_step": checkpoints[-1].step, "blocks": len(blocks),
+        row = {"model": label, "folder": folder, "run": run_dir, "final_step": checkpoints[-1].step,
+               "blocks": len(blocks),
                "fraction_changed": pair.fraction(args.rule)}
         for name, stat in statistics.items():
             low, high = bootstrap_ci(profile, stat, args.n_boot, args.seed)
             row.update({name: stat(profile), f"{name}_ci_low": low, f"{name}_ci_high": high})
         shell_rows = [s for s in pair.shells if s["rule"] == args.rule]
-        if shell_rows:
+        if shell_rows and plots.has_nested_ffn(pair):
             row["shell0_ratio_to_uniform"] = shell_rows[0]["ratio_to_uniform"]
         per_model.append(row)
         if len(opened) >= 2:
@@ -121,7 +161,8 @@ def _comparative_figures(labels, profiles, per_model, series_curves, args, out: 
     if series_curves:
         plots.comparative_series([l for l, _ in series_curves], [s.steps for _, s in series_curves],
                                  [s.density[args.rule] for _, s in series_curves],
-                                 f"fraction changed vs θ0 ({args.rule})", out / "density_curves.png")
+                                 f"fraction changed vs θ0 ({args.rule})",
+                                 "how the changed fraction grows over training", out / "density_curves.png")
 
 
 def _print_table(per_model: list[dict], tests: list[dict], k: int) -> None:
@@ -130,7 +171,8 @@ def _print_table(per_model: list[dict], tests: list[dict], k: int) -> None:
 
     print(f"{'model':>20} {'changed':>9} " + " ".join(f"{n:>24}" for n in ("gini", "entropy", f"top{k}")))
     for r in per_model:
-        cells = [f"{fmt(r[n])} [{fmt(r[n + '_ci_low'])},{fmt(r[n + '_ci_high'])}]" for n in ("gini", "entropy", f"top{k}")]
+        cells = [f"{fmt(r[n])} [{fmt(r[n + '_ci_low'])},{fmt(r[n + '_ci_high'])}]"
+                 for n in ("gini", "entropy", f"top{k}")]
         print(f"{r['model']:>20} {r['fraction_changed']:>9.4%} " + " ".join(f"{c:>24}" for c in cells))
     for t in tests:
         print(f"{t['hypothesis']}: Gini difference {fmt(t['gini_difference'])}, p = {fmt(t['p_value'])}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import cli_main
 from ..matrix import TASKS, expand, load_matrix, run_matrix
@@ -14,6 +15,7 @@ checked before anything runs. Started again, the sweep skips finished runs and r
 one. Writes OUTPUT/runs/<run>/ (each a normal run folder), summary.csv (one row per run: settings,
 status, error, final fraction changed under each rule, per-block Gini, evaluation reward),
 grouped_summary.csv (mean and std over seeds) and sparsity_vs_settings.png.
+Exits 1 when any run failed, naming them (each one's traceback is in OUTPUT/runs/<run>.error.txt).
 Examples: configs/matrix_cpu.yaml (tiny models, a few minutes on a CPU), configs/matrix_gpu.yaml.
 """
 
@@ -34,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         for run in expand(load_matrix(args.matrix)):
             print(run["name"])
         return 0
-    out = run_matrix(args.matrix, args.output_dir)
+    result = run_matrix(args.matrix, args.output_dir)
+    out = result.out
     print(f"summary in {out}/summary.csv, {out}/grouped_summary.csv, {out}/sparsity_vs_settings.png")
+    if result.failed:
+        more = len(result.failed) - 10
+        shown = ", ".join(result.failed[:10]) + (f" and {more} more" if more > 0 else "")
+        print(f"error: {len(result.failed)} of {result.runs} runs failed: {shown} "
+              f"(tracebacks in {out}/runs/<run>.error.txt; started again, the sweep retries them)", file=sys.stderr)
+        return 1
     return 0

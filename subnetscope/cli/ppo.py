@@ -13,7 +13,7 @@ the final normalized hidden state, per-token KL penalty to the frozen reference 
 toward --target_kl), GAE, clipped policy and value losses, minibatch epochs. The tracker records
 after every update which weights differ from θ0 under three rules. Defaults follow the original
 experiment config (gpt2-medium, 32 prompts per update, 600 updates, checkpoints every 20,
-atol 1e-6, localization logged, top-3 blocks); flags override them, e.g.
+localization logged, top-3 blocks; atol 1e-5 as everywhere here); flags override them, e.g.
 --policy google/gemma-3n-E2B-it. Offline: --policy tiny-gpt2 / tiny-gemma3n, or --smoke.
 The run folder is read by analyze_sparse_subnetwork.py and localization_analysis.py.
 """

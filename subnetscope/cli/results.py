@@ -26,6 +26,7 @@ from .. import plots
 from ..errors import SubnetscopeError, cli_main
 from ..logger import read_metrics
 from ..naming import block_index
+from ..outputs import check_output_dir
 from ..report import write_csv, write_json
 from ..stats import mean_and_sd
 
@@ -45,7 +46,8 @@ def load_runs(results_dir: str) -> list[dict]:
             if records and kind in ("prune", "sparse_ft"):
                 runs.append({"name": folder.name, "kind": kind, "config": config, "records": records, "folder": folder})
     if not runs:
-        raise SubnetscopeError(f"no main_prune.py or main_sparse_ft.py runs (config.json + metrics.jsonl) in {results_dir}")
+        raise SubnetscopeError(f"no main_prune.py or main_sparse_ft.py runs (config.json + metrics.jsonl) in "
+                               f"{results_dir}")
     return sorted(runs, key=lambda r: (r["kind"], _target(r), r["name"]))
 
 
@@ -79,7 +81,8 @@ def _sparse_ft_row(run: dict) -> dict:
     return {
         "model": cfg["model_name"], "task": cfg["task_name"], "method": f"{cfg['finetune']}:{cfg['mask_method']}",
         "final_sparsity": summary.get("final_sparsity"),
-        "final_val_loss": summary.get("val_loss", _last(recs, "val/loss")), "final_train_loss": _last(recs, "train/loss"),
+        "final_val_loss": summary.get("val_loss", _last(recs, "val/loss")),
+        "final_train_loss": _last(recs, "train/loss"),
         "samples_per_s": sum(rates) / len(rates) if rates else None, "wall_seconds": None,
     }
 
@@ -107,7 +110,8 @@ def grouped_rows(summary: list[dict]) -> list[dict]:
         for metric in ("final_val_loss", "samples_per_s", "final_sparsity"):
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean_and_sd([r[metric] for r in rows])
         out.append(entry)
-    return sorted(out, key=lambda r: tuple(str(r[k]) if k != "target_sparsity" else f"{r[k]:08.4f}" for k in GROUP_KEYS))
+    return sorted(out, key=lambda r: tuple(str(r[k]) if k != "target_sparsity" else f"{r[k]:08.4f}"
+                                           for k in GROUP_KEYS))
 
 
 def performance_rows(grouped: list[dict]) -> list[dict]:
@@ -159,7 +163,8 @@ def revival_rows(runs: list[dict]) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results_dir", required=True, help="folder of main_prune.py / main_sparse_ft.py run folders (or one run)")
+    p.add_argument("--results_dir", required=True,
+                   help="folder of main_prune.py / main_sparse_ft.py run folders (or one run)")
     p.add_argument("--output_dir", default="plots/results", help="tables and figures (default plots/results)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the figures (default on)")
     return p
@@ -168,9 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    out = check_output_dir(args.output_dir)
     runs = load_runs(args.results_dir)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summary_rows(runs)
     grouped = grouped_rows(summary)
     performance = performance_rows(grouped)

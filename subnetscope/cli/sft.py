@@ -6,10 +6,10 @@ from dataclasses import fields
 
 import torch
 
-from ..baselines import SFT_DATA, BaselineConfig, train_baseline
+from ..baselines import METRICS_FILE, SFT_DATA, BaselineConfig, baseline_start, train_baseline
 from ..errors import SubnetscopeError, cli_main
 from ..models import RANDOM_SHAPED, TINY_MODELS
-from .training import quiet_transformers
+from .training import finished_line, quiet_transformers
 
 DESCRIPTION = """\
 Train the same policy on the same prompts as main_grpo.py / main_ppo.py, with TRL's SFTTrainer
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_every", type=int, help=f"checkpoint-N every N steps (default {d.save_every})")
     p.add_argument("--output_dir", help=f"run folder (default {d.output_dir})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --output_dir")
+    p.add_argument("--allow_changed_settings", action="store_true",
+                   help="with --resume: accept settings that differ from the run's; each change is recorded in "
+                        "its run_config.json")
     p.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases")
     p.add_argument("--seed", type=int, help=f"(default {d.seed})")
     p.add_argument("--atol", type=float, help=f"tracker's absolute rule (default {d.atol})")
@@ -62,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_transformers()
     config = BaselineConfig(**{f.name: getattr(args, f.name) for f in fields(BaselineConfig) if hasattr(args, f.name)})
+    start = baseline_start(config)
+    if start.finished(config.max_steps):
+        print(finished_line(start, config.max_steps, METRICS_FILE))
+        return 0
     try:
         callback = train_baseline(config)
     except torch.cuda.OutOfMemoryError:

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 import transformers
 
 from ..errors import SubnetscopeError
 from ..models import RANDOM_SHAPED, TINY_MODELS
-from ..rl import OPTIMIZERS, RLConfig, RLTrainer
+from ..rl import OPTIMIZERS, RLConfig, RLTrainer, RunStart, check_run_start, last_record
 
 PRESETS = {
     "smoke": dict(device="cpu", policy="tiny-gemma3n", dataset="builtin", reward="vader", max_steps=1,
@@ -83,6 +86,9 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     io.add_argument("--full_checkpoints", action="store_true", help="write full safetensors instead of compact ones")
     io.add_argument("--eval_every", type=int, help=f"held-out reward and KL every N steps (default {d.eval_every})")
     io.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
+    io.add_argument("--allow_changed_settings", action="store_true",
+                    help="with --resume: accept settings that differ from the run's (lr, batch, seed, ...); each "
+                         "change is recorded in its run_config.json")
     io.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (works with WANDB_MODE=offline)")
     io.add_argument("--no_tqdm", action="store_true", help="no progress bar (for logs)")
     io.add_argument("--seed", type=int, help=f"seed of prompt order, sampling and new heads; tiny models keep one init (default {d.seed})")
@@ -113,15 +119,32 @@ def config_from_args(config_cls: type[RLConfig], args: argparse.Namespace, prese
     return config_cls(**values)
 
 
-def summary_line(trainer: RLTrainer, metrics: dict) -> str:
-    total = sum(p.numel() for p in trainer.params.values())
-    return (f"step {trainer.config.max_steps}: changed exact {metrics['changed/exact']:.2%}, atol "
-            f"{metrics['changed/atol']:.2%}, relative {metrics['changed/relative']:.2%} of {total:,} weights; "
-            f"reward {metrics['reward/mean']:.3f}; run in {trainer.run_dir}")
+def summary_line(metrics: dict, total: int, run_dir: str | Path) -> str:
+    """One line: the last step's changed fractions under the three rules, and its reward."""
+    changed = ", ".join(f"{rule} {metrics[f'changed/{rule}']:.2%}" for rule in ("exact", "atol", "relative")
+                        if isinstance(metrics.get(f"changed/{rule}"), float))
+    reward = metrics.get("reward/mean")
+    reward_text = f"reward {reward:.3f}; " if isinstance(reward, float) else ""
+    return (f"step {metrics.get('step', '?')}: changed {changed or '(not logged)'} of {total:,} weights; "
+            f"{reward_text}run in {run_dir}")
 
 
-def run(trainer_cls: type[RLTrainer], config: RLConfig) -> tuple[RLTrainer, dict]:
-    """Train, turning CUDA running out of memory into a one-line error that names the remedies."""
+def finished_line(start: RunStart, max_steps: int, metrics_file: str = "metrics.jsonl") -> str:
+    """A --resume of a finished run: what it ended with, from its run_config.json and metrics.jsonl."""
+    total = sum(math.prod(shape) for shape in (start.saved or {}).get("parameters", {}).values())
+    metrics = {"step": start.point.step, **last_record(start.run_dir / metrics_file, start.point.step)}
+    return (f"{start.run_dir} is finished (step {start.point.step}, --max_steps {max_steps}); nothing to train, "
+            f"raise --max_steps to continue it. {summary_line(metrics, total, start.run_dir)}")
+
+
+def run(trainer_cls: type[RLTrainer], config: RLConfig) -> dict:
+    """Train, turning CUDA running out of memory into a one-line error that names the remedies; a
+    --resume of a finished run reports it and trains nothing. Returns the last step's metrics."""
+    start = check_run_start(config, trainer_cls.name)
+    if start.finished(config.max_steps):
+        if os.environ.get("RANK", "0") == "0":
+            print(finished_line(start, config.max_steps))
+        return last_record(start.run_dir / "metrics.jsonl", start.point.step)
     try:
         trainer = trainer_cls(config)
         metrics = trainer.train()
@@ -131,7 +154,6 @@ def run(trainer_cls: type[RLTrainer], config: RLConfig) -> tuple[RLTrainer, dict
             "--reward_device cpu, or shorter --max_prompt_tokens / --max_new_tokens"
         ) from None
     if trainer.accelerator.is_main_process:
-        print(summary_line(trainer, metrics))
-    return trainer, metrics
-
-
+        total = sum(p.numel() for p in trainer.params.values())
+        print(summary_line(metrics, total, trainer.run_dir))
+    return metrics

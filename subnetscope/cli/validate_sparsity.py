@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
@@ -17,6 +16,7 @@ from ..errors import cli_main
 from ..masks import check_masks_fit, load_masks
 from ..naming import block_index
 from ..report import write_json
+from .common import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +56,14 @@ def sparsity_report(source, masks: dict[str, torch.Tensor]) -> dict:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    output = check_output_file(args.output, "--output")
     mask_set = load_masks(args.mask_path)
     source = open_checkpoint(args.checkpoint)
     shapes = {n: torch.empty(source.shape(n), device="meta") for n in source.names()}
     check_masks_fit(mask_set, shapes, f"--mask_path {args.mask_path}", same_model=False)
     report = sparsity_report(source, mask_set.masks)
     report["checkpoint"], report["mask_path"] = args.checkpoint, args.mask_path
-    write_json(Path(args.output), report)
+    write_json(output, report)
     o = report["overall"]
     for name, layer in report["layers"].items():
         print(f"{name}: mask sparsity {layer['mask_sparsity']:.4f}, actual {layer['actual_sparsity']:.4f}, "

@@ -1,0 +1,202 @@
+"""The analysis commands refuse bad input in one line (exit 2) before any work: unwritable output
+locations, --n_boot < 1, a malformed matrix file, a bad --nm; and run_matrix.py exits 1 when a run failed."""
+import json
+import subprocess
+
+import pytest
+
+from subnetscope.cli import analyze, check_sparsity, compare, compute_masks, localize, results, validate_sparsity
+from subnetscope.cli import matrix as matrix_cli
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("work started before the input was checked")
+
+
+def refused(capsys, main, argv: list[str], *needles: str) -> str:
+    """Run `main`, expect exit 2 with one `error:` line holding every needle; return that line."""
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A read-only mount (root can write into a chmod-read-only folder, not into a read-only mount)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def bad_folder(request, tmp_path, case: str):
+    """An output folder that cannot be one: an existing file, a path below a file, a read-only mount."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    if case == "file":
+        return blocker
+    if case == "below_file":
+        return blocker / "out"
+    return request.getfixturevalue("readonly_dir") / "out"
+
+
+def listing(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+FOLDER_CASES = ["file", "below_file", "readonly"]
+
+
+@pytest.mark.parametrize("case", FOLDER_CASES)
+def test_analyze_refuses_output_dir_before_opening_models(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(analyze, "open_checkpoint", no_work)
+    out = bad_folder(request, tmp_path, case)
+    before = listing(tmp_path)
+    refused(capsys, analyze.main, ["--base", "a", "--tuned", "b", "--output_dir", out, "--device", "cpu"],
+            "--output_dir", str(out))
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", FOLDER_CASES)
+def test_localize_refuses_output_dir_before_reading_runs(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(localize, "find_step_checkpoints", no_work)
+    monkeypatch.setattr(localize, "open_checkpoint", no_work)
+    out = bad_folder(request, tmp_path, case)
+    refused(capsys, localize.main, ["--ckpt_dirs", tmp_path / "r1", tmp_path / "r2", "--models", "m1", "m2",
+                                    "--output_dir", out, "--device", "cpu"], "--output_dir", str(out))
+
+
+@pytest.mark.parametrize("case", FOLDER_CASES)
+def test_compute_masks_refuses_output_dir_before_loading_the_model(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(compute_masks, "load_causal_lm", no_work)
+    monkeypatch.setattr(compute_masks, "ever_changed_masks", no_work)
+    out = bad_folder(request, tmp_path, case)
+    refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--output_dir", out], "--output_dir")
+    refused(capsys, compute_masks.main, ["--from_run", tmp_path, "--output_dir", out], "--output_dir")
+
+
+@pytest.mark.parametrize("case", FOLDER_CASES)
+def test_results_refuses_output_dir_before_reading_runs(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(results, "load_runs", no_work)
+    out = bad_folder(request, tmp_path, case)
+    refused(capsys, results.main, ["--results_dir", tmp_path, "--output_dir", out], "--output_dir", str(out))
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--runs_dir"])
+def test_compare_refuses_its_folders_before_training(tmp_path, capsys, monkeypatch, flag):
+    monkeypatch.setattr(compare, "_train", no_work)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    refused(capsys, compare.main, [flag, blocker / "sub", "--device", "cpu"], flag, str(blocker))
+
+
+def file_target(request, tmp_path, case: str):
+    """An output file that cannot be written: a folder, a path below a file, a file on a read-only mount."""
+    if case == "folder":
+        return tmp_path
+    if case == "below_file":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        return blocker / "report.json"
+    return request.getfixturevalue("readonly_dir") / "report.json"
+
+
+@pytest.mark.parametrize("case", ["folder", "below_file", "readonly"])
+def test_validate_sparsity_refuses_output_before_reading(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(validate_sparsity, "load_masks", no_work)
+    target = file_target(request, tmp_path, case)
+    refused(capsys, validate_sparsity.main, ["--checkpoint", "c", "--mask_path", "m", "--output", target], "--output")
+
+
+@pytest.mark.parametrize("case", ["folder", "below_file", "readonly"])
+def test_check_sparsity_refuses_json_before_reading(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(check_sparsity, "open_checkpoint", no_work)
+    target = file_target(request, tmp_path, case)
+    refused(capsys, check_sparsity.main, ["--model_dir", "m", "--json", target], "--json")
+
+
+def test_refused_analysis_creates_no_output_folder(tmp_path, capsys):
+    """The output folder is made when results are written, not while the flags are checked."""
+    out = tmp_path / "new" / "out"
+    refused(capsys, analyze.main, ["--base", tmp_path / "missing", "--tuned", tmp_path / "missing2",
+                                   "--output_dir", out, "--device", "cpu", "--no_tqdm"], "missing")
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("n_boot", ["0", "-3"])
+def test_localize_refuses_n_boot_below_one(tmp_path, capsys, monkeypatch, n_boot):
+    monkeypatch.setattr(localize, "find_step_checkpoints", no_work)
+    refused(capsys, localize.main, ["--ckpt_dirs", "r1", "r2", "--models", "m1", "m2", "--n_boot", n_boot,
+                                    "--output_dir", tmp_path / "out", "--device", "cpu"], "--n_boot", n_boot)
+
+
+@pytest.mark.parametrize("spec", ["3:2", "2-4", "0:4", "4:4", "2:x"])
+def test_compute_masks_names_nm_for_a_bad_pattern(tmp_path, capsys, monkeypatch, spec):
+    monkeypatch.setattr(compute_masks, "load_causal_lm", no_work)
+    line = refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--method", "nm", "--nm", spec,
+                                                "--output_dir", tmp_path / "masks"], f"--nm {spec}")
+    assert "--sparsity" not in line
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_malformed_yaml_matrix_names_file_and_line(tmp_path, capsys, monkeypatch, dry_run):
+    monkeypatch.setattr("subnetscope.matrix.run_one", no_work)
+    path = tmp_path / "sweep.yaml"
+    path.write_text("base:\n  policy: tiny-gpt2\ngrid:\n  seed: [0, 1\n  lr: [1e-3]\n")
+    line = refused(capsys, matrix_cli.main, ["--matrix", path, *(["--dry_run"] if dry_run else [])],
+                   str(path), "not valid YAML", "line 5")
+    assert "expected ',' or ']'" in line
+
+
+def test_malformed_json_matrix_names_file_and_line(tmp_path, capsys):
+    path = tmp_path / "sweep.json"
+    path.write_text('{"grid": {"seed": [0, 1]},\n "base": {"policy": "tiny-gpt2",}}\n')
+    refused(capsys, matrix_cli.main, ["--matrix", path, "--dry_run"], str(path), "not valid JSON", "line 2")
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_matrix_refuses_output_dir_before_running(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.setattr("subnetscope.matrix.run_one", no_work)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    data = {"base": {"policy": "tiny-gpt2", "device": "cpu"}, "grid": {"seed": [0]}}
+    if where == "file":
+        data["output_dir"] = str(blocker)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(data))
+    argv = ["--matrix", path, *(["--output_dir", blocker] if where == "flag" else [])]
+    refused(capsys, matrix_cli.main, argv, "--output_dir" if where == "flag" else f"{path}: output_dir", str(blocker))
+    assert blocker.read_text() == "x"
+
+
+def test_matrix_exits_1_naming_the_failed_runs(tmp_path, capsys, monkeypatch):
+    def fake_run(run, folder, detail=False):
+        if run["axes"]["seed"] == 1:
+            raise RuntimeError("planted failure")
+        return {"changed_exact": 0.5, "changed_atol": 0.4, "changed_relative": 0.3, "gini_relative": 0.1,
+                "eval_reward": 0.0, "final_step": 2}
+
+    monkeypatch.setattr("subnetscope.matrix.run_one", fake_run)
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"base": {"policy": "tiny-gpt2", "device": "cpu", "lr": 1e-3},
+                                "grid": {"seed": [0, 1, 2]}, "output_dir": str(tmp_path / "out")}))
+    assert matrix_cli.main(["--matrix", str(path)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "1 of 3 runs failed: rl-grpo__seed=1 " in err[0], err
+    trace = (tmp_path / "out" / "runs" / "rl-grpo__seed=1.error.txt").read_text()
+    assert trace.count("RuntimeError: planted failure") == 1
+    monkeypatch.setattr("subnetscope.matrix.run_one", lambda run, folder, detail=False: fake_run(
+        {"axes": {"seed": 0}}, folder))
+    assert matrix_cli.main(["--matrix", str(path)]) == 0  # the retried run now succeeds
