@@ -1,13 +1,20 @@
 """GRPO speed on a GPU, measured side by side in one run, each configuration in a fresh process.
 
-  ours    : subnetscope's GRPO loop with its tracker (compiled on CUDA)
+  ours    : subnetscope's GRPO loop with its trackers (compiled on CUDA)
   naive   : the same loop with the naive tracker (clone every parameter every step, .item() per tensor)
   trl     : TRL's GRPOTrainer with the same model, prompts, batch, group size, lengths and loss, no vLLM
 
-The model has GPT-2-medium shapes (355M parameters, random weights, bf16) and the real GPT-2
-tokenizer (--tokenizer, e.g. a copy of ../shared/models/tiny-gpt2). Reports tracker overhead as a
-share of the step, generated tokens/s and steps/s, and peak GPU memory.
-Run: python benchmarks/bench_grpo.py --tokenizer DIR [--steps 10]
+--precision (default mixed) is ours' --precision; TRL gets its equivalent: mixed = an fp32-loaded model
+with bf16=True (autocast), bf16 = a bf16 model with bf16=True, fp32 = fp32 throughout. Under mixed ours
+runs two trackers (the bf16 view and the fp32 masters); the overhead reported is both together.
+The model is a folder (--model, e.g. SmolLM2; its tokenizer unless --tokenizer says otherwise) or, by
+default, GPT-2-medium shapes (355M parameters, random weights) with the real GPT-2 tokenizer
+(--tokenizer, e.g. a copy of ../shared/models/tiny-gpt2). Both sides get the same plain prompts (no
+chat template). Reports tracker overhead as a share of the step, generated tokens/s and steps/s, and
+peak GPU memory.
+Run: python benchmarks/bench_grpo.py --tokenizer DIR [--steps 10] [--precision mixed]
+     python benchmarks/bench_grpo.py --model DIR
+     python benchmarks/bench_grpo.py --tiny   (CPU, tiny shapes, 3 steps: a check that it runs)
 """
 from __future__ import annotations
 
@@ -17,33 +24,69 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BATCH, GROUP, PROMPT_TOKENS, NEW_TOKENS = 16, 4, 32, 64
+
+@dataclass(frozen=True)
+class Shape:
+    batch: int
+    group: int
+    prompt_tokens: int
+    new_tokens: int
 
 
-def build_model(workdir: Path, tokenizer: str) -> Path:
+GPU_SHAPE = Shape(batch=16, group=4, prompt_tokens=32, new_tokens=64)
+TINY_SHAPE = Shape(batch=2, group=2, prompt_tokens=8, new_tokens=8)
+
+
+def build_model(workdir: Path, tokenizer: str | None, tiny: bool) -> Path:
+    """GPT-2-medium shapes (or tiny ones) with random weights, saved in bf16 with the tokenizer."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-    folder = workdir / "gpt2-medium-random"
+    from subnetscope.models import tiny_gpt2_config, word_tokenizer
+
+    folder = workdir / ("gpt2-tiny-random" if tiny else "gpt2-medium-random")
     if (folder / "config.json").exists():
         return folder
+    tok = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else word_tokenizer()
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=24, n_embd=1024, n_head=16)).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
+    config = tiny_gpt2_config(vocab_size=len(tok)) if tiny else GPT2Config(n_layer=24, n_embd=1024, n_head=16)
+    GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
     return folder
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_gb(device: str) -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+
+
+def reset_peak(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
 
 
 def easy_reward(completions, completion_ids, **kwargs):
     return [sum(1 for t in ids if t % 2 == 0) / max(1, len(ids)) for ids in completion_ids]
 
 
-def run_ours(model: str, steps: int, naive: bool) -> dict:
+def run_ours(model: str, tokenizer: str | None, steps: int, naive: bool, precision: str, device: str,
+             shape: Shape) -> dict:
     import torch
 
     import subnetscope.grpo as grpo
@@ -51,7 +94,7 @@ def run_ours(model: str, steps: int, naive: bool) -> dict:
     from subnetscope.tracker import UpdateTracker
 
     class NaiveTracker(UpdateTracker):
-        """Clone every parameter every step and read each count with its own .item()."""
+        """Clone every parameter (as judged) every step and read each count with its own .item()."""
 
         @torch.no_grad()
         def update(self, step):
@@ -59,8 +102,8 @@ def run_ours(model: str, steps: int, naive: bool) -> dict:
             from subnetscope.tracker import StepCounts
 
             vs_init, vs_prev = {r: [] for r in RULES}, {r: [] for r in RULES}
-            for name, p in self.params.items():
-                current = p.detach().clone()
+            for name in self.params:
+                current = self.published(name).clone()
                 m0 = changed_masks(self.initial[name], current, self.rules)
                 m1 = changed_masks(self.previous[name], current, self.rules)
                 for r in RULES:
@@ -73,31 +116,38 @@ def run_ours(model: str, steps: int, naive: bool) -> dict:
 
     if naive:
         rl.UpdateTracker = NaiveTracker
-    cfg = grpo.GRPOConfig(policy=model, reward="easy", dataset="builtin", batch_size=BATCH, group_size=GROUP,
-                          max_prompt_tokens=PROMPT_TOKENS, max_new_tokens=NEW_TOKENS, max_steps=steps,
-                          save_every=10**6, eval_every=10**6, dtype="bfloat16", device="cuda", lr=1e-6,
+    cfg = grpo.GRPOConfig(policy=model, tokenizer=tokenizer, reward="easy", dataset="builtin", batch_size=shape.batch,
+                          group_size=shape.group, max_prompt_tokens=shape.prompt_tokens,
+                          max_new_tokens=shape.new_tokens, max_steps=steps, save_every=10**6, eval_every=10**6,
+                          precision=precision, device=device, lr=1e-6, chat_template=False,
                           output_dir=f"/tmp/bench-grpo-{'naive' if naive else 'ours'}-{time.time_ns()}",
                           no_tqdm=True)
     trainer = grpo.GRPOTrainer(cfg)
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak(device)
     times, tracker_times, tokens = [], [], []
     for step in range(1, steps + 1):
         m = trainer.train_step(step)
         times.append(m["time/step"])
         tracker_times.append(m["time/tracker"])
-        tokens.append(m["completion_length"] * BATCH * GROUP)
+        tokens.append(m["completion_length"] * shape.batch * shape.group)
     warm = slice(2, None)
     step_time = statistics.median(times[warm])
-    return {"step_s": step_time, "tracker_s": statistics.median(tracker_times[warm]),
-            "rollout_s": m["time/rollout"],
+    return {"precision": trainer.precision.name, "step_s": step_time,
+            "tracker_s": statistics.median(tracker_times[warm]), "rollout_s": m["time/rollout"],
             "tokens_per_s": statistics.mean(tokens[warm]) / step_time, "steps_per_s": 1 / step_time,
-            "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30, "all_step_s": [round(t, 3) for t in times]}
+            "peak_gpu_gb": peak_gb(device), "all_step_s": [round(t, 3) for t in times]}
 
 
-def run_trl(model: str, steps: int) -> dict:
-    import datasets
+def trl_dtype_and_bf16(precision: str):
+    """TRL's equivalent of our --precision: the dtype the model is loaded in, and its bf16 (autocast) flag."""
     import torch
-    from transformers import TrainerCallback
+
+    return {"mixed": (torch.float32, True), "bf16": (torch.bfloat16, True), "fp32": (torch.float32, False)}[precision]
+
+
+def run_trl(model: str, tokenizer: str | None, steps: int, precision: str, device: str, shape: Shape) -> dict:
+    import datasets
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from subnetscope.data import BUILTIN_PROMPTS
@@ -107,11 +157,11 @@ def run_trl(model: str, steps: int) -> dict:
             self.times, self.t0 = [], None
 
         def on_step_begin(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            synchronize(device)
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            synchronize(device)
             self.times.append(time.perf_counter() - self.t0)
 
     lengths = []
@@ -120,21 +170,23 @@ def run_trl(model: str, steps: int) -> dict:
         lengths.append(sum(len(ids) for ids in completion_ids))
         return easy_reward(completions, completion_ids)
 
-    args = GRPOConfig(output_dir=f"/tmp/bench-trl-{time.time_ns()}", per_device_train_batch_size=BATCH * GROUP,
-                      num_generations=GROUP, max_completion_length=NEW_TOKENS, max_steps=steps, learning_rate=1e-6,
-                      beta=0.04, epsilon=0.2, loss_type="grpo", temperature=1.0, bf16=True, report_to="none",
-                      save_strategy="no", logging_steps=10**6, gradient_checkpointing=False, disable_dropout=True,
-                      model_init_kwargs={"dtype": torch.bfloat16})
+    dtype, bf16 = trl_dtype_and_bf16(precision)
+    args = GRPOConfig(output_dir=f"/tmp/bench-trl-{time.time_ns()}",
+                      per_device_train_batch_size=shape.batch * shape.group, num_generations=shape.group, max_completion_length=shape.new_tokens, max_steps=steps,
+                      learning_rate=1e-6, beta=0.04, epsilon=0.2, loss_type="grpo", temperature=1.0, bf16=bf16,
+                      report_to="none", save_strategy="no", logging_steps=10**6, gradient_checkpointing=False,
+                      disable_dropout=True, use_cpu=device == "cpu", model_init_kwargs={"dtype": dtype})
     prompts = [p for p in BUILTIN_PROMPTS] * 20
     timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args,
-                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}), callbacks=[timer])
-    torch.cuda.reset_peak_memory_stats()
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, callbacks=[timer],
+                          processing_class=AutoTokenizer.from_pretrained(tokenizer or model),
+                          train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
+    reset_peak(device)
     trainer.train()
     warm = slice(2, None)
     step_time = statistics.median(timer.times[warm])
     return {"step_s": step_time, "tokens_per_s": statistics.mean(lengths[warm]) / step_time,
-            "steps_per_s": 1 / step_time, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "steps_per_s": 1 / step_time, "peak_gpu_gb": peak_gb(device),
             "all_step_s": [round(t, 3) for t in timer.times]}
 
 
@@ -159,35 +211,50 @@ def check_compiled_tracker_equals_eager() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokenizer", required=True, help="folder with the GPT-2 tokenizer files")
+    p.add_argument("--model", help="a model folder (default: GPT-2-medium shapes with random weights)")
+    p.add_argument("--tokenizer", help="tokenizer folder: required without --model (the GPT-2 tokenizer files); "
+                                       "with --model, the model folder's by default")
+    p.add_argument("--precision", default="mixed", choices=("mixed", "bf16", "fp32"), help="(default mixed)")
     p.add_argument("--steps", type=int, default=10, help="GRPO steps per configuration (first 2 are warm-up)")
+    p.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, 3 steps: checks that the benchmark runs")
     p.add_argument("--workdir", default="/tmp/subnetscope-bench")
     p.add_argument("--only", choices=("ours", "naive", "trl"), help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
+    device, shape = ("cpu", TINY_SHAPE) if args.tiny else ("cuda", GPU_SHAPE)
+    steps = 3 if args.tiny else args.steps
     if args.only:
-        result = run_trl(args.model, args.steps) if args.only == "trl" else run_ours(args.model, args.steps, args.only == "naive")
+        if args.only == "trl":
+            result = run_trl(args.model, args.tokenizer, steps, args.precision, device, shape)
+        else:
+            result = run_ours(args.model, args.tokenizer, steps, args.only == "naive", args.precision, device, shape)
         print(json.dumps(result))
         return
-    model = build_model(Path(args.workdir), args.tokenizer)
-    print(check_compiled_tracker_equals_eager())
+    if not args.model and not args.tokenizer and not args.tiny:
+        p.error("pass --tokenizer (the GPT-2 tokenizer files) for the random GPT-2-medium model, or --model DIR")
+    model = args.model or str(build_model(Path(args.workdir), args.tokenizer, args.tiny))
+    if device == "cuda":
+        print(check_compiled_tracker_equals_eager())
     results = {}
     for which in ("ours", "naive", "trl"):
-        out = subprocess.run([sys.executable, __file__, "--tokenizer", args.tokenizer, "--steps", str(args.steps),
-                              "--only", which, "--model", str(model)], capture_output=True, text=True)
+        command = [sys.executable, __file__, "--model", model, "--steps", str(steps), "--precision", args.precision,
+                   "--only", which, *(["--tiny"] if args.tiny else []),
+                   *(["--tokenizer", args.tokenizer] if args.tokenizer and args.model else [])]
+        out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:])
             raise SystemExit(f"{which} failed")
         results[which] = json.loads(out.stdout.strip().splitlines()[-1])
         print(which, json.dumps(results[which]))
     o, n, t = results["ours"], results["naive"], results["trl"]
-    print(f"\nGPT-2-medium shapes, bf16, {BATCH} prompts x {GROUP} completions, {NEW_TOKENS} new tokens")
+    print(f"\n{Path(model).name}, --precision {args.precision} (ours ran {o['precision']}), {shape.batch} prompts x "
+          f"{shape.group} completions, {shape.new_tokens} new tokens, on {device}")
     print(f"tracker overhead, ours : {o['tracker_s'] * 1e3:.1f} ms of a {o['step_s']:.3f} s step = "
           f"{100 * o['tracker_s'] / o['step_s']:.2f}% (target <= 2%)")
     print(f"tracker overhead, naive: {n['tracker_s'] * 1e3:.1f} ms of a {n['step_s']:.3f} s step = "
           f"{100 * n['tracker_s'] / n['step_s']:.2f}%")
-    print(f"throughput ours: {o['tokens_per_s']:.0f} tokens/s, {o['steps_per_s']:.3f} steps/s, peak {o['peak_gpu_gb']:.1f} GB")
-    print(f"throughput TRL : {t['tokens_per_s']:.0f} tokens/s, {t['steps_per_s']:.3f} steps/s, peak {t['peak_gpu_gb']:.1f} GB")
+    for label, r in (("ours", o), ("TRL ", t)):
+        print(f"throughput {label}: {r['tokens_per_s']:.0f} tokens/s, {r['steps_per_s']:.3f} steps/s, "
+              f"peak {r['peak_gpu_gb']:.1f} GB")
     print(f"ours / TRL     : {o['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s (target >= 1.5x)")
 
 

@@ -3,9 +3,15 @@
 Both start from the same policy and prompts as the RL runs. SFT trains on reference continuations:
 for each prompt, the best of `candidates` samples from the initial policy under the reward
 (rejection sampling), or with `sft_data="positive_reviews"` on real positive reviews of a labelled
-data set (opening as prompt, what follows as completion). DPO trains on pairs from the same samples: the best as chosen, the worst as
-rejected (ties dropped). The run folder holds base/ (θ0, written by the callback), the trainer's
-checkpoint-N folders, and subnet_metrics.jsonl, so every analysis reads it unchanged.
+data set (opening as prompt, what follows as completion). DPO trains on pairs from the same samples:
+the best as chosen, the worst as rejected (ties dropped). The run folder holds base/ (θ0, written by
+the callback), the trainer's checkpoint-N folders, and subnet_metrics.jsonl, so every analysis reads
+it unchanged.
+
+Precision (subnetscope.precision): mixed trains fp32 weights with TRL's own bf16 autocast (`bf16=True`)
+and the callback judges, and writes base/, checkpoint-N/subnet.safetensors and final/, at the view
+dtype; bf16 loads and updates bf16 weights (`bf16=False`: nothing to autocast); fp32 is fp32 throughout.
+An instruct model's prompts become a user turn of its chat template (the completions stay as sampled).
 """
 from __future__ import annotations
 
@@ -16,15 +22,27 @@ from pathlib import Path
 
 import torch
 
-from .changes import ChangeRules
 from .callback import TRACKER_FILE, SubnetTrackerCallback
-from .data import load_prompts
+from .changes import ChangeRules
+from .data import chat_prompts, load_prompts
 from .errors import SubnetscopeError
-from .models import DTYPES, load_causal_lm, load_tokenizer, model_signature
-from .rl import RunConfig, RunStart, check_run_start
+from .models import load_causal_lm, load_tokenizer, model_signature
+from .precision import Precision, resolve_precision
 from .rewards import build_reward, score_rollout
-from .runstate import (FINAL_DIR, HEADER_BYTES, check_resumable, clean_stale_temps, record_resume, tensor_bytes,
-                       write_dir_checked, write_run_config)
+from .rl import RunConfig, RunStart, check_run_start, precision_settings
+from .runstate import (
+    FINAL_DIR,
+    HEADER_BYTES,
+    check_resumable,
+    clean_stale_temps,
+    describe_changes,
+    record_resume,
+    save_model,
+    settings_changes,
+    tensor_bytes,
+    write_dir_checked,
+    write_run_config,
+)
 from .sampling import generate
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
@@ -42,7 +60,6 @@ class BaselineConfig(RunConfig):
     max_prompts: int = 256
     dpo_beta: float = 0.1
     sft_data: str = "samples"
-    dtype: str = "float32"
     output_dir: str = "checkpoints/sft"
 
     def validate(self) -> None:
@@ -56,17 +73,18 @@ class BaselineConfig(RunConfig):
         if self.candidates < 2:
             raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
         self.require_counts("max_prompts")
-        if self.dtype == "auto":
-            raise SubnetscopeError("--dtype: give float32, bfloat16 or float16 for a baseline")
 
 
 @torch.no_grad()
 def scored_samples(model, tokenizer, prompts: list[str], reward_fn, candidates: int, seed: int,
-                   max_new_tokens: int, temperature: float) -> list[list[tuple[float, str]]]:
-    """`candidates` samples per prompt from `model`, each with its reward, best first."""
+                   max_new_tokens: int, temperature: float,
+                   model_text: list[str] | None = None) -> list[list[tuple[float, str]]]:
+    """`candidates` samples per prompt from `model`, each with its reward, best first. The model sees
+    `model_text` (the prompts in its chat template; default the prompts), the reward the plain prompts."""
     repeated = [p for p in prompts for _ in range(candidates)]
+    seen = [p for p in (model_text or prompts) for _ in range(candidates)]
     rows = torch.arange(len(repeated))
-    rollout = generate(model, tokenizer, repeated, rows, seed=seed, step=0, max_new_tokens=max_new_tokens,
+    rollout = generate(model, tokenizer, seen, rows, seed=seed, step=0, max_new_tokens=max_new_tokens,
                        temperature=temperature)
     rewards = score_rollout(reward_fn, repeated, rollout).tolist()
     out = []
@@ -75,6 +93,15 @@ def scored_samples(model, tokenizer, prompts: list[str], reward_fn, candidates: 
                                         rollout.texts[i * candidates:(i + 1) * candidates]) if not math.isnan(r)]
         out.append(sorted(group, key=lambda x: -x[0]))
     return out
+
+
+def trl_prompts(tokenizer, templated: list[str]) -> list[str]:
+    """Templated prompts as TRL's trainers take them: they tokenize text with the tokenizer's special
+    tokens, so a template that writes the BOS token itself (Gemma's, Llama's) would get it twice."""
+    bos = tokenizer.bos_token
+    if not bos or tokenizer("x")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return templated
+    return [p.removeprefix(bos) for p in templated]
 
 
 def sft_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> dict[str, list[str]]:
@@ -117,12 +144,21 @@ def baseline_start(config: BaselineConfig) -> RunStart:
     return check_run_start(config, config.task.upper(), weights=CHECKPOINT_WEIGHTS, required=CHECKPOINT_FILES)
 
 
-def _prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Module) -> None:
-    """As RLTrainer's: a resumed run must fit the model; then killed writes' leftovers go, and
-    run_config.json is written (a new run) or brought up to date (a resumed one)."""
+def _check_resumed(config: BaselineConfig, start: RunStart, precision: Precision) -> None:
+    """A resumed run keeps its precision as resolved (`auto` may resolve otherwise on another machine)."""
+    if start.saved is None:
+        return
+    changes = settings_changes(start.saved["settings"], precision_settings(precision))
+    if changes and not config.allow_changed_settings:
+        raise SubnetscopeError(f"--resume: {config.output_dir} was trained with another precision: "
+                               f"{describe_changes(changes)} (as --precision {config.precision} resolves here): pass "
+                               "the run's --precision and --view_dtype, or --allow_changed_settings")
+
+
+def _prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Module, settings: dict) -> None:
+    """As RLTrainer's: killed writes' leftovers go, and run_config.json is written (a new run) or
+    brought up to date (a resumed one)."""
     run_dir = Path(config.output_dir)
-    if start.saved is not None:
-        check_resumable(run_dir, model, start.saved)
     removed = clean_stale_temps(run_dir)
     if removed:
         print(f"removed what killed writes left in {run_dir}: {', '.join(removed)}")
@@ -130,10 +166,30 @@ def _prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Mo
         print(f"note: {note}")
     if start.saved is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(run_dir, {"algorithm": config.task.upper(), "settings": asdict(config),
+        write_run_config(run_dir, {"algorithm": config.task.upper(), "settings": settings,
                                    "parameters": model_signature(model)})
     else:
-        record_resume(run_dir, start.saved, asdict(config), start.point.step)
+        record_resume(run_dir, start.saved, settings, start.point.step)
+
+
+def build_records(config: BaselineConfig, model, tokenizer, precision: Precision, device: str,
+                  templated: bool) -> dict[str, list[str]]:
+    """The trainer's data set: prompts (in the chat template when `templated`) with SFT targets or DPO pairs."""
+    def model_text(prompts: list[str]) -> list[str]:
+        return chat_prompts(tokenizer, prompts) if templated else prompts
+
+    if config.task == "sft" and config.sft_data == "positive_reviews":
+        records = positive_review_records(config.dataset, tokenizer, config.max_prompts, config.max_prompt_tokens,
+                                          config.max_new_tokens, config.seed)
+        return {**records, "prompt": trl_prompts(tokenizer, model_text(records["prompt"]))}
+    reward_fn = build_reward(config.reward, config.reward_model, device)
+    prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
+    seen = model_text(prompts)
+    with precision.autocast(device):
+        samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,
+                                 config.max_new_tokens, config.temperature, model_text=seen)
+    seen = trl_prompts(tokenizer, seen)
+    return sft_records(seen, samples) if config.task == "sft" else dpo_records(seen, samples)
 
 
 def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
@@ -143,35 +199,34 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     start = baseline_start(config)
-    callback = SubnetTrackerCallback(ChangeRules(config.atol, config.eta), topk=config.topk)
+    rules = ChangeRules(config.atol, config.eta)
     if start.finished(config.max_steps):
-        return callback
+        return SubnetTrackerCallback(rules, topk=config.topk)
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
         "cpu" if config.device == "auto" else config.device)
+    precision = resolve_precision(config.precision, device, config.view_dtype)
+    _check_resumed(config, start, precision)
+    callback = SubnetTrackerCallback(rules, topk=config.topk, view_dtype=precision.view)
     tokenizer = load_tokenizer(config.policy, config.tokenizer)
-    dtype = DTYPES[config.dtype]
-    model = load_causal_lm(config.policy, dtype, vocab_size=len(tokenizer)).to(device)
-    if config.task == "sft" and config.sft_data == "positive_reviews":
-        records = positive_review_records(config.dataset, tokenizer, config.max_prompts, config.max_prompt_tokens,
-                                          config.max_new_tokens, config.seed)
-    else:
-        reward_fn = build_reward(config.reward, config.reward_model, device)
-        prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
-        samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,
-                                 config.max_new_tokens, config.temperature)
-        records = sft_records(prompts, samples) if config.task == "sft" else dpo_records(prompts, samples)
-    data = datasets.Dataset.from_dict(records)
+    model = load_causal_lm(config.policy, precision.weights, vocab_size=len(tokenizer)).to(device)
+    if start.saved is not None:
+        check_resumable(Path(config.output_dir), model, start.saved)
+    templated = config.chat_template and bool(getattr(tokenizer, "chat_template", None))
+    data = datasets.Dataset.from_dict(build_records(config, model, tokenizer, precision, device, templated))
+    # TRL's bf16 flag is autocast: on for mixed (fp32 weights); bf16 weights are updated directly without it
     common = dict(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
                   save_strategy="steps", per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+                  lr_scheduler_type="constant",  # like our RL loops: runs compare at one lr, and resume keeps it
                   optim=OPTIMIZERS[config.optimizer], seed=config.seed, logging_steps=1,
                   report_to=["wandb"] if config.wandb else "none", use_cpu=device == "cpu",
-                  bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+                  bf16=precision.compute == torch.bfloat16,
                   gradient_checkpointing=config.gradient_checkpointing)
     if config.wandb:
         import os
 
         os.environ.setdefault("WANDB_PROJECT", config.wandb)
-    _prepare_run_dir(config, start, model)
+    settings = {**asdict(config), **precision_settings(precision), "chat_template_applied": templated}
+    _prepare_run_dir(config, start, model, settings)
     if config.task == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
                              callbacks=[callback])
@@ -181,6 +236,10 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
                              callbacks=[callback])
     resume_from = start.point.folder
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    write_dir_checked(Path(config.output_dir) / FINAL_DIR, lambda tmp: trainer.save_model(str(tmp)),
-                      tensor_bytes(model.parameters()) + HEADER_BYTES)
+
+    def write_final(tmp: Path) -> None:
+        save_model(model, tmp, precision.view)
+        tokenizer.save_pretrained(tmp)
+
+    write_dir_checked(Path(config.output_dir) / FINAL_DIR, write_final, tensor_bytes(model.parameters()) + HEADER_BYTES)
     return callback

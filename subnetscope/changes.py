@@ -19,9 +19,8 @@ compute dtype (|Δ| > 3.4e38 in float32, used for every dtype but float64) count
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch

@@ -37,7 +37,9 @@ COMPACT_FORMAT = "subnetscope.compact/1"
 COMPACT_FILE = "subnet.safetensors"
 BASE_DIR = "base"
 # what the trainers write beside a step's weights: never weights themselves
-STATE_FILES = ("trainer_state.pt", "tracker.safetensors", "extra.safetensors", "subnet_tracker.safetensors")
+# resume state beside the weights: never read as a model (the fp32 masters of a run judged at bf16 included)
+STATE_FILES = ("trainer_state.pt", "tracker.safetensors", "extra.safetensors", "subnet_tracker.safetensors",
+               "master.safetensors", "subnet_master_base.safetensors")
 STEP_REMEDY = "delete that step folder (a resumed run restarts from the step before) or pass another step"
 GEMMA3N_TEXT_PREFIX = "model.language_model."
 

@@ -188,6 +188,15 @@ def load_prompts(spec: str, tokenizer, max_prompt_tokens: int, limit: int = 5000
     return [truncate_to_tokens(t, tokenizer, max_prompt_tokens) for t in texts]
 
 
+def chat_prompts(tokenizer, prompts: list[str]) -> list[str]:
+    """Prompts as an instruct model was trained to see them: each a user turn of the tokenizer's chat
+    template, ending where the assistant's answer begins. Unchanged when the tokenizer has no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts]
+
+
 def truncate_to_tokens(text: str, tokenizer, max_tokens: int) -> str:
     ids = tokenizer(text.replace("<br />", " "), add_special_tokens=False)["input_ids"][:max_tokens]
     return tokenizer.decode(ids)

@@ -2,14 +2,19 @@
 
 Tensors are read one at a time from memory-mapped files; a series is walked tensor-major (every
 checkpoint's copy of one tensor, then the next tensor), so peak memory stays a few tensors.
+
+`view_dtype` (bfloat16, float16, float32) judges every comparison at a view: both sides of each tensor
+pair are rounded to it (round to nearest even, as `.to()` and a bf16 checkpoint save do) before any rule
+or statistic, so two float32 runs compare as the bf16 checkpoints they would publish. None compares each
+checkpoint in its own dtype.
 """
 from __future__ import annotations
 
 import os
 import threading
 from collections import defaultdict
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -20,8 +25,15 @@ from tqdm.auto import tqdm
 from .changes import RULES, ChangeRules, changed_masks, diff_stats, wider_dtype
 from .checkpoint import ScratchBuffer, TensorSource
 from .errors import SubnetscopeError, warn
-from .metrics import block_localization, overlap, shell_density, shell_edges, update_rank
+from .metrics import (
+    block_localization,
+    overlap,
+    shell_density,
+    shell_edges,
+    update_rank,
+)
 from .naming import block_index, module_type, neuron_axis
+from .precision import VIEW_DTYPES
 from .segments import batchable, compare_segments
 
 DEFAULT_SHELLS = (8192, 16384)
@@ -61,6 +73,7 @@ class PairResult:
     only_in_tuned: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     shells: list[dict] = field(default_factory=list)
+    view_dtype: str | None = None  # the dtype both sides were rounded to; None = each checkpoint's own
 
     @property
     def numel(self) -> int:
@@ -99,6 +112,21 @@ class PairResult:
         }
 
 
+def view_of(view_dtype: str | None) -> torch.dtype | None:
+    """The dtype named by `--view_dtype` (None: each checkpoint's own), or a one-line error."""
+    if view_dtype is None:
+        return None
+    if view_dtype not in VIEW_DTYPES:
+        raise SubnetscopeError(f"--view_dtype {view_dtype!r}: use {', '.join(VIEW_DTYPES)} (or leave it out to "
+                               "compare each checkpoint in its own dtype)")
+    return VIEW_DTYPES[view_dtype]
+
+
+def at_view(x: torch.Tensor, view: torch.dtype | None) -> torch.Tensor:
+    """x rounded to the view dtype (RNE, like `.to()`); x itself without a view."""
+    return x if view is None else x.to(view)
+
+
 def _common_region(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     slices = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, b.shape))
     return a[slices], b[slices]
@@ -125,9 +153,10 @@ def _pair_names(base: TensorSource, tuned: TensorSource) -> tuple[list[str], lis
 
 
 def _load_pair(base: TensorSource, tuned: TensorSource, name: str, notes: list[str],
-               scratch: tuple[ScratchBuffer, ScratchBuffer] | tuple[None, None] = (None, None)
-               ) -> tuple[torch.Tensor, torch.Tensor, str]:
+               scratch: tuple[ScratchBuffer, ScratchBuffer] | tuple[None, None] = (None, None),
+               view: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     a, b = base.get(name, scratch[0]), tuned.get(name, scratch[1])
+    a, b = at_view(a, view), at_view(b, view)
     note = []
     if a.dim() != b.dim():
         raise SubnetscopeError(f"{name}: {tuple(a.shape)} vs {tuple(b.shape)} have different ranks and cannot be compared")
@@ -192,9 +221,10 @@ def _tensor_result(name: str, shape: tuple[int, ...], dtype: torch.dtype, stats,
 
 
 def _tensor_by_tensor(base: TensorSource, tuned: TensorSource, names: Sequence[str], rules: ChangeRules,
-                      device: str, rank: bool, notes: list[str], workers: int | None) -> Iterable[tuple]:
+                      device: str, rank: bool, notes: list[str], workers: int | None,
+                      view: torch.dtype | None = None) -> Iterable[tuple]:
     """(TensorResult, DiffStats, neuron axis) per tensor, compared by a pool of threads that each
-    read into their own reusable buffers."""
+    read into their own reusable buffers; with a view both sides are rounded to it first."""
     local = threading.local()
     pin = torch.device(device).type == "cuda"
 
@@ -206,7 +236,7 @@ def _tensor_by_tensor(base: TensorSource, tuned: TensorSource, names: Sequence[s
             return compare_on_stream(name, local.scratch)
 
     def compare_on_stream(name: str, scratch: tuple[ScratchBuffer, ScratchBuffer]):
-        a, b, note = _load_pair(base, tuned, name, notes, scratch)
+        a, b, note = _load_pair(base, tuned, name, notes, scratch, view)
         axis = neuron_axis(name, tuple(a.shape))
         stats = diff_stats(a, b, rules, per_row_col=axis is not None, device=device)
         ranks = None
@@ -231,11 +261,14 @@ def analyze_pair(
     shells: Sequence[int] = DEFAULT_SHELLS,
     progress: bool = True,
     workers: int | None = None,
+    view_dtype: str | None = None,
 ) -> PairResult:
     """Every per-tensor metric for one (base, tuned) pair, streamed tensor by tensor; on a GPU the
-    tensors that match on both sides go through the batched pass (`segments`), the rest one by one."""
+    tensors that match on both sides go through the batched pass (`segments`, which rounds each
+    segment to the view on the device), the rest one by one. Judged at `view_dtype` when given."""
+    view = view_of(view_dtype)
     common, only_base, only_tuned = _pair_names(base, tuned)
-    result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned)
+    result = PairResult(base.label, tuned.label, rules, [], only_base, only_tuned, view_dtype=view_dtype)
     shell_acc: dict[tuple[str, int], dict] = {}
     on_gpu = torch.device(device).type == "cuda"
     batched = [n for n in common if on_gpu and batchable(base, tuned, n, rank)]
@@ -256,10 +289,12 @@ def analyze_pair(
         found[tr.name] = tr
         bar.update(base.numel(tr.name) * base.dtype(tr.name).itemsize * 2)
 
-    for name, stats, ranks in compare_segments(base, tuned, batched, rules, device, rank):
+    for name, stats, ranks in compare_segments(base, tuned, batched, rules, device, rank, view=view):
         shape = tuple(base.shape(name))
-        record(_tensor_result(name, shape, base.dtype(name), stats, ranks=ranks), stats, neuron_axis(name, shape))
-    for tr, stats, axis in _tensor_by_tensor(base, tuned, one_by_one, rules, device, rank, result.notes, workers):
+        record(_tensor_result(name, shape, view or base.dtype(name), stats, ranks=ranks), stats,
+               neuron_axis(name, shape))
+    for tr, stats, axis in _tensor_by_tensor(base, tuned, one_by_one, rules, device, rank, result.notes, workers,
+                                             view):
         record(tr, stats, axis)
     bar.close()
     result.tensors = [found[n] for n in common]
@@ -316,8 +351,11 @@ def analyze_series(
     rules: ChangeRules = ChangeRules(),
     device: str = "cpu",
     progress: bool = True,
+    view_dtype: str | None = None,
 ) -> SeriesResult:
-    """Density, coverage, consecutive change and how often each weight changed, over checkpoints."""
+    """Density, coverage, consecutive change and how often each weight changed, over checkpoints
+    (every checkpoint rounded to `view_dtype` when given)."""
+    view = view_of(view_dtype)
     if len(checkpoints) < 2:
         raise SubnetscopeError(
             "a series needs at least two checkpoints: use --base/--tuned for a single pair, or lower --step_interval"
@@ -344,8 +382,8 @@ def analyze_series(
         if len(shapes) != 1:
             warn(f"{name}: shape changes across the series {sorted(shapes)}; left out of the series")
             continue
-        theta0 = base.get(name).to(dev)
-        final = sources[-1].get(name).to(dev)
+        theta0 = at_view(base.get(name).to(dev), view)
+        final = at_view(sources[-1].get(name).to(dev), view)
         final_masks = changed_masks(theta0, final, rules)
         prev = theta0
         counters = {r: torch.zeros(theta0.shape, dtype=torch.int16, device=dev) for r in RULES}
@@ -354,7 +392,7 @@ def analyze_series(
             block_sizes[blk] += theta0.numel()
         step_counts = {r: [] for r in RULES}
         for t, src in enumerate(sources):
-            cur = final if t == T - 1 else src.get(name).to(dev)
+            cur = final if t == T - 1 else at_view(src.get(name).to(dev), view)
             vs_base = changed_masks(theta0, cur, rules)
             vs_prev = changed_masks(prev, cur, rules)
             for r in RULES:
@@ -398,9 +436,11 @@ class OverlapResult:
 
 def analyze_overlap(
     base: TensorSource, run1: TensorSource, run2: TensorSource, rules: ChangeRules = ChangeRules(),
-    device: str = "cpu", progress: bool = True,
+    device: str = "cpu", progress: bool = True, view_dtype: str | None = None,
 ) -> OverlapResult:
-    """Overlap of the subnetworks two runs changed from one base, globally and per tensor."""
+    """Overlap of the subnetworks two runs changed from one base, globally and per tensor (all three
+    rounded to `view_dtype` when given)."""
+    view = view_of(view_dtype)
     names1, names2 = set(run1.names()), set(run2.names())
     names = [n for n in base.names() if n in names1 and n in names2]
     if not names:
@@ -409,9 +449,9 @@ def analyze_overlap(
     numel = 0
     per_tensor = []
     for name in tqdm(names, desc="overlap", unit="tensor", disable=not progress):
-        theta0 = base.get(name).to(device)
-        m1 = changed_masks(theta0, run1.get(name).to(device), rules)
-        m2 = changed_masks(theta0, run2.get(name).to(device), rules)
+        theta0 = at_view(base.get(name).to(device), view)
+        m1 = changed_masks(theta0, at_view(run1.get(name).to(device), view), rules)
+        m2 = changed_masks(theta0, at_view(run2.get(name).to(device), view), rules)
         n = theta0.numel()
         numel += n
         row = {"name": name, "numel": n}

@@ -13,7 +13,7 @@ import torch
 
 from .errors import SubnetscopeError
 from .rewards import RewardFunction
-from .rl import RLConfig, RLTrainer, per_token_logps
+from .rl import RLConfig, RLTrainer
 
 ADV_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not NaN
 
@@ -97,7 +97,7 @@ class GRPOTrainer(RLTrainer):
 
     def _loss(self, batch: dict, old_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         cfg = self.config
-        logps = per_token_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"], cfg.temperature)
+        logps = self.policy_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"])
         return grpo_loss(logps, logps.detach() if old_logps is None else old_logps, batch["ref_logps"],
                          batch["advantages"], batch["comp_mask"], cfg.beta, cfg.epsilon, cfg.kl_correction)
 
@@ -113,7 +113,7 @@ class GRPOTrainer(RLTrainer):
         old_logps = None
         if cfg.inner_epochs > 1:
             with torch.no_grad():
-                old_logps = per_token_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"], cfg.temperature)
+                old_logps = self.policy_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"])
         stats: dict = {}
         for _ in range(cfg.inner_epochs):
             loss, stats = self._loss(batch, old_logps)

@@ -17,7 +17,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import atomic_write_file, pack_bits, read_safetensors_offsets, unpack_bits
+from .checkpoint import (
+    atomic_write_file,
+    pack_bits,
+    read_safetensors_offsets,
+    unpack_bits,
+)
 from .errors import SubnetscopeError
 
 MASK_FORMAT = "subnetscope-mask/1"

@@ -2,11 +2,13 @@
 another, resumable, then aggregated into summary.csv, grouped_summary.csv and plots.
 
     output_dir: checkpoints/matrix
-    base: {dataset: easy, reward: easy, max_steps: 6, device: cpu}      # every run
+    base: {dataset: easy, reward: easy, max_steps: 6, device: cpu, precision: auto}   # every run
     grid: {task: [rl-grpo, sft], policy: [tiny-gpt2], lr: [1e-3], seed: [0, 1]}
     per_task: {rl-grpo: {group_size: 4}}                                  # only that task's runs
 
-Every key and value is checked against the task's config before anything runs. A run that fails
+Every key and value is checked against the task's config before anything runs (`precision`: auto,
+mixed, bf16 or fp32, and `view_dtype` replace the old `dtype`). Each run's sparsity is judged at the
+view dtype it recorded (bf16 under mixed). A run that fails
 is recorded as failed, with its error, and the sweep goes on; a finished run (done.json) is
 skipped when the sweep is started again, a half-done one resumes from its checkpoint.
 """
@@ -35,12 +37,14 @@ from .outputs import check_output_dir
 from .ppo import PPOConfig, PPOTrainer
 from .report import rank_summary, write_csv, write_json
 from .rewards import build_reward, score_rollout
+from .runstate import RUN_CONFIG, read_run_config
 from .sampling import generate
 from .stats import mean_and_sd
 
 TASKS = {"rl-grpo": GRPOConfig, "rl-ppo": PPOConfig, "sft": BaselineConfig, "dpo": BaselineConfig}
 TOP_KEYS = {"output_dir", "base", "grid", "per_task"}
 MANAGED = {"output_dir", "resume", "task"}
+REPLACED = {"dtype": "precision (auto, mixed, bf16 or fp32) and view_dtype (bfloat16, float16 or float32)"}
 
 
 def _parse(path: str, text: str, suffix: str):
@@ -81,6 +85,8 @@ def load_matrix(path: str) -> dict:
 def _check_value(task: str, key: str, value, config_cls) -> object:
     """The value converted to the field's type, or an error naming the key and the value."""
     field = {f.name: f for f in fields(config_cls)}.get(key)
+    if field is None and key in REPLACED:
+        raise SubnetscopeError(f"matrix: {key!r} was replaced by {REPLACED[key]}")
     if field is None or key in MANAGED:
         raise SubnetscopeError(f"matrix: {key!r} is not a setting of {task} runs")
     hints = typing.get_type_hints(config_cls)
@@ -153,15 +159,28 @@ def run_one(run: dict, folder: Path, detail: bool = False) -> dict:
     return measure(folder, checkpoint_dir, run["settings"], detail)
 
 
+def run_view(folder: Path, settings: dict) -> str | None:
+    """The view dtype a run was judged at: what its run_config.json recorded (`--precision auto`
+    resolved on its device), else its `view_dtype` setting; None: its checkpoints' own dtype."""
+    if (folder / RUN_CONFIG).is_file():
+        recorded = read_run_config(folder)["settings"].get("view_dtype_used")
+        if recorded:
+            return recorded
+    return settings.get("view_dtype")
+
+
 def measure(folder: Path, checkpoint_dir: Path, settings: dict, detail: bool = False) -> dict:
-    """Final sparsity per rule, per-block Gini and evaluation reward of a finished run; with `detail`
-    also the entropy and top-k share across blocks and the update rank (one SVD per matrix)."""
+    """Final sparsity per rule (at the run's view dtype), per-block Gini and evaluation reward of a
+    finished run; with `detail` also the entropy and top-k share across blocks and the update rank
+    (one SVD per matrix)."""
     config_rules = {"atol": settings.get("atol", 1e-5), "eta": settings.get("eta", 1e-3)}
+    view = run_view(folder, settings)
     pair = analyze_pair(open_checkpoint(str(folder / "base")), open_checkpoint(str(checkpoint_dir)),
-                        ChangeRules(**config_rules), device="cpu", rank=detail, progress=False)
+                        ChangeRules(**config_rules), device="cpu", rank=detail, progress=False, view_dtype=view)
     k = settings.get("topk", 3)
     loc = pair.localization(k)["relative"]["count_per_weight"]
     out = {f"changed_{r}": pair.fraction(r) for r in RULES}
+    out["view_dtype_used"] = view
     out["gini_relative"] = loc["gini"]
     if detail:
         ranks = rank_summary(pair) or {}

@@ -7,8 +7,16 @@ plumbing checks, not findings: a random model says little about fine-tuning spar
 from __future__ import annotations
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,
-                          Gemma3nForCausalLM, Gemma3nTextConfig, PreTrainedTokenizerFast)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3nForCausalLM,
+    Gemma3nTextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
 
 from .checkpoint import check_model_files
 from .errors import SubnetscopeError
@@ -143,7 +151,7 @@ def load_causal_lm(spec: str, dtype: torch.dtype, seed: int = 0, vocab_size: int
     config = from_hub(AutoConfig, spec, "model", POLICY_HINT)
     check_model_files(spec)
     if dtype == torch.float16 and getattr(config, "model_type", "") in GEMMA_NO_FP16:
-        raise SubnetscopeError(f"{config.model_type} overflows in float16: use --dtype bfloat16 or float32")
+        raise SubnetscopeError(f"{config.model_type} overflows in float16: use --precision mixed, bf16 or fp32")
     if is_gemma3n(config):
         text_config = getattr(config, "text_config", config)
         return from_hub(Gemma3nForCausalLM, spec, "model", POLICY_HINT, config=text_config, dtype=dtype)

@@ -173,8 +173,9 @@ class PPOTrainer(RLTrainer):
 
     def _logps_values(self, ids, mask, n_comp):
         head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-        logps, hidden = logps_and_hidden(self.model, head, ids, mask, n_comp, self.config.temperature)
-        return logps, self.extra_modules["value_head"](hidden)
+        with self.autocast():
+            logps, hidden = logps_and_hidden(self.model, head, ids, mask, n_comp, self.config.temperature)
+        return logps, self.extra_modules["value_head"](hidden)  # outside autocast: values stay float32
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config

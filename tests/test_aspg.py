@@ -124,6 +124,7 @@ def run_ranks(density: float) -> dict:
     return dict(results)
 
 
+@pytest.mark.slow
 def test_topk_hook_with_density_one_is_the_dense_average():
     results = run_ranks(1.0)
     for step in results[0]["steps"]:
@@ -131,6 +132,7 @@ def test_topk_hook_with_density_one_is_the_dense_average():
             assert torch.allclose(synced, dense, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_topk_hook_averages_exactly_where_nothing_was_dropped():
     results = run_ranks(0.25)
     r0, r1 = results[0]["steps"], results[1]["steps"]

@@ -10,8 +10,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from subnetscope.checkpoint import (COMPACT_FILE, atomic_save_dir, check_model_files, open_checkpoint,
-                                    read_safetensors_offsets, save_compact)
+from subnetscope.checkpoint import (
+    COMPACT_FILE,
+    atomic_save_dir,
+    check_model_files,
+    open_checkpoint,
+    read_safetensors_offsets,
+    save_compact,
+)
 from subnetscope.data import load_labelled_reviews, load_prompts, load_task_texts
 from subnetscope.errors import SubnetscopeError
 from subnetscope.masks import MaskSet, load_masks, save_masks

@@ -5,8 +5,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from subnetscope.checkpoint import (COMPACT_FILE, CompactSource, atomic_save_dir, find_step_checkpoints,
-                                    open_checkpoint, pack_bits, save_compact, unpack_bits)
+from subnetscope.checkpoint import (
+    COMPACT_FILE,
+    CompactSource,
+    atomic_save_dir,
+    find_step_checkpoints,
+    open_checkpoint,
+    pack_bits,
+    save_compact,
+    unpack_bits,
+)
 from subnetscope.errors import SubnetscopeError
 from subnetscope.models import tiny_model
 

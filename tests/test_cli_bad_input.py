@@ -5,7 +5,15 @@ import subprocess
 
 import pytest
 
-from subnetscope.cli import analyze, check_sparsity, compare, compute_masks, localize, results, validate_sparsity
+from subnetscope.cli import (
+    analyze,
+    check_sparsity,
+    compare,
+    compute_masks,
+    localize,
+    results,
+    validate_sparsity,
+)
 from subnetscope.cli import matrix as matrix_cli
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
+from subnetscope.cli import compare
 from subnetscope.cli.compare import main
 
 
@@ -36,3 +37,51 @@ def test_comparison_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     main(args)  # finished runs are reused, not retrained
     assert capsys.readouterr().out.count("finished before, reused") == 4
+
+
+class Started(Exception):
+    pass
+
+
+def fake_trainers(monkeypatch) -> list:
+    """Trainers that only record their config, and a stop once all have "trained": what compare would
+    have trained, without training."""
+    seen = []
+
+    class Trainer:
+        def __init__(self, config):
+            seen.append(config)
+
+        def train(self):
+            pass
+
+    def stop(*args):
+        raise Started
+
+    monkeypatch.setattr(compare, "ALGOS", {k: (cfg, Trainer) for k, (cfg, _) in compare.ALGOS.items()})
+    monkeypatch.setattr(compare, "run_speed", stop)
+    return seen
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_precision_and_view_dtype_reach_every_run(tmp_path, monkeypatch, algo):
+    seen = fake_trainers(monkeypatch)
+    with pytest.raises(Started):
+        main(["--algo", algo, "--precision", "mixed", "--view_dtype", "float16", "--device", "cpu",
+              "--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "cmp")])
+    assert [(c.precision, c.view_dtype) for c in seen] == [("mixed", "float16")] * 4  # 2 models x 2 seeds
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--precision", "half"], "--precision 'half'"),
+    (["--view_dtype", "bf16"], "--view_dtype 'bf16'"),
+    (["--precision", "bf16", "--view_dtype", "float32"], "--view_dtype must be bfloat16"),
+])
+def test_bad_precision_flags_are_one_line_before_any_run(tmp_path, monkeypatch, capsys, flags, message):
+    seen = fake_trainers(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        main([*flags, "--device", "cpu", "--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "cmp")])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err and seen == [] and list(tmp_path.iterdir()) == []

@@ -6,8 +6,8 @@ import torch
 from scipy import stats
 
 from subnetscope.grpo import group_advantages, grpo_loss
+from subnetscope.models import tiny_model, word_tokenizer
 from subnetscope.rl import disable_dropout, per_token_logps
-from subnetscope.models import word_tokenizer, tiny_model
 from subnetscope.sampling import completion_mask_after_eos, gumbel_noise
 
 

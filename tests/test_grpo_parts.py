@@ -10,7 +10,12 @@ from subnetscope.checkpoint import open_checkpoint
 from subnetscope.cli import grpo as grpo_cli
 from subnetscope.data import load_prompts
 from subnetscope.errors import SubnetscopeError
-from subnetscope.models import load_causal_lm, tiny_gemma3n_config, tiny_model, word_tokenizer
+from subnetscope.models import (
+    load_causal_lm,
+    tiny_gemma3n_config,
+    tiny_model,
+    word_tokenizer,
+)
 from subnetscope.rewards import ClassifierReward, VaderReward
 
 from .conftest import IMDB_JSONL, TINY_GPT2_DIR, requires_shared
@@ -104,14 +109,15 @@ def test_gemma3n_multimodal_checkpoint_loads_as_text_model(tmp_path):
         load_causal_lm(str(tmp_path), torch.float16)
 
 
-def test_short_preset_on_gemma_turns_on_adafactor_and_checkpointing():
+def test_presets_do_not_follow_the_models_name():
+    """A Gemma model gets what every model gets: no Adafactor, checkpointing or precision of its own."""
     parse = grpo_cli.build_parser().parse_args
-    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "google/gemma-3n-E2B-it"]))
-    assert (cfg.max_steps, cfg.save_every, cfg.optimizer, cfg.gradient_checkpointing) == (10, 5, "adafactor", True)
-    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "google/gemma-3n-E2B-it", "--optimizer", "sgd"]))
-    assert cfg.optimizer == "sgd"
-    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "gpt2"]))
-    assert cfg.optimizer == "adamw" and not cfg.gradient_checkpointing
+    for policy in ("google/gemma-3n-E2B-it", "gpt2"):
+        cfg = grpo_cli.grpo_config(parse(["--short", "--policy", policy]))
+        assert (cfg.max_steps, cfg.save_every, cfg.optimizer, cfg.gradient_checkpointing, cfg.precision) == \
+            (10, 5, "adamw", False, "auto")
+    cfg = grpo_cli.grpo_config(parse(["--short", "--policy", "google/gemma-3n-E2B-it", "--optimizer", "adafactor"]))
+    assert cfg.optimizer == "adafactor"
     cfg = grpo_cli.grpo_config(parse(["--smoke", "--max_steps", "3"]))
     assert cfg.policy == "tiny-gemma3n" and cfg.max_steps == 3
 
@@ -146,6 +152,7 @@ def test_cuda_out_of_memory_names_the_remedies(monkeypatch, capsys):
         assert remedy in err
 
 
+@pytest.mark.slow
 def test_batch_that_does_not_split_over_processes(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              str(ROOT / "main_grpo.py"), "--easy", "--policy", "tiny-gpt2", "--device", "cpu",
@@ -157,7 +164,7 @@ def test_batch_that_does_not_split_over_processes(tmp_path):
 
 
 def test_random_shaped_policies_have_the_real_shapes():
-    from transformers import GPT2LMHeadModel, Gemma3nForCausalLM
+    from transformers import Gemma3nForCausalLM, GPT2LMHeadModel
 
     from subnetscope.models import random_shaped_config
 

@@ -29,7 +29,7 @@ def offline_counts(run: Path, step_dir: Path, rules: ChangeRules = ChangeRules()
 
 
 def easy_config(tmp_path, **kw) -> GRPOConfig:
-    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="float32", batch_size=4,
+    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", precision="fp32", batch_size=4,
                 group_size=4, max_new_tokens=8, lr=3e-3, max_steps=6, save_every=3, eval_every=3,
                 output_dir=str(tmp_path / "run"), no_tqdm=True)
     base.update(kw)
@@ -84,6 +84,7 @@ def cli(*args, env=None, **kw):
                           text=True, cwd=kw.get("cwd", ROOT), env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_smoke_preset(tmp_path):
     result = cli("--smoke", "--output_dir", tmp_path / "smoke", "--no_tqdm")
     assert result.returncode == 0, result.stderr
@@ -93,8 +94,9 @@ def test_smoke_preset(tmp_path):
     assert config["policy"] == "tiny-gemma3n" and config["reward"] == "vader" and config["device"] == "cpu"
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
-    args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--dtype", "float32", "--batch_size", "4",
+    args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--precision", "fp32", "--batch_size", "4",
             "--max_new_tokens", "24", "--lr", "3e-3", "--max_steps", "10", "--save_every", "2", "--no_tqdm"]
     full = cli(*args, "--output_dir", tmp_path / "full")
     assert full.returncode == 0, full.stderr
@@ -141,7 +143,7 @@ def test_two_processes_match_one(tmp_path):
     and far below one Adam step (lr), the size of what a real divergence (another batch, a gradient not
     all-reduced) makes. Seed 4 is the run of the 9 whose counts differed (on the x86 CPUs measured)."""
     lr = 1e-3
-    args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--dtype", "float32", "--batch_size", "4",
+    args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--precision", "fp32", "--batch_size", "4",
             "--max_steps", "2", "--lr", str(lr), "--seed", "4", "--save_every", "1", "--no_tqdm"]
     one = cli(*args, "--output_dir", tmp_path / "one")
     assert one.returncode == 0, one.stderr
@@ -174,7 +176,7 @@ def test_trl_grpo_trainer_with_callback_matches_its_checkpoints(tmp_path):
     from trl import GRPOTrainer as TRLTrainer
 
     from subnetscope.callback import SubnetTrackerCallback
-    from subnetscope.models import word_tokenizer, tiny_model
+    from subnetscope.models import tiny_model, word_tokenizer
 
     tok = word_tokenizer()
     tiny_model("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "tiny")
@@ -198,6 +200,7 @@ def test_trl_grpo_trainer_with_callback_matches_its_checkpoints(tmp_path):
     assert len((run / "subnet_metrics.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_wandb_offline_logging(tmp_path):
     result = cli("--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--max_steps", "1", "--save_every", "1",
                  "--output_dir", tmp_path / "run", "--wandb", "subnetscope-test", "--no_tqdm",
@@ -207,6 +210,7 @@ def test_wandb_offline_logging(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["group", "offline_model", "other_model", "exists"])
+@pytest.mark.slow
 def test_bad_input_one_line_exit_2(tmp_path, case):
     common = ["--easy", "--device", "cpu", "--max_steps", "1", "--no_tqdm"]
     if case == "group":

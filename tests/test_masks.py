@@ -9,9 +9,24 @@ import pytest
 import torch
 
 from subnetscope.errors import SubnetscopeError
-from subnetscope.importance import (importance_scores, kth_smallest, nm_masks, prunable_tensors, random_scores,
-                                    select_masks, smallest_global, structured_masks, unit_groups)
-from subnetscope.masks import MaskSet, check_masks_fit, fingerprint_of, load_masks, save_masks
+from subnetscope.importance import (
+    importance_scores,
+    kth_smallest,
+    nm_masks,
+    prunable_tensors,
+    random_scores,
+    select_masks,
+    smallest_global,
+    structured_masks,
+    unit_groups,
+)
+from subnetscope.masks import (
+    MaskSet,
+    check_masks_fit,
+    fingerprint_of,
+    load_masks,
+    save_masks,
+)
 from subnetscope.models import tiny_model
 
 from .conftest import IMDB_JSONL, requires_shared
@@ -175,6 +190,7 @@ def test_misfitting_masks_are_refused_with_their_names(tmp_path):
         check_masks_fit(MaskSet(same_shapes, {"model": "x"}, fingerprint_of(bigger_vocab)), dict(model.named_parameters()))
 
 
+@pytest.mark.slow
 def test_compute_masks_cli_writes_every_level_and_a_true_report(tmp_path):
     result = run_cli("--model_path", "tiny-gpt2", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -189,6 +205,7 @@ def test_compute_masks_cli_writes_every_level_and_a_true_report(tmp_path):
 
 
 @requires_shared(IMDB_JSONL)
+@pytest.mark.slow
 def test_compute_masks_cli_with_calibration_data(tmp_path):
     result = run_cli("--model_path", "tiny-gemma3n", "--output_dir", str(tmp_path), "--sparsity", "0.5",
                      "--importance", "wanda", "--group", "row", "--calib_data", str(IMDB_JSONL), "--calib_seq_len", "16",
@@ -204,6 +221,7 @@ def test_compute_masks_cli_with_calibration_data(tmp_path):
     (["--method", "nm", "--sparsity", "0.5"], "drop --sparsity"),
     (["--method", "nm", "--nm", "2-4"], "write it as N:M"),
 ])
+@pytest.mark.slow
 def test_compute_masks_bad_input_is_one_line(tmp_path, args, message):
     result = run_cli("--model_path", "tiny-gpt2", "--output_dir", str(tmp_path), *args)
     lines = [line for line in result.stderr.splitlines() if line.strip()]

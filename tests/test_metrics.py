@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from subnetscope.metrics import (block_localization, gini, normalized_entropy, overlap, shell_density,
-                                 shell_edges, topk_share, update_rank)
+from subnetscope.metrics import (
+    block_localization,
+    gini,
+    normalized_entropy,
+    overlap,
+    shell_density,
+    shell_edges,
+    topk_share,
+    update_rank,
+)
 from subnetscope.stats import bootstrap_ci, more_concentrated_test
 
 

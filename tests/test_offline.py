@@ -13,7 +13,12 @@ from huggingface_hub import constants
 
 from subnetscope import hub
 from subnetscope.errors import SubnetscopeError
-from subnetscope.models import load_causal_lm, load_tokenizer, tiny_model, word_tokenizer
+from subnetscope.models import (
+    load_causal_lm,
+    load_tokenizer,
+    tiny_model,
+    word_tokenizer,
+)
 from subnetscope.rewards import ClassifierReward
 
 ROOT = Path(__file__).resolve().parents[1]

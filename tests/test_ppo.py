@@ -9,8 +9,15 @@ import torch
 
 from subnetscope.changes import RULES, ChangeRules
 from subnetscope.models import tiny_model, word_tokenizer
-from subnetscope.ppo import (AdaptiveKLController, PPOConfig, PPOTrainer, gae, logps_and_hidden, masked_whiten,
-                             token_rewards)
+from subnetscope.ppo import (
+    AdaptiveKLController,
+    PPOConfig,
+    PPOTrainer,
+    gae,
+    logps_and_hidden,
+    masked_whiten,
+    token_rewards,
+)
 from subnetscope.rl import per_token_logps
 
 from .test_grpo_run import offline_counts, read_metrics
@@ -73,7 +80,7 @@ def test_value_head_reads_the_final_normalized_hidden_state(arch):
 
 
 def ppo_config(tmp_path, **kw) -> PPOConfig:
-    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="float32", batch_size=16,
+    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", precision="fp32", batch_size=16,
                 mini_batch_size=8, ppo_epochs=2, lr=1e-3, init_kl_coef=0.02, target_kl=None, max_new_tokens=8,
                 max_steps=30, save_every=10, eval_every=10, output_dir=str(tmp_path / "run"), no_tqdm=True)
     base.update(kw)
@@ -117,6 +124,7 @@ def test_original_experiment_defaults_and_flag_overrides():
     assert cfg.policy == "google/gemma-3n-E2B-it" and cfg.target_kl is None and not cfg.log_localization
 
 
+@pytest.mark.slow
 def test_smoke_and_bad_minibatch(tmp_path):
     ok = subprocess.run([sys.executable, str(ROOT / "main_ppo.py"), "--smoke", "--output_dir", str(tmp_path / "s"),
                          "--no_tqdm"], capture_output=True, text=True, cwd=ROOT)

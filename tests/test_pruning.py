@@ -14,8 +14,14 @@ from safetensors.torch import load_file
 
 from subnetscope.errors import SubnetscopeError
 from subnetscope.metrics import effective_rank
-from subnetscope.pruning import PruneSchedule, dead_rows_cols, magnitude_prune_, revival_rate, slope
 from subnetscope.prune_trainer import PruneConfig
+from subnetscope.pruning import (
+    PruneSchedule,
+    dead_rows_cols,
+    magnitude_prune_,
+    revival_rate,
+    slope,
+)
 
 from .conftest import SHAKESPEARE, TINY_GPT2_DIR, kill_when_exists
 
@@ -97,6 +103,7 @@ def linear_shapes(run):
 
 
 @pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.slow
 def test_applied_sparsity_follows_the_schedule_exactly(short_text, tmp_path, hard):
     run = tmp_path / "run"
     result = run_prune(*prune_args(short_text, run, "--target_sparsity", "0.6", *(["--hard_mask"] if hard else [])))
@@ -124,6 +131,7 @@ def test_applied_sparsity_follows_the_schedule_exactly(short_text, tmp_path, har
         assert after and all(0.0 < r["weight_revival/revival_rate"] <= 1.0 for r in after)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(short_text, tmp_path):
     full = run_prune(*prune_args(short_text, tmp_path / "full", "--target_sparsity", "0.5"), env=ONE_THREAD)
     assert full.returncode == 0, full.stderr
@@ -142,6 +150,7 @@ def test_resume_after_kill_equals_uninterrupted(short_text, tmp_path):
     assert resumed_recs[-1]["val/loss"] == pytest.approx(full_recs[-1]["val/loss"], abs=0.05)
 
 
+@pytest.mark.slow
 def test_analyze_results_tables_match_the_metrics(short_text, tmp_path):
     for level in ("0.0", "0.5"):
         assert run_prune(*prune_args(short_text, tmp_path / "runs" / level, "--target_sparsity", level)).returncode == 0
@@ -160,6 +169,7 @@ def test_analyze_results_tables_match_the_metrics(short_text, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "target", "window", "short"])
+@pytest.mark.slow
 def test_bad_input_exits_2_before_training(short_text, tmp_path, case):
     config = tmp_path / "c.yaml"
     extra = []
@@ -183,6 +193,7 @@ def test_bad_input_exits_2_before_training(short_text, tmp_path, case):
         assert "learning_rate" in lines[0]
 
 
+@pytest.mark.slow
 def test_help_explains_every_setting():
     result = subprocess.run([sys.executable, str(ROOT / "main_prune.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert all(f"--{f.name}" in result.stdout for f in fields(PruneConfig))

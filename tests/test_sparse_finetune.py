@@ -132,6 +132,7 @@ def ft_args(out: Path, *extra: str) -> list[str]:
 
 @requires_shared(IMDB_JSONL)
 @pytest.mark.parametrize("method", ["masked", "lora"])
+@pytest.mark.slow
 def test_sparse_finetuning_runs_stay_sparse_and_validate(tmp_path, gpt2_mask, method):
     extra = ["--method", method] + (["--lora_mode", "sparse_to_sparse", "--lora_rank", "2"] if method == "lora" else [])
     result = run("main_sparse_ft.py", *ft_args(tmp_path / "run", "--mask", str(gpt2_mask), "--weight_decay", "0.1", *extra))
@@ -160,6 +161,7 @@ def test_validate_sparsity_fails_on_a_dense_checkpoint(tmp_path, gpt2_mask):
 
 
 @requires_shared(IMDB_JSONL)
+@pytest.mark.slow
 def test_sparse_finetuning_resumes_bit_identically(tmp_path, gpt2_mask):
     args = ["--mask", str(gpt2_mask), "--method", "lora", "--lora_dropout", "0.1"]
     assert run("main_sparse_ft.py", *ft_args(tmp_path / "full", *args)).returncode == 0
@@ -173,6 +175,7 @@ def test_sparse_finetuning_resumes_bit_identically(tmp_path, gpt2_mask):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sparse_finetuning_refuses_a_mask_of_another_model(tmp_path):
     other = tiny_model("gpt2", vocab_size=64, n_embd=16)
     path = save_masks(tmp_path / "m.safetensors", MaskSet(random_masks(other, 0.5), {"model": "x"}, fingerprint_of(other)))
@@ -192,6 +195,7 @@ def fake_run(folder: Path, model: str, method: str, sparsity: float, seed: int, 
     (folder / "summary.json").write_text(json.dumps({"val_loss": loss, "final_sparsity": sparsity, "steps": 10}))
 
 
+@pytest.mark.slow
 def test_analyze_results_groups_over_seeds(tmp_path):
     runs = tmp_path / "runs"
     losses = {(0.0, 0): 2.0, (0.0, 1): 2.2, (0.5, 0): 2.5, (0.5, 1): 2.9}
@@ -224,6 +228,7 @@ def test_task_records_become_training_texts():
     assert gsm8k == "Question: 2+2?\nAnswer: #### 4"
 
 
+@pytest.mark.slow
 def test_named_task_offline_is_one_line_naming_the_local_file(tmp_path):
     import os
 

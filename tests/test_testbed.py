@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from subnetscope.checkpoint import find_step_checkpoints, open_checkpoint
+from subnetscope.errors import SubnetscopeError
 
 from .conftest import IMDB_JSONL, TINY_GPT2_DIR, requires_shared
 
@@ -31,6 +32,7 @@ def testbed(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cards_and_the_reward_model_as_a_hub_style_classifier(testbed):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
@@ -71,6 +73,33 @@ def _changed(run: Path) -> dict[str, torch.Tensor]:
     return {n: base.get(n) != final.get(n) for n in base.names()}
 
 
+def _fraction_changed(base, tuned, names) -> float:
+    changed = sum(int((base.get(n) != tuned.get(n)).sum()) for n in names)
+    return changed / sum(base.get(n).numel() for n in names)
+
+
+def check_precision_split(split: dict, out: Path, testbed: Path) -> None:
+    """The main runs were fp32 (auto on a CPU), so the split trained GRPO under mixed precision and
+    under pure bf16: its bf16 view equals the stored bf16 checkpoints' diff, its master fraction the
+    fp32 masters' diff from the fp32 testbed policy, and the bf16 run's equals its checkpoints' diff."""
+    mixed, bf16 = out / "precision_grpo_mixed", out / "precision_grpo_bf16"
+    assert (split["mixed_run"], split["bf16_run"], split["view_dtype"]) == (str(mixed), str(bf16), "bfloat16")
+    base, final = open_checkpoint(str(mixed / "base")), open_checkpoint(str(_final(mixed)))
+    assert {base.dtype(n) for n in base.names()} == {torch.bfloat16}
+    assert split["mixed_bf16_view"]["exact"] == pytest.approx(_fraction_changed(base, final, base.names()))
+    masters = open_checkpoint(str(_final(mixed) / "master.safetensors"))
+    policy = open_checkpoint(str(testbed / "policy"))
+    assert {masters.dtype(n) for n in masters.names()} == {torch.float32}
+    master_fraction = _fraction_changed(policy, masters, masters.names())
+    assert split["mixed_fp32_master"]["exact"] == pytest.approx(master_fraction)
+    assert split["mixed_fp32_master"]["exact"] >= split["mixed_bf16_view"]["exact"]  # a view change needs a master one
+    hidden = (master_fraction - split["mixed_bf16_view"]["exact"]) / master_fraction
+    assert split["master_updates_hidden_at_bf16"] == pytest.approx(hidden)
+    b_base, b_final = open_checkpoint(str(bf16 / "base")), open_checkpoint(str(_final(bf16)))
+    assert split["pure_bf16"]["exact"] == pytest.approx(_fraction_changed(b_base, b_final, b_base.names()))
+
+
+@pytest.mark.slow
 def test_study_tables_match_the_checkpoints(testbed, tmp_path):
     out = tmp_path / "study"
     result = run_testbed("study", "--testbed", str(testbed), "--algos", "grpo", "sft", "--seeds", "0", "1",
@@ -90,20 +119,19 @@ def test_study_tables_match_the_checkpoints(testbed, tmp_path):
         exact = next(r for r in csv.DictReader(fh) if r["algo"] == "grpo" and r["rule"] == "exact")
     assert float(exact["jaccard"]) == pytest.approx(both / (n0 + n1 - both))
     assert float(exact["o1_random"]) == pytest.approx(n1 / total)
-    precision = json.loads((out / "precision.json").read_text())
-    fp32 = out / "precision_grpo_fp32"
-    base, final = open_checkpoint(str(fp32 / "base")), open_checkpoint(str(_final(fp32)))
-    lost = sum(int(((base.get(n) != final.get(n)) & (base.get(n).bfloat16() == final.get(n).bfloat16())).sum())
-               for n in base.names())
-    assert precision["vanish_in_bf16"] == pytest.approx(lost / precision["weights"])
+    check_precision_split(json.loads((out / "precision.json").read_text()), out, testbed)
     subnet = json.loads((out / "subnetwork.json").read_text())
     assert set(subnet["identical_fraction"]) == {"exact", "atol", "relative"}
     table = (out / "table.md").read_text()
-    for claim in ("RL sparser than SFT:", "Overlap above chance:", "Near-full-rank updates:", "Precision split"):
+    for claim in ("RL sparser than SFT:", "Overlap above chance:", "Near-full-rank updates:", "Precision split",
+                  "mixed precision, fp32 master weights", "pure bf16 weights"):
         assert claim in table
+    assert "--precision bf16 updates bf16 weights directly" in result.stderr  # the contrast run says what it is
+    assert "Changes judged at float32 (the runs' view dtype)." in table  # --precision auto on a CPU: fp32
     assert (out / "sparsity_by_algorithm.png").stat().st_size > 1000 and (out / "overlap_vs_chance.png").exists()
 
 
+@pytest.mark.slow
 def test_study_without_a_testbed_is_one_line(tmp_path):
     result = run_testbed("study", "--testbed", str(tmp_path / "none"), "--output_dir", str(tmp_path / "s"))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -119,3 +147,19 @@ def test_study_runs_are_valid_configs_for_every_batch(batch):
     assert {r["task"] for r in runs} == {"rl-grpo", "rl-ppo", "sft", "dpo"}
     ppo = next(r for r in runs if r["task"] == "rl-ppo")["settings"]
     assert batch % ppo["mini_batch_size"] == 0
+
+
+def test_study_precision_flags_reach_every_run():
+    from subnetscope.cli.testbed import build_parser
+    from subnetscope.matrix import expand
+    from subnetscope.study import StudyConfig, study_matrix
+
+    args = build_parser().parse_args(["study", "--precision", "mixed", "--view_dtype", "float16",
+                                      "--no_precision_split", "--seeds", "0"])
+    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    assert (cfg.precision, cfg.view_dtype, cfg.precision_split) == ("mixed", "float16", False)
+    runs = expand(study_matrix(cfg))
+    assert len(runs) == 4 and {(r["settings"]["precision"], r["settings"]["view_dtype"]) for r in runs} == {
+        ("mixed", "float16")}
+    with pytest.raises(SubnetscopeError, match="--precision 'half'"):
+        expand(study_matrix(StudyConfig(precision="half", seeds=[0])))

@@ -8,7 +8,13 @@ from subnetscope.errors import SubnetscopeError
 from subnetscope.tracker import CHUNK, UpdateTracker, track_flat
 
 from .conftest import DEVICES
-from .test_changes import REPRO_BASE, REPRO_TUNED, numpy_rules, planted_pair, special_values
+from .test_changes import (
+    REPRO_BASE,
+    REPRO_TUNED,
+    numpy_rules,
+    planted_pair,
+    special_values,
+)
 
 
 def test_tracker_counts_equal_direct_masks_across_dtypes_and_ragged_sizes():

@@ -19,7 +19,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def grpo_config(out: Path, **kw) -> GRPOConfig:
-    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="bfloat16", batch_size=4,
+    base = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", precision="mixed", batch_size=4,
                 group_size=2, max_new_tokens=6, lr=1e-3, weight_decay=0.1, max_steps=3, save_every=3, eval_every=3,
                 output_dir=str(out), no_tqdm=True, log_localization=False)
     base.update(kw)
@@ -30,6 +30,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "final" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_subnetwork_only_rerun_of_a_full_run(tmp_path):
     GRPOTrainer(grpo_config(tmp_path / "full")).train()
     made = run("compute_masks.py", "--from_run", str(tmp_path / "full"), "--output_dir", str(tmp_path / "masks"))
@@ -61,7 +62,7 @@ def test_a_hand_made_mask_confines_float32_updates(tmp_path):
     gen = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in model.named_parameters()}
     path = save_masks(tmp_path / "m.safetensors", MaskSet(masks, {"method": "test"}, fingerprint_of(model)))
-    GRPOTrainer(grpo_config(tmp_path / "run", dtype="float32", update_mask=str(path))).train()
+    GRPOTrainer(grpo_config(tmp_path / "run", precision="fp32", update_mask=str(path))).train()
     base = load_file(str(tmp_path / "run" / "base" / "model.safetensors"))
     final = final_weights(tmp_path / "run")
     moved = 0
@@ -73,6 +74,7 @@ def test_a_hand_made_mask_confines_float32_updates(tmp_path):
     assert not (tmp_path / "run" / "subnetwork_comparison.json").exists()  # the mask names no full run
 
 
+@pytest.mark.slow
 def test_update_mask_of_another_model_is_one_line(tmp_path):
     from subnetscope.models import tiny_model
 
@@ -86,7 +88,7 @@ def test_update_mask_of_another_model_is_one_line(tmp_path):
 
 
 def test_aspg_in_grpo_changes_only_the_top_fraction_after_warmup(tmp_path):
-    trainer = GRPOTrainer(grpo_config(tmp_path / "run", dtype="float32", optimizer="aspg", aspg_sparsity=0.95,
+    trainer = GRPOTrainer(grpo_config(tmp_path / "run", precision="fp32", optimizer="aspg", aspg_sparsity=0.95,
                                       aspg_warmup=2, max_steps=5, save_every=5, eval_every=5, weight_decay=0.0))
     trainer.train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +110,7 @@ def test_ppo_with_update_mask_keeps_the_rest_at_theta0(tmp_path):
     gen = torch.Generator().manual_seed(1)
     masks = {n: torch.rand(p.shape, generator=gen) < 0.5 for n, p in model.named_parameters()}
     path = save_masks(tmp_path / "m.safetensors", MaskSet(masks, {"method": "test"}, fingerprint_of(model)))
-    config = PPOConfig(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", dtype="float32", batch_size=4,
+    config = PPOConfig(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", precision="fp32", batch_size=4,
                        mini_batch_size=2, ppo_epochs=2, max_new_tokens=6, lr=1e-3, weight_decay=0.1, max_steps=2,
                        save_every=2, eval_every=2, output_dir=str(tmp_path / "run"), no_tqdm=True,
                        update_mask=str(path))

@@ -8,8 +8,13 @@ from .. import plots
 from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
 from ..engine import analyze_overlap, analyze_pair, analyze_series
 from ..errors import SubnetscopeError, cli_main
-from ..report import (format_pair_table, write_json, write_overlap_outputs, write_pair_outputs,
-                      write_series_outputs)
+from ..report import (
+    format_pair_table,
+    write_json,
+    write_overlap_outputs,
+    write_pair_outputs,
+    write_series_outputs,
+)
 from .common import add_rule_args, add_run_args, settings_from_args
 
 DESCRIPTION = """\
@@ -22,6 +27,7 @@ Two modes:
   pair:    --base A --tuned B [--overlap_with C]
 Models are folders written by save_pretrained (model.safetensors, sharded safetensors or
 pytorch_model.bin), compact checkpoints written by main_grpo.py/main_ppo.py, or Hub ids.
+--view_dtype bfloat16 judges float32 checkpoints as their bf16 roundings (summary.json records it).
 """
 
 
@@ -79,8 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.workers is not None and args.workers < 1:
         raise SubnetscopeError(f"--workers {args.workers}: needs at least 1")
     cfg = settings_from_args(args)
-    rules, device, out, progress = cfg.rules, cfg.device, cfg.out, cfg.progress
-    summary: dict = {"mode": mode}
+    rules, device, out, progress, view = cfg.rules, cfg.device, cfg.out, cfg.progress, cfg.view_dtype
+    summary: dict = {"mode": mode, "view_dtype": view}
     if mode == "pair":
         base, tuned = open_checkpoint(args.base), open_checkpoint(args.tuned)
     else:
@@ -96,15 +102,16 @@ def run(args: argparse.Namespace) -> dict:
         base = open_checkpoint(model)
         opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
         tuned = opened[-1][1]
-        series = analyze_series(base, opened, rules, device, progress)
+        series = analyze_series(base, opened, rules, device, progress, view)
         summary["series"] = write_series_outputs(series, out, args.rule)
         plots.density_coverage_curves(series, out / "density_coverage.png")
         plots.hot_histogram(series, args.rule, out / "hot_histogram.png")
-    pair = analyze_pair(base, tuned, rules, device, args.rank, cfg.shells, progress, args.workers)
+    pair = analyze_pair(base, tuned, rules, device, args.rank, cfg.shells, progress, args.workers, view)
     summary["pair"] = write_pair_outputs(pair, out, args.topk)
     if args.overlap_with:
         other = open_checkpoint(args.overlap_with)
-        summary["overlap"] = write_overlap_outputs(analyze_overlap(base, tuned, other, rules, device, progress), out)
+        overlap = analyze_overlap(base, tuned, other, rules, device, progress, view)
+        summary["overlap"] = write_overlap_outputs(overlap, out)
     _figures_for_pair(pair, out, args.rule)
     write_json(out / "summary.json", summary)
     print(format_pair_table(pair, args.rule, args.topk))

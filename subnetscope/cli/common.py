@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..changes import RULES, ChangeRules
 from ..devices import resolve_device
-from ..engine import DEFAULT_SHELLS
+from ..engine import DEFAULT_SHELLS, view_of
 from ..errors import SubnetscopeError
 from ..outputs import check_output_dir
 
@@ -21,6 +21,10 @@ def add_rule_args(parser: argparse.ArgumentParser) -> None:
                        help="bf16-aware relative rule: changed if |Δ| > eta·max(|w|,|w'|) (default 1e-3)")
     group.add_argument("--rule", choices=RULES, default="relative",
                        help="rule used for the figures and the terminal localization line (default relative)")
+    group.add_argument("--view_dtype", metavar="{bfloat16,float16,float32}",
+                       help="round both sides of every tensor pair to this dtype (round to nearest even, as a "
+                            "checkpoint saved in it would be) before comparing: two float32 runs judged as the "
+                            "bf16 checkpoints they would publish (default: each checkpoint in its own dtype)")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -51,13 +55,15 @@ class RunSettings:
     shells: tuple[int, ...]
     out: Path
     progress: bool
+    view_dtype: str | None  # checked by engine.view_of; None = each checkpoint's own dtype
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """Check the shared flags and that --output_dir can be written, creating nothing: the folder is
     made by the first file written into it, once the work is done."""
-    return RunSettings(rules_from_args(args), resolve_device(args.device), shells_from_args(args.shells),
-                       check_output_dir(args.output_dir), not args.no_tqdm)
+    rules, device, shells = rules_from_args(args), resolve_device(args.device), shells_from_args(args.shells)
+    view_of(args.view_dtype)
+    return RunSettings(rules, device, shells, check_output_dir(args.output_dir), not args.no_tqdm, args.view_dtype)
 
 
 def check_output_file(path: str, flag: str) -> Path:

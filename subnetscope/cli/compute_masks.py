@@ -17,9 +17,26 @@ from .. import plots
 from ..data import calibration_batches, load_task_texts, token_stream
 from ..devices import resolve_device
 from ..errors import SubnetscopeError, cli_main
-from ..importance import (EXTRA_TENSORS, GROUPS, IMPORTANCES, METHODS, expected_pruned, importance_scores, nm_masks,
-                          prunable_tensors, random_scores, select_masks, unit_groups)
-from ..masks import MaskSet, model_fingerprint, save_masks, validation_rows, validation_summary
+from ..importance import (
+    EXTRA_TENSORS,
+    GROUPS,
+    IMPORTANCES,
+    METHODS,
+    expected_pruned,
+    importance_scores,
+    nm_masks,
+    prunable_tensors,
+    random_scores,
+    select_masks,
+    unit_groups,
+)
+from ..masks import (
+    MaskSet,
+    model_fingerprint,
+    save_masks,
+    validation_rows,
+    validation_summary,
+)
 from ..models import load_causal_lm, load_tokenizer
 from ..outputs import check_output_dir
 from ..report import write_csv, write_json

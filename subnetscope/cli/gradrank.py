@@ -12,6 +12,7 @@ from ..baselines import scored_samples, sft_records
 from ..errors import SubnetscopeError, cli_main
 from ..gradrank import ENERGY, gradient_spectra
 from ..grpo import GRPOConfig, GRPOTrainer
+from ..precision import PRECISIONS
 from ..report import write_csv, write_json
 from ..rl import per_token_logps
 from .training import quiet_transformers
@@ -37,13 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group_size", type=int, default=4, help="GRPO completions per prompt (default 4)")
     p.add_argument("--max_new_tokens", type=int, default=32, help="completion length (default 32)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda: where gradients and Gram matrices live")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="as main_grpo.py: mixed = fp32 weights (and gradients), bf16 autocast forward passes; auto = "
+                        "mixed on a CUDA GPU with bf16, else fp32 (default auto)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
     p.add_argument("--output_dir", default="plots/gradient_rank", help="results folder")
     return p
 
 
-def sft_loss_fn(model, tokenizer, pairs: dict[str, list[str]], batch_size: int, device: str):
-    """NLL of the reference continuations, batch i = pairs i·batch_size … (cycled)."""
+def sft_loss_fn(trainer: GRPOTrainer, pairs: dict[str, list[str]], batch_size: int):
+    """NLL of the reference continuations, batch i = pairs i·batch_size … (cycled), under the trainer's
+    precision, as its own loss."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    tokenizer, device = trainer.tokenizer, trainer.device
     n = len(pairs["prompt"])
 
     def loss(i: int) -> torch.Tensor:
@@ -56,7 +63,8 @@ def sft_loss_fn(model, tokenizer, pairs: dict[str, list[str]], batch_size: int, 
         ids = torch.cat([prompt["input_ids"], completion["input_ids"]], 1).to(device)
         mask = torch.cat([prompt["attention_mask"], completion["attention_mask"]], 1).to(device)
         comp_mask = completion["attention_mask"].to(device).float()
-        logps = per_token_logps(model, ids, mask, comp_mask.shape[1], 1.0)
+        with trainer.autocast():
+            logps = per_token_logps(model, ids, mask, comp_mask.shape[1], 1.0)
         return -((logps * comp_mask).sum(1) / comp_mask.sum(1).clamp(min=1)).mean()
 
     return loss
@@ -71,15 +79,16 @@ def run(args: argparse.Namespace) -> dict:
         trainer = GRPOTrainer(GRPOConfig(policy=args.policy, reward=args.reward, reward_model=args.reward_model,
                                          dataset=args.dataset, batch_size=args.batch_size, group_size=args.group_size,
                                          max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
+                                         precision=args.precision,
                                          max_steps=args.k, output_dir=str(Path(tmp) / "run"), no_tqdm=True))
         device = trainer.device
         model = trainer.accelerator.unwrap_model(trainer.model)
         results = {"rl": gradient_spectra(model, lambda i: trainer.policy_gradient_loss(i + 1), args.k, device)}
-        samples = scored_samples(model, trainer.tokenizer, trainer.prompts, trainer.reward_fn, 4, args.seed,
-                                 args.max_new_tokens, 1.0)
+        with trainer.autocast():
+            samples = scored_samples(model, trainer.tokenizer, trainer.prompts, trainer.reward_fn, 4, args.seed,
+                                     args.max_new_tokens, 1.0)
         pairs = sft_records(trainer.prompts, samples)
-        results["sft"] = gradient_spectra(model, sft_loss_fn(model, trainer.tokenizer, pairs, args.batch_size, device),
-                                          args.k, device)
+        results["sft"] = gradient_spectra(model, sft_loss_fn(trainer, pairs, args.batch_size), args.k, device)
     rows, spectra, summary = [], [], {"k": args.k, "energy": ENERGY, "tasks": {}}
     for task, (total, per_matrix) in results.items():
         for s in [total, *per_matrix]:

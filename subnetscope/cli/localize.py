@@ -101,13 +101,14 @@ def run(args: argparse.Namespace) -> dict:
     labels, folders, models = _check_lengths(args)
     cfg = settings_from_args(args)
     rules, device, shells, out, progress = cfg.rules, cfg.device, cfg.shells, cfg.out, cfg.progress
+    view = cfg.view_dtype
     statistics = concentration_statistics(args.topk)
     profiles, per_model, series_curves = [], [], []
     for label, folder, model, run_dir in zip(labels, folders, models, args.ckpt_dirs):
         checkpoints = find_step_checkpoints(run_dir, args.max_step, args.step_interval)
         base = open_checkpoint(model)
         opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
-        pair = analyze_pair(base, opened[-1][1], rules, device, False, shells, progress)
+        pair = analyze_pair(base, opened[-1][1], rules, device, False, shells, progress, view_dtype=view)
         write_pair_outputs(pair, out / folder, args.topk)
         per_block = pair.group("block")
         blocks = pair.blocks()
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
             row["shell0_ratio_to_uniform"] = shell_rows[0]["ratio_to_uniform"]
         per_model.append(row)
         if len(opened) >= 2:
-            series = analyze_series(base, opened, rules, device, progress)
+            series = analyze_series(base, opened, rules, device, progress, view)
             series_curves.append((label, series))
     tests = []
     for (i, a), (j, b) in itertools.permutations(enumerate(labels), 2):
@@ -138,7 +139,8 @@ def run(args: argparse.Namespace) -> dict:
         for label, prof in zip(labels, profiles) for i, v in enumerate(prof)
     ))
     _comparative_figures(labels, profiles, per_model, series_curves, args, out)
-    summary = {"rule": args.rule, "rules": {"atol": rules.atol, "eta": rules.eta}, "models": per_model,
+    summary = {"rule": args.rule, "rules": {"atol": rules.atol, "eta": rules.eta}, "view_dtype": view,
+               "models": per_model,
                "tests": tests, "test": "one-sided permutation test of the Gini difference of mean-normalized "
                                            "per-block profiles (blocks exchangeable)"}
     write_json(out / "summary.json", summary)

@@ -6,9 +6,16 @@ from dataclasses import fields
 
 import torch
 
-from ..baselines import METRICS_FILE, SFT_DATA, BaselineConfig, baseline_start, train_baseline
+from ..baselines import (
+    METRICS_FILE,
+    SFT_DATA,
+    BaselineConfig,
+    baseline_start,
+    train_baseline,
+)
 from ..errors import SubnetscopeError, cli_main
 from ..models import RANDOM_SHAPED, TINY_MODELS
+from ..precision import add_precision_args
 from .training import finished_line, quiet_transformers
 
 DESCRIPTION = """\
@@ -36,14 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_tokens", type=int, help=f"prompt length cut (default {d.max_prompt_tokens})")
     p.add_argument("--max_new_tokens", type=int, help=f"sample length (default {d.max_new_tokens})")
     p.add_argument("--temperature", type=float, help=f"sampling temperature (default {d.temperature})")
+    p.add_argument("--no_chat_template", dest="chat_template", action="store_false",
+                   help="give an instruct model the prompts as plain text; by default each becomes a user turn of "
+                        "its tokenizer's chat template (the reward always sees the plain text, completions stay as "
+                        "they are)")
     p.add_argument("--batch_size", type=int, help=f"examples per device per step (default {d.batch_size})")
     p.add_argument("--max_steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
     p.add_argument("--dpo_beta", type=float, help=f"DPO's beta (default {d.dpo_beta})")
-    p.add_argument("--sft_data", choices=SFT_DATA, help="SFT targets: the best of --candidates samples, or real positive "
-                   f"reviews of a labelled --dataset (opening = prompt, what follows = completion) (default {d.sft_data})")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help=f"weights' dtype (default {d.dtype})")
+    p.add_argument("--sft_data", choices=SFT_DATA,
+                   help="SFT targets: the best of --candidates samples, or real positive reviews of a labelled "
+                        f"--dataset (opening = prompt, what follows = completion) (default {d.sft_data})")
+    add_precision_args(p, d.precision)
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--save_every", type=int, help=f"checkpoint-N every N steps (default {d.save_every})")

@@ -2,14 +2,15 @@
 RL-sparsity study on it.
 
   python testbed.py build [--tiny] [--output_dir checkpoints/testbed] [--data imdb | FILE] [--device cuda]
-  python testbed.py study --testbed checkpoints/testbed [--algos grpo ppo sft dpo] [--seeds 0 1 2]
+  python testbed.py study --testbed checkpoints/testbed [--algos grpo ppo sft dpo] [--seeds 0 1 2] [--precision auto]
 
 build writes policy/ and reward/ (save_pretrained, each with testbed_card.json: data, steps, seed,
 held-out perplexity or accuracy beside VADER's) and heldout.jsonl. study writes, in --output_dir,
 results.csv (per run: sparsity under the three rules, localization, update rank, reward before and
 after), overlap.csv (seed pairs: o1, o2, Jaccard and their chance levels), subnetwork.json,
-precision.json, table.md and sparsity_by_algorithm.png / overlap_vs_chance.png; the runs themselves
-in runs/ (a killed study resumes).
+precision.json (GRPO under mixed precision: changed at the bf16 view and of the fp32 master weights;
+GRPO with pure bf16 weights as the bf16-stagnation contrast), table.md and sparsity_by_algorithm.png /
+overlap_vs_chance.png; the runs themselves in runs/ (a killed study resumes).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import argparse
 from dataclasses import fields
 
 from ..errors import cli_main
+from ..precision import PRECISIONS, VIEW_DTYPES
 from ..study import ALGOS, StudyConfig, run_study
 from ..testbed import TINY, TestbedConfig, build_testbed
 from .training import quiet_transformers
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         b.add_argument(f"--{f.name}", type=type(getattr(d, f.name)), default=None,
                        help=f"{BUILD_HELP[f.name]} (default {getattr(d, f.name)}; --tiny: {TINY.get(f.name, 'same')})")
     b.add_argument("--tiny", action="store_true", help="a few minutes on 2 CPU cores, for tests")
-    s = sub.add_parser("study", help="GRPO / PPO / SFT / DPO on the testbed, sparsity, overlap, subnetwork, precision")
+    s = sub.add_parser("study", help="GRPO / PPO / SFT / DPO on the testbed, sparsity, overlap, subnetwork, "
+                                     "precision split")
     sd = StudyConfig()
     s.add_argument("--testbed", default=sd.testbed, help=f"the built testbed (default {sd.testbed})")
     s.add_argument("--algos", nargs="+", choices=list(ALGOS), default=sd.algos, help="algorithms (default all four)")
@@ -54,9 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_prompt_tokens", type=int, default=sd.max_prompt_tokens, help="prompt length (review opening)")
     s.add_argument("--max_new_tokens", type=int, default=sd.max_new_tokens, help="completion length")
     s.add_argument("--device", default=sd.device, help="auto, cpu or cuda")
+    s.add_argument("--precision", default=sd.precision, metavar="{" + ",".join(PRECISIONS) + "}",
+                   help="how every main run keeps and computes its weights (default auto: mixed on a CUDA GPU - fp32 "
+                        "masters, bf16 autocast, judged and saved as bf16 - and fp32 elsewhere)")
+    s.add_argument("--view_dtype", metavar="{" + ",".join(VIEW_DTYPES) + "}",
+                   help="dtype at which every main run's changes are judged (default: bfloat16 under mixed and bf16, "
+                        "float32 under fp32)")
     s.add_argument("--output_dir", default=sd.output_dir, help=f"study folder (default {sd.output_dir})")
     s.add_argument("--no_subnetwork", dest="subnetwork", action="store_false", help="skip the subnetwork-only GRPO rerun")
-    s.add_argument("--no_precision", dest="precision", action="store_false", help="skip the float32 GRPO run")
+    s.add_argument("--no_precision_split", dest="precision_split", action="store_false",
+                   help="skip the precision split (GRPO under mixed precision, unless the main runs were, and with "
+                        "pure bf16 weights)")
     return p
 
 

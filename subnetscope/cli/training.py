@@ -12,6 +12,7 @@ import transformers
 
 from ..errors import SubnetscopeError
 from ..models import RANDOM_SHAPED, TINY_MODELS
+from ..precision import add_precision_args
 from ..rl import OPTIMIZERS, RLConfig, RLTrainer, RunStart, check_run_start, last_record
 
 PRESETS = {
@@ -22,7 +23,7 @@ PRESETS = {
 }
 PRESET_HELP = {
     "smoke": "CPU, tiny Gemma-3n (random weights), built-in prompts, VADER, 1 step, checkpoint, summary",
-    "short": "10 steps, checkpoints every 5; Gemma models get Adafactor and gradient checkpointing",
+    "short": "10 steps, checkpoints every 5",
     "easy": "placeholder prompts and a toy reward (even token ids), no reward model",
 }
 
@@ -50,6 +51,9 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     model.add_argument("--max_prompt_tokens", type=int, help=f"prompts are cut to this many tokens (default {d.max_prompt_tokens})")
     model.add_argument("--max_new_tokens", type=int, help=f"completion length (default {d.max_new_tokens})")
     model.add_argument("--temperature", type=float, help=f"sampling temperature (default {d.temperature})")
+    model.add_argument("--no_chat_template", dest="chat_template", action="store_false",
+                       help="give an instruct model the prompts as plain text; by default each becomes a user turn "
+                            "of its tokenizer's chat template (rewards always see the plain text)")
     loop = p.add_argument_group("loop")
     loop.add_argument("--batch_size", type=int, help=f"prompts per step, over all processes (default {d.batch_size})")
     loop.add_argument("--max_steps", type=int, help=f"updates (default {d.max_steps})")
@@ -67,8 +71,7 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     opt.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     opt.add_argument("--weight_decay", type=float, help=f"(default {d.weight_decay})")
     opt.add_argument("--max_grad_norm", type=float, help=f"gradient clipping; 0 = off (default {d.max_grad_norm})")
-    opt.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="weights' dtype; auto = bfloat16 on a GPU and for Gemma models, else float32")
+    add_precision_args(opt, d.precision)
     opt.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     place = p.add_argument_group("devices")
     place.add_argument("--device", help="training device: auto (accelerate's choice), cpu, cuda")
@@ -111,11 +114,6 @@ def config_from_args(config_cls: type[RLConfig], args: argparse.Namespace, prese
             values.update((preset_extra or {}).get(preset, {}))
     explicit = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
     values.update(explicit)
-    if getattr(args, "short", False) and "gemma" in values.get("policy", config_cls.policy).lower():
-        if "optimizer" not in explicit:
-            values["optimizer"] = "adafactor"
-        if "gradient_checkpointing" not in explicit:
-            values["gradient_checkpointing"] = True
     return config_cls(**values)
 
 
