@@ -7,6 +7,10 @@ radix select that global pruning masks use); the gradient of every other entry i
 (error feedback) and added to its next gradient, so no gradient mass is lost. Adam's moments and
 bias corrections advance per entry, only when the entry is updated; the rest of the model is
 bit-for-bit unchanged by the step, weight decay included.
+
+The optimizer state and its arithmetic are float32 whatever the weights' dtype: in bf16, beta2 = 0.999
+rounds to 1, so the bias correction 1 - beta2**t would be 0 (no update, or 0/0 = NaN for a zero
+gradient). A bf16 weight receives the float32 result rounded once, at the end.
 """
 
 import math
@@ -40,24 +44,23 @@ class ASPG(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.long)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["importance"] = torch.zeros_like(p, dtype=torch.float32)
-            state["residual"] = torch.zeros_like(p)
+            for key in ("exp_avg", "exp_avg_sq", "importance", "residual"):
+                state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["updates"] = torch.zeros_like(p, dtype=torch.int32)
         return state
 
-    KEEP_DTYPE = ("importance", "updates")
+    KEEP_DTYPE = ("step", "exp_avg", "exp_avg_sq", "importance", "residual", "updates")
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts every restored state tensor to its parameter's dtype; the importance EMA
-        (float32) and the update counts (int32) must keep theirs, or a bf16 model's counts stop at 256."""
+        """torch casts every restored state tensor to its parameter's dtype; the float32 moments, importance
+        EMA and residual and the int32 update counts must keep theirs (a bf16 model's counts would stop at 256).
+        Each is a copy: the state is updated in place and must not be shared with `state_dict`'s owner."""
         kept = {i: {k: v for k, v in st.items() if k in self.KEEP_DTYPE} for i, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, values in kept.items():
             for key, value in values.items():
-                self.state[params[i]][key] = value.to(params[i].device)
+                self.state[params[i]][key] = value.to(params[i].device, copy=True)
 
     def _selection(self, params: list[torch.Tensor], step: int) -> dict[int, torch.Tensor] | None:
         """Per parameter (by position), the entries this step updates; None = all (warm-up)."""
@@ -88,7 +91,7 @@ class ASPG(torch.optim.Optimizer):
         updated = 0
         for i, (p, group) in enumerate(entries):
             state = self.state[p]
-            grad = p.grad + state["residual"]
+            grad = p.grad.float() + state["residual"]
             beta1, beta2 = group["betas"]
             if selection is None:
                 chosen = torch.ones_like(p, dtype=torch.bool)
@@ -97,14 +100,16 @@ class ASPG(torch.optim.Optimizer):
             state["residual"] = torch.where(chosen, torch.zeros_like(grad), grad)
             state["updates"] += chosen.to(torch.int32)
             exp_avg = torch.where(chosen, torch.lerp(state["exp_avg"], grad, 1 - beta1), state["exp_avg"])
-            exp_avg_sq = torch.where(chosen, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad, state["exp_avg_sq"])
+            exp_avg_sq = torch.where(chosen, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad,
+                                     state["exp_avg_sq"])
             state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
-            count = state["updates"].clamp(min=1).to(exp_avg.dtype)
+            count = state["updates"].clamp(min=1).to(torch.float32)
             bias1 = 1 - torch.pow(beta1, count)
             bias2 = 1 - torch.pow(beta2, count)
             denom = exp_avg_sq.sqrt() / bias2.sqrt() + group["eps"]
-            new = p * (1 - group["lr"] * group["weight_decay"]) - group["lr"] / bias1 * exp_avg / denom
-            p.copy_(torch.where(chosen, new, p))
+            weights = p.float()
+            new = weights * (1 - group["lr"] * group["weight_decay"]) - group["lr"] / bias1 * exp_avg / denom
+            p.copy_(torch.where(chosen, new, weights))
             updated = updated + chosen.sum()
         self._updated = updated
         return loss

@@ -14,6 +14,18 @@ from .hub import from_hub
 REWARD_HINT = "use --reward vader, or pass a local classifier folder to --reward_model"
 
 
+def reward_from_flags(given: dict) -> dict:
+    """The reward the flags given on the command line mean: naming --reward_model selects --reward model
+    (over a preset's reward too); naming it beside another --reward is a contradiction, refused."""
+    if "reward_model" not in given:
+        return {}
+    reward = given.get("reward", "model")
+    if reward != "model":
+        raise SubnetscopeError(f"--reward {reward} does not use --reward_model {given['reward_model']}: pass "
+                               "--reward model to score with that classifier, or leave --reward_model out")
+    return {"reward": "model"}
+
+
 class RewardFunction(Protocol):
     name: str
 

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .changes import RULES, ChangeRules
-from .confine import ConfinedUpdates, compare_with_full_run
+from .confine import ConfinedUpdates, compare_with_full_run, trainable_weights
 from .data import EVAL_PROMPTS, chat_prompts, load_prompts
 from .devices import resolve_device
 from .errors import SubnetscopeError, warn
@@ -133,6 +133,8 @@ class RLConfig(RunConfig):
     eval_every: int = 10
     full_checkpoints: bool = False
     update_mask: str | None = None
+    # --update_mask: also train the tensors the mask does not cover (by default they stay at θ0)
+    train_unmasked: bool = False
     log_localization: bool = True
     no_tqdm: bool = False
 
@@ -143,6 +145,8 @@ class RLConfig(RunConfig):
         if self.update_mask and not Path(self.update_mask).is_file():
             raise SubnetscopeError(f"--update_mask {self.update_mask} does not exist: pass a mask file written by "
                                    "compute_masks.py")
+        if self.train_unmasked and not self.update_mask:
+            raise SubnetscopeError("--train_unmasked only applies with --update_mask: pass a mask or leave it out")
 
 
 @dataclass
@@ -285,6 +289,8 @@ class RLTrainer:
         self._model_text = self._templated(self.prompts + self.eval_prompts)
         self.params = dict(self.policy.named_parameters())
         mask_set = self._load_update_mask()
+        self.trainable_weights = trainable_weights(self.params, mask_set.masks if mask_set else None,
+                                                   config.train_unmasked)
         self.extra_modules = self.build_extra_modules()
         trainable = list(self.policy.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
         self.optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay,
@@ -298,7 +304,13 @@ class RLTrainer:
         self.master_tracker = (UpdateTracker(self.params, rules, max_steps=config.max_steps, topk=config.topk)
                                if self.precision.rounds else None)
         anchors = (self.master_tracker or self.tracker).initial  # θ0 in the trained weights' own dtype
-        self.confined = ConfinedUpdates(self.params, mask_set.masks, anchors=anchors) if mask_set else None
+        self.confined = (ConfinedUpdates(self.params, mask_set.masks, anchors=anchors,
+                                         freeze_unmasked=not config.train_unmasked) if mask_set else None)
+        if mask_set:
+            total = sum(p.numel() for p in self.params.values())
+            rest = "trained" if config.train_unmasked else "held at θ0 (--train_unmasked trains them)"
+            self._print(f"--update_mask: {self.trainable_weights:,} of {total:,} weights trainable "
+                        f"({self.trainable_weights / total:.2%}); tensors the mask does not cover are {rest}")
         self.full_run = self._full_run(mask_set)
         self.start_step = 0
         self.skipped_rewards = 0
@@ -337,7 +349,7 @@ class RLTrainer:
 
     def _settings(self) -> dict:
         return {**asdict(self.config), **precision_settings(self.precision),
-                "chat_template_applied": self.chat_template}
+                "chat_template_applied": self.chat_template, "trainable_weights": self.trainable_weights}
 
     def _templated(self, prompts: list[str]) -> dict[str, str]:
         """Each prompt as the policy sees it: a user turn of its chat template (rewards keep the plain text)."""
@@ -586,6 +598,21 @@ class RLTrainer:
                       self.config.full_checkpoints, extra=extra, extra_tensors=tensors, masters=masters)
         self.accelerator.wait_for_everyone()
 
+    @torch.no_grad()
+    def _check_finite(self, step: int) -> None:
+        """Stop a run whose weights hold NaN or inf, before it logs or saves them: one reduction per tensor
+        on the device (max |w|, NaN-propagating) and a single host sync per step."""
+        names = list(self.params)
+        norms = torch._foreach_norm([p.detach() for p in self.params.values()], ord=math.inf)
+        finite = torch.isfinite(torch.stack([n.float() for n in norms]))
+        if bool(finite.all()):
+            return
+        bad = [names[i] for i in (~finite).nonzero().flatten().tolist()]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise SubnetscopeError(f"step {step}: the weights became NaN or inf in {', '.join(bad[:3])}{more}; the run "
+                               f"stopped before saving this step (its last checkpoint stays): lower --lr, set "
+                               "--max_grad_norm, or train in --precision mixed or fp32")
+
     def _write_final(self) -> None:
         unwrapped = self.accelerator.unwrap_model(self.model)
 
@@ -612,6 +639,7 @@ class RLTrainer:
                    total=cfg.max_steps, desc=self.name, disable=cfg.no_tqdm or not self.accelerator.is_main_process)
         for step in bar:
             metrics = self.train_step(step)
+            self._check_finite(step)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 metrics.update(self.evaluate())
             self.logger.log(step, metrics)

@@ -222,8 +222,16 @@ def _shown(value) -> str:
     return "none" if value is None else str(value)
 
 
+def with_legacy_settings(saved: dict) -> dict:
+    """A run's settings, plus what the absence of a later setting meant in a run_config.json written
+    before it existed (a mask run used to train the tensors its mask did not cover)."""
+    legacy = {"train_unmasked": True} if saved.get("update_mask") and "train_unmasked" not in saved else {}
+    return {**saved, **legacy}
+
+
 def settings_changes(saved: dict, settings: dict) -> list[tuple[str, object, object]]:
     """(setting, the run's value, the new value) for each setting that alters what the run measures."""
+    saved = with_legacy_settings(saved)
     return [(k, saved[k], v) for k, v in settings.items()
             if k not in RUN_CONTROL and k in saved and saved[k] != v]
 

@@ -16,6 +16,7 @@ from ..baselines import (
 from ..errors import SubnetscopeError, cli_main
 from ..models import RANDOM_SHAPED, TINY_MODELS
 from ..precision import add_precision_args
+from ..rewards import reward_from_flags
 from .training import finished_line, quiet_transformers
 
 DESCRIPTION = """\
@@ -72,11 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> BaselineConfig:
+    """Dataclass defaults, then the flags given (a lone --reward_model selects --reward model)."""
+    given = {f.name: getattr(args, f.name) for f in fields(BaselineConfig) if hasattr(args, f.name)}
+    return BaselineConfig(**{**given, **reward_from_flags(given)})
+
+
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_transformers()
-    config = BaselineConfig(**{f.name: getattr(args, f.name) for f in fields(BaselineConfig) if hasattr(args, f.name)})
+    config = config_from_args(args)
     start = baseline_start(config)
     if start.finished(config.max_steps):
         print(finished_line(start, config.max_steps, METRICS_FILE))

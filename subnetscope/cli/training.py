@@ -13,6 +13,7 @@ import transformers
 from ..errors import SubnetscopeError
 from ..models import RANDOM_SHAPED, TINY_MODELS
 from ..precision import add_precision_args
+from ..rewards import reward_from_flags
 from ..rl import OPTIMIZERS, RLConfig, RLTrainer, RunStart, check_run_start, last_record
 
 PRESETS = {
@@ -44,8 +45,10 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     model.add_argument("--tokenizer", help="tokenizer for policies that have none (random-gpt2-medium, "
                                            "random-gemma3n-e2b: default gpt2 from the Hub; offline ../shared/models/tiny-gpt2)")
     model.add_argument("--reward", choices=("vader", "model", "easy"),
-                       help=f"reward: VADER lexicon, a classifier (--reward_model), or the toy reward (default {d.reward})")
-    model.add_argument("--reward_model", help=f"sequence classifier for --reward model; score = POSITIVE logit (default {d.reward_model})")
+                       help="reward: VADER lexicon, a classifier (--reward_model), or the toy reward "
+                            f"(default {d.reward}; model when --reward_model is given)")
+    model.add_argument("--reward_model", help="sequence classifier; naming one selects --reward model; "
+                                              f"score = POSITIVE logit (default {d.reward_model})")
     model.add_argument("--dataset", help="prompts: builtin, easy, imdb (through datasets), or a .json/.jsonl/.csv/.txt[.gz] "
                                          f"file such as ../shared/data/imdb/train.jsonl.gz (default {d.dataset})")
     model.add_argument("--max_prompt_tokens", type=int, help=f"prompts are cut to this many tokens (default {d.max_prompt_tokens})")
@@ -67,7 +70,11 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     opt.add_argument("--update_mask", metavar="PATH",
                      help="fine-tune only the subnetwork in this mask file (compute_masks.py; --from_run RUN gives a run's "
                           "'ever changed' mask): gradients masked, weights outside it held at θ0. A mask made from a run "
-                          "also writes subnetwork_comparison.json (identical weights vs that run, both final rewards)")
+                          "also writes subnetwork_comparison.json (identical weights vs that run, both final rewards). "
+                          "Tensors the mask does not cover stay at θ0 too")
+    opt.add_argument("--train_unmasked", action="store_true",
+                     help="with --update_mask: also train the tensors the mask does not cover (embeddings, norms, "
+                          "biases of a compute_masks.py mask)")
     opt.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     opt.add_argument("--weight_decay", type=float, help=f"(default {d.weight_decay})")
     opt.add_argument("--max_grad_norm", type=float, help=f"gradient clipping; 0 = off (default {d.max_grad_norm})")
@@ -114,25 +121,29 @@ def config_from_args(config_cls: type[RLConfig], args: argparse.Namespace, prese
             values.update((preset_extra or {}).get(preset, {}))
     explicit = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
     values.update(explicit)
+    values.update(reward_from_flags(explicit))
     return config_cls(**values)
 
 
-def summary_line(metrics: dict, total: int, run_dir: str | Path) -> str:
-    """One line: the last step's changed fractions under the three rules, and its reward."""
+def summary_line(metrics: dict, total: int, run_dir: str | Path, trainable: int | None = None) -> str:
+    """One line: the last step's changed fractions under the three rules, the weights that could change
+    (when not all could: --update_mask), and its reward."""
     changed = ", ".join(f"{rule} {metrics[f'changed/{rule}']:.2%}" for rule in ("exact", "atol", "relative")
                         if isinstance(metrics.get(f"changed/{rule}"), float))
     reward = metrics.get("reward/mean")
     reward_text = f"reward {reward:.3f}; " if isinstance(reward, float) else ""
-    return (f"step {metrics.get('step', '?')}: changed {changed or '(not logged)'} of {total:,} weights; "
-            f"{reward_text}run in {run_dir}")
+    trainable_text = f" ({trainable:,} trainable)" if trainable is not None and trainable != total else ""
+    return (f"step {metrics.get('step', '?')}: changed {changed or '(not logged)'} of {total:,} weights"
+            f"{trainable_text}; {reward_text}run in {run_dir}")
 
 
 def finished_line(start: RunStart, max_steps: int, metrics_file: str = "metrics.jsonl") -> str:
     """A --resume of a finished run: what it ended with, from its run_config.json and metrics.jsonl."""
     total = sum(math.prod(shape) for shape in (start.saved or {}).get("parameters", {}).values())
     metrics = {"step": start.point.step, **last_record(start.run_dir / metrics_file, start.point.step)}
+    trainable = (start.saved or {}).get("settings", {}).get("trainable_weights")
     return (f"{start.run_dir} is finished (step {start.point.step}, --max_steps {max_steps}); nothing to train, "
-            f"raise --max_steps to continue it. {summary_line(metrics, total, start.run_dir)}")
+            f"raise --max_steps to continue it. {summary_line(metrics, total, start.run_dir, trainable)}")
 
 
 def run(trainer_cls: type[RLTrainer], config: RLConfig) -> dict:
@@ -153,5 +164,5 @@ def run(trainer_cls: type[RLTrainer], config: RLConfig) -> dict:
         ) from None
     if trainer.accelerator.is_main_process:
         total = sum(p.numel() for p in trainer.params.values())
-        print(summary_line(metrics, total, trainer.run_dir))
+        print(summary_line(metrics, total, trainer.run_dir, trainer.trainable_weights))
     return metrics
