@@ -378,7 +378,9 @@ class RLTrainer:
         policy = self.accelerator.unwrap_model(self.model)
         if self.sampler is None:
             return policy
-        torch._foreach_copy_(list(self.sampler.parameters()), [p.detach() for p in policy.parameters()])
+        masters = dict(policy.named_parameters())
+        pairs = [(p, masters[n].detach()) for n, p in self.sampler.named_parameters()]  # paired by name
+        torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
         return self.sampler
 
     def autocast(self, device: str | None = None):
@@ -602,8 +604,8 @@ class RLTrainer:
     def _check_finite(self, step: int) -> None:
         """Stop a run whose weights hold NaN or inf, before it logs or saves them: one reduction per tensor
         on the device (max |w|, NaN-propagating) and a single host sync per step."""
-        names = list(self.params)
-        norms = torch._foreach_norm([p.detach() for p in self.params.values()], ord=math.inf)
+        names = [n for n, p in self.params.items() if p.numel()]  # an empty tensor has no max to take
+        norms = torch._foreach_norm([self.params[n].detach() for n in names], ord=math.inf)
         finite = torch.isfinite(torch.stack([n.float() for n in norms]))
         if bool(finite.all()):
             return

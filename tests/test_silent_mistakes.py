@@ -196,3 +196,14 @@ def test_sft_naming_a_reward_model_selects_it():
     assert config_from_args(parse([])).reward == "vader"
     with pytest.raises(SubnetscopeError, match="--reward vader does not use --reward_model"):
         config_from_args(parse(["--reward", "vader", "--reward_model", "x"]))
+
+
+def test_the_finite_check_skips_empty_tensors():
+    from subnetscope.rl import RLTrainer
+
+    trainer = RLTrainer.__new__(RLTrainer)  # only the parameters matter to the check
+    trainer.params = {"empty": torch.zeros(0), "w": torch.ones(3)}
+    trainer._check_finite(1)
+    trainer.params["w"][1] = float("nan")
+    with pytest.raises(SubnetscopeError, match="step 1: the weights became NaN or inf in w;"):
+        trainer._check_finite(1)
