@@ -36,10 +36,13 @@ from .errors import SubnetscopeError
 COMPACT_FORMAT = "subnetscope.compact/1"
 COMPACT_FILE = "subnet.safetensors"
 BASE_DIR = "base"
-# what the trainers write beside a step's weights: never weights themselves
-# resume state beside the weights: never read as a model (the fp32 masters of a run judged at bf16 included)
-STATE_FILES = ("trainer_state.pt", "tracker.safetensors", "extra.safetensors", "subnet_tracker.safetensors",
-               "master.safetensors", "subnet_master_base.safetensors")
+TRAINER_STATE = "trainer_state.pt"
+TRACKER_STATE = "tracker.safetensors"
+EXTRA_TENSORS = "extra.safetensors"
+MASTER_FILE = "master.safetensors"  # fp32 master weights of a run judged at a rounding (resume state only)
+# resume state the trainers and the TRL callback write beside a step's weights: never read as a model
+STATE_FILES = (TRAINER_STATE, TRACKER_STATE, EXTRA_TENSORS, MASTER_FILE, "subnet_tracker.safetensors",
+               "subnet_master_base.safetensors")
 STEP_REMEDY = "delete that step folder (a resumed run restarts from the step before) or pass another step"
 GEMMA3N_TEXT_PREFIX = "model.language_model."
 

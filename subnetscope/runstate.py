@@ -35,6 +35,10 @@ from safetensors.torch import load_file, save_file
 from .checkpoint import (
     BASE_DIR,
     COMPACT_FILE,
+    EXTRA_TENSORS,
+    MASTER_FILE,
+    TRACKER_STATE,
+    TRAINER_STATE,
     atomic_save_dir,
     atomic_write_file,
     find_step_checkpoints,
@@ -42,12 +46,9 @@ from .checkpoint import (
 )
 from .errors import SubnetscopeError
 from .models import model_signature
+from .outputs import nearest_existing
 
-TRAINER_STATE = "trainer_state.pt"
-TRACKER_STATE = "tracker.safetensors"
 RUN_CONFIG = "run_config.json"
-EXTRA_TENSORS = "extra.safetensors"
-MASTER_FILE = "master.safetensors"  # fp32 master weights of a run judged at a rounding (resume state only)
 FINAL_DIR = "final"
 WEIGHT_FILES = (COMPACT_FILE, "model.safetensors")
 STEP_FILES = (TRAINER_STATE, TRACKER_STATE)
@@ -124,18 +125,11 @@ def _size(nbytes: float) -> str:
 
 
 def _disk_full(folder: Path, need: int) -> SubnetscopeError:
-    free = shutil.disk_usage(nearest_dir(folder)).free
+    free = shutil.disk_usage(nearest_existing(folder)).free
     newest = latest_step(folder.parent)
     kept = f"{newest.name} and the rest of the run are intact" if newest else "the run's other files are intact"
     return SubnetscopeError(f"no space left on the disk for {folder}: it needs about {_size(need)}, "
                             f"{_size(free)} free; {kept}: free some space, then continue with --resume")
-
-
-def nearest_dir(path: Path) -> Path:
-    path = Path(os.path.abspath(path))
-    while not path.is_dir() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def write_dir_checked(folder: Path, write: Callable[[Path], None], need: int) -> None:
@@ -143,13 +137,13 @@ def write_dir_checked(folder: Path, write: Callable[[Path], None], need: int) ->
     and, as file systems reserve space differently, also when a write fails); the folder's previous
     contents and every other checkpoint stay as they were."""
     folder = Path(folder)
-    if shutil.disk_usage(nearest_dir(folder.parent)).free < need:
+    if shutil.disk_usage(nearest_existing(folder.parent)).free < need:
         raise _disk_full(folder, need)
     try:
         durable_save_dir(folder, write)
     except Exception as err:  # ENOSPC arrives as OSError, SafetensorError or torch's RuntimeError
         out_of_space = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
-        if out_of_space or shutil.disk_usage(nearest_dir(folder.parent)).free < need:
+        if out_of_space or shutil.disk_usage(nearest_existing(folder.parent)).free < need:
             raise _disk_full(folder, need) from None
         raise
 

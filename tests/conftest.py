@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +67,17 @@ def tiny_gpt2_pair(tmp_path):
               "transformer.h.2.ln_1.weight": 5, "transformer.wte.weight": 11}
     tuned = save_state(tmp_path / "tuned", plant(state, counts))
     return base, tuned, counts, state
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str):
+    """A tmpfs mounted at `folder` for the block (e.g. "ro,size=1m" for a read-only location, "size=4m" for a
+    full disk); root writes into chmod-read-only folders, not into read-only mounts. Skips where mount is refused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

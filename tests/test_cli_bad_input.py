@@ -1,7 +1,6 @@
 """The analysis commands refuse bad input in one line (exit 2) before any work: unwritable output
 locations, --n_boot < 1, a malformed matrix file, a bad --nm; and run_matrix.py exits 1 when a run failed."""
 import json
-import subprocess
 
 import pytest
 
@@ -15,6 +14,8 @@ from subnetscope.cli import (
     validate_sparsity,
 )
 from subnetscope.cli import matrix as matrix_cli
+
+from .conftest import tmpfs
 
 
 def no_work(*args, **kwargs):
@@ -37,16 +38,8 @@ def refused(capsys, main, argv: list[str], *needles: str) -> str:
 
 @pytest.fixture
 def readonly_dir(tmp_path):
-    """A read-only mount (root can write into a chmod-read-only folder, not into a read-only mount)."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as folder:
         yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 def bad_folder(request, tmp_path, case: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -26,6 +25,8 @@ from subnetscope.real_models import (
     model_folder,
     resolve_real_model,
 )
+
+from .conftest import tmpfs
 
 gguf = pytest.importorskip("gguf")
 
@@ -380,35 +381,20 @@ def test_cache_that_is_a_file_is_refused(tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
-def mount_tmpfs(path: Path, options: str) -> None:
-    path.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-
-
 def test_read_only_cache_is_refused_before_any_download(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    mount_tmpfs(ro, "ro,size=1m")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         with pytest.raises(SystemExit) as exc_info:
             main(["fetch", "smollm2-135m-instruct", "--cache", str(ro)])
         assert_one_error_line(capsys, exc_info, "--cache", "cannot write")
         assert list(ro.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(ro)], check=True)
 
 
 def test_full_disk_is_refused_before_any_download(tmp_path, capsys):
-    small = tmp_path / "small"
-    mount_tmpfs(small, "size=1m")
-    try:
+    with tmpfs(tmp_path / "small", "size=1m") as small:
         with pytest.raises(SystemExit) as exc_info:
             main(["fetch", "gemma3-270m", "--cache", str(small)])
         assert_one_error_line(capsys, exc_info, "--cache", "MB free", "1700 MB")
         assert list(small.iterdir()) == []
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
 
 
 def test_help_explains_every_flag(capsys):

@@ -3,7 +3,6 @@ killed or foreign runs, temp + rename + fsync for every rewrite, and a full disk
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from subnetscope.grpo import GRPOConfig, GRPOTrainer
 from subnetscope.logger import MetricsLogger, check_wandb, read_metrics
 from subnetscope.ppo import PPOConfig
 from subnetscope.rl import RLConfig, RunConfig
+
+from .conftest import tmpfs
 
 TINY = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", precision="fp32", batch_size=2,
             group_size=2, max_new_tokens=4, lr=1e-3, max_steps=1, save_every=1, eval_every=1, no_tqdm=True)
@@ -48,17 +49,6 @@ def cli_error(main, argv: list[str], capsys) -> str:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def mount_tmpfs(folder: Path, options: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-    if made.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-
-
-def umount(folder: Path) -> None:
-    subprocess.run(["umount", str(folder)], capture_output=True)
 
 
 # ---- 1: a finished run, resumed or demoed again ----
@@ -313,15 +303,11 @@ def test_output_dir_that_is_a_file_or_below_one(tmp_path, capsys):
 
 
 def test_output_dir_on_a_read_only_mount(tmp_path, capsys):
-    ro = tmp_path / "ro"
-    mount_tmpfs(ro, "ro,size=1m")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         for main, argv in ((grpo_cli.main, GRPO_ARGS), (ppo_cli.main, TINY_ARGS), (sft_cli.main, [])):
             line = cli_error(main, [*argv, "--output_dir", ro / "run"], capsys)
             assert "--output_dir" in line and "cannot write" in line
         assert not list(ro.iterdir())
-    finally:
-        umount(ro)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--max_new_tokens", "0"], "--max_new_tokens"),
@@ -395,9 +381,7 @@ def test_killed_writes_leftovers_are_removed_on_resume(tmp_path):
 # ---- 8: a full disk ----
 
 def test_disk_full_at_a_checkpoint_names_folder_and_bytes(tmp_path):
-    disk = tmp_path / "disk"
-    mount_tmpfs(disk, "size=4m")
-    try:
+    with tmpfs(tmp_path / "disk", "size=4m") as disk:
         run = disk / "run"
         grpo_run(run)
         step1 = snapshot(run / "step_1")
@@ -412,8 +396,6 @@ def test_disk_full_at_a_checkpoint_names_folder_and_bytes(tmp_path):
         assert 0.8 * written < need < 1.5 * written + 100_000  # the estimate is about what a step writes
         assert snapshot(run / "step_1") == step1
         assert not [p for p in run.iterdir() if p.name.startswith(".step_")]
-    finally:
-        umount(disk)
 
 
 def test_disk_full_during_a_write_keeps_the_old_folder(tmp_path, monkeypatch):
