@@ -1,16 +1,34 @@
-"""ASPG, adaptive sparse policy gradients: AdamW that, after a dense warm-up, updates only the
-globally most important entries, and a DDP communication hook that sends only the top-k gradients.
+"""ASPG, adaptive sparse policy gradients, in two variants, and a DDP communication hook that sends only
+the top-k gradient entries.
 
-Importance is an EMA of |grad|. After `warmup` dense steps each step updates the global top
-(1 − sparsity) fraction of entries (exactly that many, chosen across all tensors by the same exact
-radix select that global pruning masks use); the gradient of every other entry is carried forward
-(error feedback) and added to its next gradient, so no gradient mass is lost. Adam's moments and
-bias corrections advance per entry, only when the entry is updated; the rest of the model is
-bit-for-bit unchanged by the step, weight decay included.
+Both variants keep a float32 EMA of |grad| per entry (importance, beta 0.9 as in the research plan), take
+`warmup` dense steps, and afterwards update exactly k entries chosen across all tensors by importance (the
+exact radix select that global pruning masks use; ties broken in tensor order). They differ in what k
+means and in the step:
 
-The optimizer state and its arithmetic are float32 whatever the weights' dtype: in bf16, beta2 = 0.999
-rounds to 1, so the bias correction 1 - beta2**t would be 0 (no update, or 0/0 = NaN for a zero
-gradient). A bf16 weight receives the float32 result rounded once, at the end.
+- `ASPG` (`--optimizer aspg`): k = round((1 - sparsity) · entries), `sparsity` = the share of entries NOT
+  updated (default 0.9, warm-up 10). The step is AdamW's, whose moments and bias corrections advance per
+  entry only when the entry is updated; the gradient of every other entry is carried forward (error
+  feedback) and added to its next gradient, so no gradient mass is lost.
+- `PlanASPG` (`--optimizer aspg_plan`): the research plan's ASPG. k = int(update_fraction · entries) (at
+  least 1), `update_fraction` = the share of entries updated (default 0.01, warm-up 100), and the step is
+  the plan's plain one, w ← w − lr·grad on the chosen entries; the other gradients are dropped (no error
+  feedback, no moments, no weight decay). Where the plan's sketch takes every entry whose importance ties
+  the k-th largest, this takes exactly k.
+
+Each keeps its state and arithmetic in float32 whatever the weights' dtype: in bf16, beta2 = 0.999 rounds
+to 1, so AdamW's bias correction 1 - beta2**t would be 0 (no update, or 0/0 = NaN for a zero gradient). A
+bf16 weight receives the float32 result rounded once, at the end; an entry not updated keeps its bits.
+
+`report()` gives, since its last call, the share of entries updated per step, the optimizer state's bytes
+and the FLOPs a sparse update kernel would skip per step, estimated as (entries not updated) x (FLOPs of
+one entry's update): `ASPG.UPDATE_FLOPS` = 20 (moments 3 + 4, bias corrections 2 + 2, denominator 4,
+weight decay and step 5; the error-feedback add is still done for a skipped entry), `PlanASPG.UPDATE_FLOPS`
+= 2 (multiply, subtract). The importance EMA and the backward pass stay dense (the importance needs every
+gradient), so forward and backward FLOPs, about 6 per weight per token, are not reduced: against them the
+saving is at most UPDATE_FLOPS / (6 · tokens per step) of a training step. This implementation computes
+the update densely and selects with `torch.where`: the figure is what a sparse kernel could skip, not
+time saved here.
 """
 
 import math
@@ -20,57 +38,121 @@ import torch.distributed as dist
 
 from .importance import smallest_global
 
+ASPG_SPARSITY = 0.9
+ASPG_WARMUP = 10
+PLAN_UPDATE_FRACTION = 0.01
+PLAN_WARMUP = 100
 
-class ASPG(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, sparsity: float = 0.9, warmup: int = 10, importance_beta: float = 0.9):
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimizer's state (moments, buffers, step counts)."""
+    return sum(v.numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+class _TopKImportance(torch.optim.Optimizer):
+    """What both variants share: importance EMA, dense warm-up, exactly-k global selection, report."""
+
+    FLOAT_STATE: tuple[str, ...] = ("importance",)
+    INT_STATE: tuple[str, ...] = ()
+    UPDATE_FLOPS = 0
+
+    def __init__(self, params, defaults: dict, warmup: int, importance_beta: float):
         if warmup < 0 or not 0.0 <= importance_beta < 1.0:
             raise ValueError("warmup must be >= 0 and importance_beta in [0, 1)")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
-        self.sparsity = sparsity
         self.warmup = warmup
         self.importance_beta = importance_beta
         self._updated: torch.Tensor | int = 0
+        self._updated_sum: torch.Tensor | int = 0
+        self._entries_sum = 0
+        self._steps = 0
 
     @property
     def last_updated(self) -> int:
         """Entries the last step updated (read on demand: no host sync inside step())."""
         return int(self._updated)
 
+    def _keep(self, total: int) -> int:
+        """How many of `total` entries a sparse step updates."""
+        raise NotImplementedError
+
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.long)
-            for key in ("exp_avg", "exp_avg_sq", "importance", "residual"):
+            for key in self.FLOAT_STATE:
                 state[key] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["updates"] = torch.zeros_like(p, dtype=torch.int32)
+            for key in self.INT_STATE:
+                state[key] = torch.zeros_like(p, dtype=torch.int32)
         return state
 
-    KEEP_DTYPE = ("step", "exp_avg", "exp_avg_sq", "importance", "residual", "updates")
-
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch casts every restored state tensor to its parameter's dtype; the float32 moments, importance
-        EMA and residual and the int32 update counts must keep theirs (a bf16 model's counts would stop at 256).
-        Each is a copy: the state is updated in place and must not be shared with `state_dict`'s owner."""
-        kept = {i: {k: v for k, v in st.items() if k in self.KEEP_DTYPE} for i, st in state_dict["state"].items()}
+        """torch casts every restored state tensor to its parameter's dtype; the float32 state and the int32
+        update counts must keep theirs (a bf16 model's counts would stop at 256). Each is a copy: the state
+        is updated in place and must not be shared with `state_dict`'s owner."""
+        keep = ("step", *self.FLOAT_STATE, *self.INT_STATE)
+        kept = {i: {k: v for k, v in st.items() if k in keep} for i, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
         for i, values in kept.items():
             for key, value in values.items():
                 self.state[params[i]][key] = value.to(params[i].device, copy=True)
 
-    def _selection(self, params: list[torch.Tensor], step: int) -> dict[int, torch.Tensor] | None:
-        """Per parameter (by position), the entries this step updates; None = all (warm-up)."""
-        if step <= self.warmup or self.sparsity == 0.0:
-            return None
-        scores = {str(i): self.state[p]["importance"] for i, p in enumerate(params)}
+    def _begin(self) -> tuple[list[tuple[torch.Tensor, dict]], dict[int, torch.Tensor] | None]:
+        """(parameter, group) of every entry with a gradient, their importance advanced, and this step's
+        selection per parameter position (None: all, the warm-up)."""
+        entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p, _ in entries:
+            state = self._state(p)
+            state["step"] += 1
+            state["importance"].mul_(self.importance_beta).add_(p.grad.float().abs(), alpha=1 - self.importance_beta)
+        if not entries or int(self.state[entries[0][0]]["step"]) <= self.warmup:
+            return entries, None
+        scores = {str(i): self.state[p]["importance"] for i, (p, _) in enumerate(entries)}
         total = sum(s.numel() for s in scores.values())
-        keep = max(1, round((1.0 - self.sparsity) * total))
+        keep = self._keep(total)
+        if keep >= total:
+            return entries, None
         dropped = smallest_global(scores, total - keep)
-        return {int(i): ~d for i, d in dropped.items()}
+        return entries, {int(i): ~d for i, d in dropped.items()}
+
+    def _count(self, entries: list, updated: torch.Tensor | int) -> None:
+        self._updated = updated
+        self._updated_sum = self._updated_sum + updated
+        self._entries_sum += sum(p.numel() for p, _ in entries)
+        self._steps += 1
+
+    def report(self) -> dict[str, float]:
+        """Since the last report: the share of entries each step updated, the update FLOPs a sparse kernel
+        would have skipped per step (estimated: module docstring), and the state's bytes now."""
+        out = {"aspg/state_bytes": float(state_bytes(self))}
+        if self._steps:
+            updated = float(self._updated_sum)
+            out["aspg/updated_share"] = updated / self._entries_sum
+            out["aspg/update_flops_saved"] = (self._entries_sum - updated) * self.UPDATE_FLOPS / self._steps
+        self._updated_sum, self._entries_sum, self._steps = 0, 0, 0
+        return out
+
+
+class ASPG(_TopKImportance):
+    """AdamW updating only the global top (1 - sparsity) of entries by importance, with error feedback."""
+
+    FLOAT_STATE = ("exp_avg", "exp_avg_sq", "importance", "residual")
+    INT_STATE = ("updates",)
+    UPDATE_FLOPS = 20
+
+    def __init__(self, params, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, sparsity: float = ASPG_SPARSITY, warmup: int = ASPG_WARMUP,
+                 importance_beta: float = 0.9):
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity {sparsity} must be in [0, 1)")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}, warmup,
+                         importance_beta)
+        self.sparsity = sparsity
+
+    def _keep(self, total: int) -> int:
+        return max(1, round((1.0 - self.sparsity) * total))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -78,25 +160,13 @@ class ASPG(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        entries = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        params = [p for p, _ in entries]
-        for p in params:
-            state = self._state(p)
-            state["step"] += 1
-            state["importance"].mul_(self.importance_beta).add_(p.grad.float().abs(), alpha=1 - self.importance_beta)
-        if not params:
-            return loss
-        step = int(self.state[params[0]]["step"])
-        selection = self._selection(params, step)
+        entries, selection = self._begin()
         updated = 0
         for i, (p, group) in enumerate(entries):
             state = self.state[p]
             grad = p.grad.float() + state["residual"]
             beta1, beta2 = group["betas"]
-            if selection is None:
-                chosen = torch.ones_like(p, dtype=torch.bool)
-            else:
-                chosen = selection[i]
+            chosen = torch.ones_like(p, dtype=torch.bool) if selection is None else selection[i]
             state["residual"] = torch.where(chosen, torch.zeros_like(grad), grad)
             state["updates"] += chosen.to(torch.int32)
             exp_avg = torch.where(chosen, torch.lerp(state["exp_avg"], grad, 1 - beta1), state["exp_avg"])
@@ -111,12 +181,58 @@ class ASPG(torch.optim.Optimizer):
             new = weights * (1 - group["lr"] * group["weight_decay"]) - group["lr"] / bias1 * exp_avg / denom
             p.copy_(torch.where(chosen, new, weights))
             updated = updated + chosen.sum()
-        self._updated = updated
+        if entries:
+            self._count(entries, updated)
+        return loss
+
+
+class PlanASPG(_TopKImportance):
+    """The research plan's ASPG: w ← w − lr·grad on the global top `update_fraction` of entries by
+    importance after `warmup` dense steps; the other gradients are dropped (no error feedback)."""
+
+    UPDATE_FLOPS = 2
+
+    def __init__(self, params, lr: float = 1e-5, update_fraction: float = PLAN_UPDATE_FRACTION,
+                 warmup: int = PLAN_WARMUP, importance_beta: float = 0.9):
+        if not 0.0 < update_fraction <= 1.0:
+            raise ValueError(f"update_fraction {update_fraction} must be in (0, 1]")
+        super().__init__(params, {"lr": lr}, warmup, importance_beta)
+        self.update_fraction = update_fraction
+
+    def _keep(self, total: int) -> int:
+        return max(1, int(self.update_fraction * total))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries, selection = self._begin()
+        updated = 0
+        for i, (p, group) in enumerate(entries):
+            weights = p.float()
+            new = weights - group["lr"] * p.grad.float()
+            if selection is None:
+                p.copy_(new)
+                updated = updated + p.numel()
+            else:
+                p.copy_(torch.where(selection[i], new, weights))
+                updated = updated + selection[i].sum()
+        if entries:
+            self._count(entries, updated)
         return loss
 
 
 class TopKHookState:
-    """What the top-k hook keeps between calls: error feedback per bucket and byte counts."""
+    """What the top-k hook keeps between calls: error feedback per bucket and byte counts.
+
+    Counted per process, per bucket of n gradient entries of s bytes: a dense iteration n·s (what DDP's
+    all-reduce carries), a sparse one k·(4 + s) for k = ceil(density·n) entries sent as int32 index +
+    value; `dense_bytes` adds n·s for every bucket. On 2 processes these are the bytes each process writes
+    to gloo's sockets, plus a few hundred bytes of headers per collective (measured:
+    benchmarks/bench_comm_hook.py). With W processes a ring all-reduce writes 2(W - 1)/W·n·s per process
+    and the all-gathers (W - 1)·k·(4 + s): the sparse share of the traffic grows with W."""
 
     def __init__(self, density: float, process_group: dist.ProcessGroup | None = None, start_iter: int = 1):
         if not 0.0 < density <= 1.0:
@@ -128,6 +244,13 @@ class TopKHookState:
         self.residuals: dict[int, torch.Tensor] = {}
         self.bytes_sent = 0
         self.dense_bytes = 0
+        self._reported = (0, 0)
+
+    def take_counts(self) -> tuple[int, int]:
+        """(bytes sent, dense bytes) since the last call."""
+        sent, dense = self.bytes_sent - self._reported[0], self.dense_bytes - self._reported[1]
+        self._reported = (self.bytes_sent, self.dense_bytes)
+        return sent, dense
 
 
 def topk_hook(state: TopKHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -168,3 +291,11 @@ def register_topk_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, den
     state = TopKHookState(density)
     ddp_model.register_comm_hook(state, topk_hook)
     return state
+
+
+def hook_report(states: list[TopKHookState]) -> dict[str, float]:
+    """This process's bytes under the hooks since the last report, beside DDP's dense all-reduce's."""
+    counts = [s.take_counts() for s in states]
+    sent, dense = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return {"comm/topk_bytes": float(sent), "comm/dense_bytes": float(dense),
+            "comm/ratio_to_dense": sent / dense if dense else 0.0}

@@ -46,8 +46,9 @@ from .runstate import (
 from .sampling import generate
 
 OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
-SFT_DATA = ("samples", "positive_reviews")
+SFT_DATA = ("samples", "positive_reviews", "completions")
 METRICS_FILE = "subnet_metrics.jsonl"
+SAMPLE_BATCH = 256  # sequences generated at once for the SFT/DPO data (1024 prompts x 4 at once took 27 GB)
 # a complete checkpoint-N of TRL's trainers: weights, the trainer's state, and the tracker's (saved last)
 CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CHECKPOINT_FILES = ("trainer_state.json", TRACKER_FILE)
@@ -59,7 +60,12 @@ class BaselineConfig(RunConfig):
     candidates: int = 4
     max_prompts: int = 256
     dpo_beta: float = 0.1
+    # samples: the best of --candidates samples of the initial policy per prompt; positive_reviews: real
+    # positive reviews of --dataset; completions: the prompt/completion pairs of --dataset (reference answers)
     sft_data: str = "samples"
+    # samples only: drop prompts whose best sample scores below this (rejection-sampling fine-tuning keeps
+    # only reward-passing samples); None keeps every prompt's best
+    min_reward: float | None = None
     output_dir: str = "checkpoints/sft"
 
     def validate(self) -> None:
@@ -73,6 +79,9 @@ class BaselineConfig(RunConfig):
         if self.candidates < 2:
             raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
         self.require_counts("max_prompts")
+        if self.min_reward is not None and (self.task != "sft" or self.sft_data != "samples"):
+            raise SubnetscopeError("--min_reward filters the policy's own samples: use it with --task sft and "
+                                   "--sft_data samples")
 
 
 @torch.no_grad()
@@ -83,14 +92,17 @@ def scored_samples(model, tokenizer, prompts: list[str], reward_fn, candidates: 
     `model_text` (the prompts in its chat template; default the prompts), the reward the plain prompts."""
     repeated = [p for p in prompts for _ in range(candidates)]
     seen = [p for p in (model_text or prompts) for _ in range(candidates)]
-    rows = torch.arange(len(repeated))
-    rollout = generate(model, tokenizer, seen, rows, seed=seed, step=0, max_new_tokens=max_new_tokens,
-                       temperature=temperature)
-    rewards = score_rollout(reward_fn, repeated, rollout).tolist()
+    rewards, texts = [], []
+    for lo in range(0, len(repeated), SAMPLE_BATCH):  # each sample's noise is keyed by its row: chunks change nothing
+        rows = torch.arange(lo, min(lo + SAMPLE_BATCH, len(repeated)))
+        rollout = generate(model, tokenizer, seen[lo:lo + SAMPLE_BATCH], rows, seed=seed, step=0,
+                           max_new_tokens=max_new_tokens, temperature=temperature)
+        rewards += score_rollout(reward_fn, repeated[lo:lo + SAMPLE_BATCH], rollout).tolist()
+        texts += rollout.texts
     out = []
     for i in range(len(prompts)):
         group = [(r, t) for r, t in zip(rewards[i * candidates:(i + 1) * candidates],
-                                        rollout.texts[i * candidates:(i + 1) * candidates]) if not math.isnan(r)]
+                                        texts[i * candidates:(i + 1) * candidates]) if not math.isnan(r)]
         out.append(sorted(group, key=lambda x: -x[0]))
     return out
 
@@ -104,9 +116,28 @@ def trl_prompts(tokenizer, templated: list[str]) -> list[str]:
     return [p.removeprefix(bos) for p in templated]
 
 
-def sft_records(prompts: list[str], samples: list[list[tuple[float, str]]]) -> dict[str, list[str]]:
-    keep = [(p, s[0][1]) for p, s in zip(prompts, samples) if s]
+def sft_records(prompts: list[str], samples: list[list[tuple[float, str]]],
+                min_reward: float | None = None) -> dict[str, list[str]]:
+    """Each prompt's best sample as its target; with `min_reward` only samples scoring at least that
+    (rejection sampling), refused in one line when none does."""
+    keep = [(p, s[0][1]) for p, s in zip(prompts, samples) if s and (min_reward is None or s[0][0] >= min_reward)]
+    if not keep:
+        raise SubnetscopeError(f"no sample of the initial policy scored at least --min_reward {min_reward}: lower it "
+                               "or raise --candidates")
     return {"prompt": [p for p, _ in keep], "completion": [" " + c.strip() for _, c in keep]}
+
+
+def completion_records(spec: str, limit: int) -> dict[str, list[str]]:
+    """The prompt/completion pairs of a local data file (reference answers), in file order."""
+    from .data import _load_records
+
+    records = _load_records(spec)
+    missing = {"prompt", "completion"} - set(records.column_names)
+    if missing:
+        raise SubnetscopeError(f"{spec} has no {' or '.join(sorted(missing))} column: --sft_data completions needs "
+                               "prompt and completion fields")
+    records = records.select(range(min(limit, len(records))))
+    return {"prompt": list(records["prompt"]), "completion": list(records["completion"])}
 
 
 def positive_review_records(spec: str, tokenizer, limit: int, prompt_tokens: int, completion_tokens: int,
@@ -144,7 +175,7 @@ def baseline_start(config: BaselineConfig) -> RunStart:
     return check_run_start(config, config.task.upper(), weights=CHECKPOINT_WEIGHTS, required=CHECKPOINT_FILES)
 
 
-def _check_resumed(config: BaselineConfig, start: RunStart, precision: Precision) -> None:
+def check_resumed(config: BaselineConfig, start: RunStart, precision: Precision) -> None:
     """A resumed run keeps its precision as resolved (`auto` may resolve otherwise on another machine)."""
     if start.saved is None:
         return
@@ -155,7 +186,7 @@ def _check_resumed(config: BaselineConfig, start: RunStart, precision: Precision
                                "the run's --precision and --view_dtype, or --allow_changed_settings")
 
 
-def _prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Module, settings: dict) -> None:
+def prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Module, settings: dict) -> None:
     """As RLTrainer's: killed writes' leftovers go, and run_config.json is written (a new run) or
     brought up to date (a resumed one)."""
     run_dir = Path(config.output_dir)
@@ -182,6 +213,9 @@ def build_records(config: BaselineConfig, model, tokenizer, precision: Precision
         records = positive_review_records(config.dataset, tokenizer, config.max_prompts, config.max_prompt_tokens,
                                           config.max_new_tokens, config.seed)
         return {**records, "prompt": trl_prompts(tokenizer, model_text(records["prompt"]))}
+    if config.task == "sft" and config.sft_data == "completions":
+        records = completion_records(config.dataset, config.max_prompts)
+        return {**records, "prompt": trl_prompts(tokenizer, model_text(records["prompt"]))}
     reward_fn = build_reward(config.reward, config.reward_model, device)
     prompts = load_prompts(config.dataset, tokenizer, config.max_prompt_tokens, seed=config.seed)[: config.max_prompts]
     seen = model_text(prompts)
@@ -189,7 +223,7 @@ def build_records(config: BaselineConfig, model, tokenizer, precision: Precision
         samples = scored_samples(model, tokenizer, prompts, reward_fn, config.candidates, config.seed,
                                  config.max_new_tokens, config.temperature, model_text=seen)
     seen = trl_prompts(tokenizer, seen)
-    return sft_records(seen, samples) if config.task == "sft" else dpo_records(seen, samples)
+    return sft_records(seen, samples, config.min_reward) if config.task == "sft" else dpo_records(seen, samples)
 
 
 def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
@@ -205,7 +239,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
         "cpu" if config.device == "auto" else config.device)
     precision = resolve_precision(config.precision, device, config.view_dtype)
-    _check_resumed(config, start, precision)
+    check_resumed(config, start, precision)
     callback = SubnetTrackerCallback(rules, topk=config.topk, view_dtype=precision.view)
     tokenizer = load_tokenizer(config.policy, config.tokenizer)
     model = load_causal_lm(config.policy, precision.weights, vocab_size=len(tokenizer)).to(device)
@@ -215,7 +249,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     data = datasets.Dataset.from_dict(build_records(config, model, tokenizer, precision, device, templated))
     # TRL's bf16 flag is autocast: on for mixed (fp32 weights); bf16 weights are updated directly without it
     common = dict(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
-                  save_strategy="steps", per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+                  save_strategy="steps", save_total_limit=config.save_total_limit, per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
                   lr_scheduler_type="constant",  # like our RL loops: runs compare at one lr, and resume keeps it
                   optim=OPTIMIZERS[config.optimizer], seed=config.seed, logging_steps=1,
                   report_to=["wandb"] if config.wandb else "none", use_cpu=device == "cpu",
@@ -226,7 +260,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
 
         os.environ.setdefault("WANDB_PROJECT", config.wandb)
     settings = {**asdict(config), **precision_settings(precision), "chat_template_applied": templated}
-    _prepare_run_dir(config, start, model, settings)
+    prepare_run_dir(config, start, model, settings)
     if config.task == "sft":
         trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=data, processing_class=tokenizer,
                              callbacks=[callback])
@@ -234,6 +268,13 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
         trainer = DPOTrainer(model=model, ref_model=copy.deepcopy(model).eval(), train_dataset=data,
                              args=DPOConfig(beta=config.dpo_beta, **common), processing_class=tokenizer,
                              callbacks=[callback])
+    train_and_write_final(trainer, start, model, tokenizer, precision, config.output_dir)
+    return callback
+
+
+def train_and_write_final(trainer, start: RunStart, model: torch.nn.Module, tokenizer, precision: Precision,
+                          output_dir: str) -> None:
+    """Train a TRL trainer from the run's resume point (if any), then write final/ at the view dtype."""
     resume_from = start.point.folder
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
@@ -241,5 +282,4 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
         save_model(model, tmp, precision.view)
         tokenizer.save_pretrained(tmp)
 
-    write_dir_checked(Path(config.output_dir) / FINAL_DIR, write_final, tensor_bytes(model.parameters()) + HEADER_BYTES)
-    return callback
+    write_dir_checked(Path(output_dir) / FINAL_DIR, write_final, tensor_bytes(model.parameters()) + HEADER_BYTES)

@@ -3,6 +3,11 @@
 Every reader streams: it opens files memory-mapped (safetensors `safe_open`, `torch.load(mmap=True)`)
 and hands out one tensor at a time, so a comparison never holds a whole model.
 
+Run folders come in two layouts, read alike: subnetscope's trainers write `step_N/` (compact weights,
+`tracker.safetensors`), TRL's trainers with `SubnetTrackerCallback` write `checkpoint-N/` (the trainer's
+weights, or a LoRA adapter merged on the fly by lora_merge.py, and `subnet_tracker.safetensors`);
+both keep θ0 in `base/`.
+
 The compact format is what the trainers write every `--save_every` steps. A run folder holds
 
     run/base/model.safetensors         θ0, written once (a normal model folder)
@@ -14,6 +19,7 @@ exact weights: θ_t = θ0 where the mask is 0, the stored values where it is 1.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -31,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .changes import as_bits
 from .errors import SubnetscopeError
 
 COMPACT_FORMAT = "subnetscope.compact/1"
@@ -40,8 +47,10 @@ TRAINER_STATE = "trainer_state.pt"
 TRACKER_STATE = "tracker.safetensors"
 EXTRA_TENSORS = "extra.safetensors"
 MASTER_FILE = "master.safetensors"  # fp32 master weights of a run judged at a rounding (resume state only)
+TRL_TRACKER_STATE = "subnet_tracker.safetensors"  # the TRL callback's tracker state in checkpoint-N/
+TRACKER_STATE_FILES = (TRACKER_STATE, TRL_TRACKER_STATE)
 # resume state the trainers and the TRL callback write beside a step's weights: never read as a model
-STATE_FILES = (TRAINER_STATE, TRACKER_STATE, EXTRA_TENSORS, MASTER_FILE, "subnet_tracker.safetensors",
+STATE_FILES = (TRAINER_STATE, TRACKER_STATE, EXTRA_TENSORS, MASTER_FILE, TRL_TRACKER_STATE,
                "subnet_master_base.safetensors")
 STEP_REMEDY = "delete that step folder (a resumed run restarts from the step before) or pass another step"
 GEMMA3N_TEXT_PREFIX = "model.language_model."
@@ -525,8 +534,27 @@ def check_model_files(spec: str) -> None:
             _load_bin(path)
 
 
-def open_checkpoint(spec: str) -> TensorSource:
-    """Open a model folder, a single weights file, a compact checkpoint or a hub id."""
+def _adapter_base(path: Path, base: str | TensorSource | None) -> TensorSource:
+    """The base an adapter folder is merged onto: the one given, its run's base/ (a TRL run's
+    checkpoint-N), or the model its adapter_config.json names."""
+    from .lora_merge import LoraAdapter
+
+    if isinstance(base, TensorSource):
+        return base
+    if base is None and (path.parent / BASE_DIR).is_dir():
+        base = str(path.parent / BASE_DIR)
+    base = base or LoraAdapter(path).base_model
+    if not base:
+        raise SubnetscopeError(f"{path} is a LoRA adapter and names no base model: pass the base it was trained "
+                               "from (--base / --model)")
+    return open_checkpoint(base)
+
+
+def open_checkpoint(spec: str, base: str | TensorSource | None = None) -> TensorSource:
+    """Open a model folder, a single weights file, a compact checkpoint, a hub id, or a LoRA adapter
+    folder (merged onto `base`, default: its run's base/ or the base its config names)."""
+    from .lora_merge import LoraMergedSource, is_adapter_folder
+
     path = resolve_model_dir(spec)
     if path.is_file():
         if path.suffix == ".safetensors":
@@ -534,6 +562,8 @@ def open_checkpoint(spec: str) -> TensorSource:
         return TorchBinSource([path], str(path))
     if (path / COMPACT_FILE).is_file():
         return CompactSource(path, str(path))
+    if is_adapter_folder(path):
+        return LoraMergedSource(path, _adapter_base(path, base), str(path))
     kind, files = _weight_files(path)
     if kind == "safetensors":
         return SafetensorsSource(files, str(path))
@@ -570,6 +600,76 @@ def find_step_checkpoints(run_dir: str, max_step: int | None = None,
             "--max_step/--step_interval"
         )
     return found
+
+
+FINGERPRINT_RUN = 1024  # entries per sampled run of a tensor (its start, middle and end)
+
+
+def tensor_digest(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> str:
+    """A short digest of a tensor's shape, dtype and the bits of three runs of its entries (start, middle,
+    end), at `dtype` when given: the same θ0 always agrees, another model's weights do not; a few pages
+    of a memory-mapped file, not the whole tensor."""
+    flat = tensor.detach().reshape(-1)
+    n, k = flat.numel(), FINGERPRINT_RUN
+    if n > 3 * k:
+        middle = n // 2 - k // 2
+        flat = torch.cat([flat[:k], flat[middle:middle + k], flat[n - k:]])
+    if dtype is not None:
+        flat = flat.to(dtype)
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(f"{tuple(tensor.shape)}|{str(flat.dtype).removeprefix('torch.')}|".encode())
+    digest.update(as_bits(flat.contiguous()).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def fingerprint(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Per tensor name, `tensor_digest` (at `dtype`): θ0's identity, compared before it is trusted."""
+    return {name: tensor_digest(t, dtype) for name, t in tensors.items()}
+
+
+def source_fingerprint(source: TensorSource, names: list[str]) -> dict[str, str]:
+    return {name: tensor_digest(source.get(name)) for name in names}
+
+
+def fingerprint_mismatch(expected: dict[str, str], found: dict[str, str]) -> str | None:
+    """Where two fingerprints of θ0 disagree (the first tensor missing or with other values), or None."""
+    for name, digest in expected.items():
+        if name not in found:
+            return f"it lacks {name}"
+        if found[name] != digest:
+            return f"its {name} holds other values (fingerprint {found[name]}, expected {digest})"
+    return None
+
+
+def tracker_state_file(folder: Path) -> Path | None:
+    """A step folder's tracker state, in either layout (step_N/tracker.safetensors, checkpoint-N/subnet_tracker...)."""
+    return next((Path(folder) / n for n in TRACKER_STATE_FILES if (Path(folder) / n).is_file()), None)
+
+
+def latest_tracker_state(run_dir: str | Path) -> tuple[int, Path] | None:
+    """(step, file) of the newest step folder holding a tracker state (written last: its step is complete)."""
+    try:
+        steps = find_step_checkpoints(str(run_dir))
+    except SubnetscopeError:
+        return None
+    found = [(c.step, tracker_state_file(c.path)) for c in steps]
+    found = [(step, f) for step, f in found if f is not None]
+    return found[-1] if found else None
+
+
+def read_ever_changed(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """(step, masks of the weights that changed at any step up to the newest tracked one) of any run folder:
+    main_grpo.py / main_ppo.py (step_N/) or a TRL trainer with SubnetTrackerCallback (checkpoint-N/)."""
+    latest = latest_tracker_state(run_dir)
+    if latest is None:
+        raise SubnetscopeError(f"{run_dir} has no step checkpoint with tracker state (step_N/{TRACKER_STATE} or "
+                               f"checkpoint-N/{TRL_TRACKER_STATE}): pass a run folder that has saved at least one step")
+    step, path = latest
+    read_safetensors_offsets(path, STEP_REMEDY)
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        masks = {k.split("::", 1)[1]: handle.get_tensor(k) >= 0 for k in handle.keys()
+                 if k.startswith("first_changed::")}
+    return step, masks
 
 
 def default_base_for_run(run_dir: str) -> str | None:

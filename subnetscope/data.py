@@ -218,6 +218,110 @@ def load_task_texts(task: str, limit: int = 20000, seed: int = 0) -> list[str]:
     return texts
 
 
+# A local file stands in for a named task when it has the Hub data set's columns.
+TASK_COLUMNS = {"boolq": ("passage", "question", "answer"), "hellaswag": ("ctx", "endings", "label"),
+                "gsm8k": ("question", "answer")}
+# The split each named task is scored on (GSM8K publishes no validation split).
+EVAL_SPLITS = {"boolq": "validation", "hellaswag": "validation", "gsm8k": "test"}
+
+
+def task_format(task: str, columns: list[str]) -> str | None:
+    """The named task these records belong to: the task's own name, else the first whose columns a local
+    file has (BoolQ before GSM8K: both have question and answer); None for plain text."""
+    if task in TASK_COLUMNS:
+        return task
+    for name, needed in TASK_COLUMNS.items():
+        if all(c in columns for c in needed):
+            return name
+    return None
+
+
+def task_offline_hint(task: str) -> str:
+    """What a named task needs where the Hub is out of reach, in one clause."""
+    return (f"pass --task and --eval_data as local json/jsonl files with {task}'s columns "
+            f"{', '.join(TASK_COLUMNS[task])}")
+
+
+def _load_hub_split(task: str, split: str):
+    import datasets
+
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    datasets.disable_progress_bars()
+    hub_id, config, _ = TASKS[task]
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as err:
+        raise SubnetscopeError(f"cannot load {hub_id} ({split} split) through `datasets` ({type(err).__name__}; "
+                               f"offline?): {task_offline_hint(task)}") from None
+
+
+def load_task_split(task: str, split: str = "train", limit: int | None = None, seed: int = 0):
+    """(format, records) of a task: a named task's split through `datasets` (a local file of that name
+    wins), imdb by name, or a local file whose columns tell its format; shuffled with `seed`, the first
+    `limit`. The format is a key of TASK_COLUMNS, or None for plain text."""
+    if task in TASK_COLUMNS and not Path(task).expanduser().exists():
+        records = _load_hub_split(task, split)
+    else:
+        records = _load_records(TASKS[task][0] if task in TASKS else task)
+    records = records.shuffle(seed=seed)
+    if limit is not None:
+        records = records.select(range(min(limit, len(records))))
+    kind = task_format(task, records.column_names)
+    if task in TASK_COLUMNS:
+        missing = [c for c in TASK_COLUMNS[task] if c not in records.column_names]
+        if missing:
+            raise SubnetscopeError(f"{task} records lack the column(s) {', '.join(missing)}: {task_offline_hint(task)}")
+    return kind, records
+
+
+def task_texts(kind: str | None, records, spec: str) -> list[str]:
+    """Training texts of task records: rendered as TASKS does for a task format, else the text column."""
+    if kind is None:
+        column = records[_text_column(records.column_names, spec)]
+        texts = [t.replace("<br />", " ") for t in column if isinstance(t, str)]
+    else:
+        render = TASKS[kind][2]
+        texts = []
+        for i, record in enumerate(records):
+            try:
+                texts.append(render(record))
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                raise SubnetscopeError(f"{spec}: record {i} is not a {kind} record ({type(err).__name__}: {err}): "
+                                       f"give every record {kind}'s columns {', '.join(TASK_COLUMNS[kind])}") from None
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise SubnetscopeError(f"{spec} has no non-empty text rows: pass a file whose text field holds text")
+    return texts
+
+
+def language_model_windows(spec: str, tokenizer, seq_len: int, limit: int, seed: int) -> list[list[int]]:
+    """Plain text cut into consecutive windows of `seq_len` tokens, for continued language-model training:
+    a .txt file (optionally .gz) is one document (Tiny Shakespeare), anything else is texts as
+    load_task_texts reads them (imdb by name, a local json/jsonl/csv file), each ended by the EOS token."""
+    path = Path(spec).expanduser()
+    if path.is_file() and path.name.removesuffix(".gz").endswith(".txt"):
+        ids = tokenizer(_read_text_file(path), add_special_tokens=False, verbose=False)["input_ids"]
+        tokens = torch.tensor(ids, dtype=torch.long)
+    else:
+        tokens = token_stream(load_task_texts(spec, limit=limit, seed=seed), tokenizer)
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise SubnetscopeError(f"{spec} has {len(tokens)} tokens, fewer than one window of --seq_len {seq_len}: "
+                               "use more text or a shorter --seq_len")
+    return tokens[: n * seq_len].view(n, seq_len).tolist()
+
+
+def _read_text_file(path: Path) -> str:
+    try:
+        with (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")) as fh:
+            raw = fh.read()
+        return raw.decode("utf-8")
+    except (OSError, EOFError) as err:
+        raise SubnetscopeError(f"{path} cannot be read ({err}): pass a readable text file") from None
+    except UnicodeDecodeError as bad:
+        raise SubnetscopeError(f"{path} is not UTF-8 text (offset {bad.start}): pass a text file in UTF-8") from None
+
+
 def token_stream(texts: list[str], tokenizer) -> torch.Tensor:
     """All texts' tokens in one stream, each text followed by the end-of-text token."""
     eos = tokenizer.eos_token_id

@@ -26,13 +26,14 @@ from .changes import RULES, ChangeRules, changed_masks, diff_stats, wider_dtype
 from .checkpoint import ScratchBuffer, TensorSource
 from .errors import SubnetscopeError, warn
 from .metrics import (
+    UpdateRanks,
     block_localization,
     overlap,
     shell_density,
     shell_edges,
     update_rank,
 )
-from .naming import block_index, module_type, neuron_axis
+from .naming import TEXT_TOWER, block_index, module_type, neuron_axis, tower
 from .precision import VIEW_DTYPES
 from .segments import batchable, compare_segments
 
@@ -55,9 +56,12 @@ class TensorResult:
     relative_norm: float
     nonfinite_base: int
     nonfinite_tuned: int
-    rank: int | None = None
+    rank: int | None = None  # numerical rank (metrics.RANK_DEFINITIONS)
     full_rank: int | None = None
     note: str = ""
+    tower: str = TEXT_TOWER  # text, or a multimodal checkpoint's vision / audio tower
+    rank_energy99: int | None = None
+    rank_plan: int | None = None
 
     def fraction(self, rule: str) -> float:
         return self.changed[rule] / self.numel if self.numel else 0.0
@@ -85,10 +89,13 @@ class PairResult:
     def fraction(self, rule: str) -> float:
         return self.changed(rule) / self.numel if self.numel else 0.0
 
-    def group(self, key: str) -> dict:
-        """Totals per block (key="block"; None = outside blocks) or per module type (key="module")."""
+    def group(self, key: str, only_tower: str | None = None) -> dict:
+        """Totals per block (key="block"; None = outside blocks), per module type (key="module") or per
+        tower (key="tower": text, vision, audio); with `only_tower`, of that tower's tensors alone."""
         groups: dict = defaultdict(lambda: {"numel": 0, "abs_sum": 0.0, "tensors": 0, **{r: 0 for r in RULES}})
         for t in self.tensors:
+            if only_tower is not None and t.tower != only_tower:
+                continue
             g = groups[getattr(t, key)]
             g["numel"] += t.numel
             g["abs_sum"] += t.abs_sum
@@ -96,6 +103,17 @@ class PairResult:
             for r in RULES:
                 g[r] += t.changed[r]
         return dict(groups)
+
+    def towers(self) -> dict[str, dict]:
+        """Per tower (the text model first), its weights, changed counts and fractions per rule: a
+        multimodal checkpoint's vision tower is reported beside the text model, never inside it."""
+        groups = self.group("tower")
+        order = sorted(groups, key=lambda t: (t != TEXT_TOWER, t))
+        return {t: {"numel": groups[t]["numel"], "tensors": groups[t]["tensors"],
+                    "changed": {r: groups[t][r] for r in RULES},
+                    "fraction_changed": {r: groups[t][r] / groups[t]["numel"] if groups[t]["numel"] else 0.0
+                                         for r in RULES}}
+                for t in order}
 
     def blocks(self) -> list[int]:
         return sorted({t.block for t in self.tensors if t.block is not None})
@@ -207,16 +225,16 @@ def _worker_stream(device: str) -> "torch.cuda.Stream | None":
 
 
 def _tensor_result(name: str, shape: tuple[int, ...], dtype: torch.dtype, stats, note: str = "",
-                   ranks: tuple[int, int] | None = None) -> TensorResult:
+                   ranks: UpdateRanks | None = None) -> TensorResult:
     tr = TensorResult(
         name=name, block=block_index(name), module=module_type(name), shape=tuple(shape),
         numel=stats.numel, dtype=str(dtype).replace("torch.", ""), changed=stats.changed,
         abs_max=stats.abs_max, abs_mean=stats.abs_mean, abs_std=stats.abs_std, abs_sum=stats.abs_sum,
         relative_norm=stats.relative_norm, nonfinite_base=stats.nonfinite_base,
-        nonfinite_tuned=stats.nonfinite_tuned, note=note,
+        nonfinite_tuned=stats.nonfinite_tuned, note=note, tower=tower(name),
     )
     if ranks is not None:
-        tr.rank, tr.full_rank = ranks
+        tr.rank, tr.full_rank, tr.rank_energy99, tr.rank_plan = ranks
     return tr
 
 
@@ -467,7 +485,9 @@ def analyze_overlap(
 
 
 def iter_block_table(pair: PairResult) -> Iterable[dict]:
-    per_block = pair.group("block")
+    """Per text block, then `outside` (embeddings, final norm, ...) of the text model: a multimodal
+    checkpoint's vision and audio towers are in `PairResult.towers`, not here."""
+    per_block = pair.group("block", TEXT_TOWER)
     for blk in sorted(per_block, key=lambda b: (b is None, b if b is not None else 0)):
         g = per_block[blk]
         yield {"block": "outside" if blk is None else blk, **g,

@@ -6,15 +6,18 @@ M_p M_pᵀ, and the whole model's are those of Σ_p M_p M_pᵀ. Only the gradien
 copy per batch: k × parameters × 4 bytes) and k × k Gram matrices are held; nothing of size
 k × parameters goes to the host.
 
-Reported per matrix and globally: the numerical rank (σ_i > σ_max · k · eps_fp32) and the
-effective rank at 99% energy (the fewest σ whose squares hold 99% of Σσ²), as % of k.
+Reported per matrix and globally: the numerical rank (σ_i > σ_max · k · eps_fp32), the
+effective rank at 99% energy (the fewest σ whose squares hold 99% of Σσ²) and the research plan's
+rank (σ_i > 0.01 · σ_1, metrics.relative_rank), as % of k.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
+
+from .metrics import relative_rank
 
 ENERGY = 0.99
 
@@ -25,11 +28,12 @@ class Spectrum:
     singular_values: list[float]
     numerical_rank: int
     effective_rank: int
+    plan_rank: int
     k: int
 
 
 def spectrum_from_gram(name: str, gram: torch.Tensor) -> Spectrum:
-    """Singular values of the stacked gradients from their Gram matrix, and both ranks."""
+    """Singular values of the stacked gradients from their Gram matrix, and their three ranks."""
     eig = torch.linalg.eigvalsh(gram.double()).flip(0).clamp(min=0)
     sigma = eig.sqrt()
     k = gram.shape[0]
@@ -37,7 +41,7 @@ def spectrum_from_gram(name: str, gram: torch.Tensor) -> Spectrum:
     numerical = int((sigma > smax * k * torch.finfo(torch.float32).eps).sum()) if smax > 0 else 0
     energy = eig.cumsum(0) / eig.sum() if float(eig.sum()) > 0 else torch.ones_like(eig)
     effective = int((energy < ENERGY).sum()) + 1 if float(eig.sum()) > 0 else 0
-    return Spectrum(name, sigma.tolist(), numerical, min(effective, k), k)
+    return Spectrum(name, sigma.tolist(), numerical, min(effective, k), relative_rank(sigma), k)
 
 
 def gradient_spectra(model: torch.nn.Module, loss_for_batch: Callable[[int], torch.Tensor], k: int,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import SubnetscopeError
+from .hypotheses import advantage_stats
 from .rewards import RewardFunction
 from .rl import RLConfig, RLTrainer
 
@@ -120,4 +121,4 @@ class GRPOTrainer(RLTrainer):
             self._optimizer_step(loss)
         tracked, tracker_s = self._track(step)
         return {**self._common_metrics(batch["rewards"], batch["comp_mask"], t0, t_gen, tracker_s),
-                "loss": float(loss.detach()), **stats, **tracked}
+                "loss": float(loss.detach()), **stats, **advantage_stats(batch["advantages"]), **tracked}

@@ -15,7 +15,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from .errors import SubnetscopeError
-from .naming import block_index, module_type, neuron_axis
+from .naming import block_index, head_units, module_type, neuron_axis
 from .pruning import prunable_weights
 
 IMPORTANCES = ("magnitude", "gradient", "taylor", "wanda")
@@ -88,7 +88,8 @@ def gradient_scores(model: torch.nn.Module, tensors: dict[str, Prunable], batche
 
 
 @torch.no_grad()
-def wanda_scores(model: torch.nn.Module, tensors: dict[str, Prunable], batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def wanda_scores(model: torch.nn.Module, tensors: dict[str, Prunable],
+                 batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """|W_ij|·‖x_j‖₂, with ‖x_j‖ the norm of input feature j over every calibration token."""
     not_linear = [n for n, t in tensors.items() if t.in_axis is None]
     if not_linear:
@@ -242,46 +243,56 @@ class UnitGroup:
     members: dict[str, tuple[int, torch.Tensor]]
 
 
-def _num_heads(model: torch.nn.Module) -> int:
+def _attention_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(number of query heads, head width) from the (text) config: head_dim where the config sets it
+    (Gemma's differs from hidden / heads), else hidden size over heads."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = getattr(config, "n_head", None) or getattr(config, "num_attention_heads", None)
     if not heads:
         raise SubnetscopeError("structured pruning needs the number of attention heads, which the model config lacks")
-    return int(heads)
+    head_dim = getattr(config, "head_dim", None)
+    if not head_dim:
+        hidden = getattr(config, "n_embd", None) or getattr(config, "hidden_size", None)
+        if not hidden or hidden % heads:
+            raise SubnetscopeError("structured pruning needs the attention head width: the model config has no "
+                                   "head_dim and its hidden size does not split into its heads")
+        head_dim = hidden // heads
+    return int(heads), int(head_dim)
+
+
+def _head_layout(name: str, shape: tuple[int, ...], heads: int, head_dim: int) -> tuple[int, torch.Tensor]:
+    """(axis, head of each position) of a query, fused q/k/v or output weight, checked against the config's
+    head count so a layout naming.head_units does not know fails loudly instead of pruning wrong slices."""
+    layout = head_units(name, shape, head_dim)
+    if layout is None or int(layout[1].max()) + 1 != heads:
+        raise SubnetscopeError(f"structured pruning: {name} {list(shape)} does not split into the config's "
+                               f"{heads} heads of {head_dim}; use --method unstructured for this model")
+    return layout
 
 
 def unit_groups(model: torch.nn.Module, tensors: dict[str, Prunable]) -> list[UnitGroup]:
     """MLP neurons (rows/columns of up, gate and down consistently) and attention heads (query
-    slices and the output projection's matching inputs; shared K/V heads are left alone)."""
-    heads = _num_heads(model)
+    slices, each head's q, k, v of a fused projection, and the output projection's matching inputs;
+    separate, possibly shared K/V heads are left alone)."""
+    heads, head_dim = _attention_shape(model)
     groups: dict[str, UnitGroup] = {}
     for name, t in tensors.items():
         shape = tuple(t.param.shape)
-        kind = module_type(name)
         layer = f"layer {block_index(name)}"
         axis = neuron_axis(name, shape)
         if axis is not None:
             group = groups.setdefault(f"{layer} mlp", UnitGroup(f"{layer} mlp", shape[axis], {}))
             group.members[name] = (axis, torch.arange(shape[axis]))
             continue
-        if kind not in ("attn.qkv", "attn.q", "attn.o") or len(shape) != 2:
+        if module_type(name) not in ("attn.qkv", "attn.q", "attn.o") or len(shape) != 2:
             continue
-        conv1d = t.in_axis == 0
-        if kind == "attn.qkv":  # GPT-2 c_attn, Conv1D [d, 3d]: q | k | v columns, each split into heads
-            d = shape[1] // 3
-            axis, units = 1, (torch.arange(shape[1]) % d) // (d // heads)
-        elif kind == "attn.q":
-            axis = 1 if conv1d else 0
-            units = torch.arange(shape[axis]) // (shape[axis] // heads)
-        else:
-            axis = 0 if conv1d else 1
-            units = torch.arange(shape[axis]) // (shape[axis] // heads)
         group = groups.setdefault(f"{layer} attn", UnitGroup(f"{layer} attn", heads, {}))
-        group.members[name] = (axis, units)
+        group.members[name] = _head_layout(name, shape, heads, head_dim)
     return list(groups.values())
 
 
-def structured_masks(scores: dict[str, torch.Tensor], groups: list[UnitGroup], sparsity: float) -> dict[str, torch.Tensor]:
+def structured_masks(scores: dict[str, torch.Tensor], groups: list[UnitGroup],
+                     sparsity: float) -> dict[str, torch.Tensor]:
     """In every group, the round(s·units) units of lowest summed score lose all their weights;
     tensors outside any group keep everything."""
     out = {n: torch.ones_like(s, dtype=torch.bool) for n, s in scores.items()}

@@ -3,12 +3,21 @@ another, resumable, then aggregated into summary.csv, grouped_summary.csv and pl
 
     output_dir: checkpoints/matrix
     base: {dataset: easy, reward: easy, max_steps: 6, device: cpu, precision: auto}   # every run
-    grid: {task: [rl-grpo, sft], policy: [tiny-gpt2], lr: [1e-3], seed: [0, 1]}
-    per_task: {rl-grpo: {group_size: 4}}                                  # only that task's runs
+    grid: {task: [rl-grpo, sft, pretrain], policy: [tiny-gpt2], lr: [1e-3], seed: [0, 1]}
+    per_task: {rl-grpo: {group_size: 4}, pretrain: {dataset: ../shared/data/tinyshakespeare/input.txt}}
 
-Every key and value is checked against the task's config before anything runs (`precision`: auto,
-mixed, bf16 or fp32, and `view_dtype` replace the old `dtype`). Each run's sparsity is judged at the
-view dtype it recorded (bf16 under mixed). A run that fails
+`grid` is the full cross. The research plan's one-factor-at-a-time design is `vary`: base holds the
+centre point, and each key of `vary` is varied alone (its other values, every other factor at the
+centre), crossed with the grid (e.g. task × seed):
+
+    base: {policy: gpt2, lr: 1e-5, optimizer: adamw, ...}
+    grid: {task: [rl-grpo, sft, pretrain], seed: [0, 1, 2]}
+    vary: {policy: [gpt2-medium, gpt2-large], lr: [1e-6, 1e-4], optimizer: [sgd]}
+
+Tasks: rl-grpo, rl-ppo (RL), sft, dpo (TRL baselines) and pretrain (continued language-model training
+on text, pretrain.py). Every key and value is checked against the task's config before anything runs
+(`precision`: auto, mixed, bf16 or fp32, and `view_dtype` replace the old `dtype`). Each run's
+sparsity is judged at the view dtype it recorded (bf16 under mixed). A run that fails
 is recorded as failed, with its error, and the sweep goes on; a finished run (done.json) is
 skipped when the sweep is started again, a half-done one resumes from its checkpoint.
 """
@@ -35,14 +44,16 @@ from .grpo import GRPOConfig, GRPOTrainer
 from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
 from .ppo import PPOConfig, PPOTrainer
+from .pretrain import PretrainConfig, train_pretrain
 from .report import rank_summary, write_csv, write_json
 from .rewards import build_reward, score_rollout
 from .runstate import RUN_CONFIG, read_run_config
 from .sampling import generate
 from .stats import mean_and_sd
 
-TASKS = {"rl-grpo": GRPOConfig, "rl-ppo": PPOConfig, "sft": BaselineConfig, "dpo": BaselineConfig}
-TOP_KEYS = {"output_dir", "base", "grid", "per_task"}
+TASKS = {"rl-grpo": GRPOConfig, "rl-ppo": PPOConfig, "sft": BaselineConfig, "dpo": BaselineConfig,
+         "pretrain": PretrainConfig}
+TOP_KEYS = {"output_dir", "base", "grid", "vary", "per_task"}
 MANAGED = {"output_dir", "resume", "task"}
 REPLACED = {"dtype": "precision (auto, mixed, bf16 or fp32) and view_dtype (bfloat16, float16 or float32)"}
 
@@ -107,7 +118,9 @@ def _check_value(task: str, key: str, value, config_cls) -> object:
 
 
 def expand(matrix: dict) -> list[dict]:
-    """Every run of the matrix as {task, name, settings}, each checked by its config's validate()."""
+    """Every run of the matrix as {task, name, settings, axes, factor}, each checked by its config's
+    validate(); `factor` is the `vary` key a one-factor-at-a-time run varies ("centre" for the centre
+    point, None without `vary`)."""
     unknown = set(matrix) - TOP_KEYS
     if unknown:
         raise SubnetscopeError(f"matrix: unknown top-level key(s) {sorted(unknown)}; use {sorted(TOP_KEYS)}")
@@ -120,22 +133,42 @@ def expand(matrix: dict) -> list[dict]:
         if task not in TASKS:
             raise SubnetscopeError(f"matrix: unknown task {task!r}; use {sorted(TASKS)}")
     axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items() if k != "task"}
+    variants = _one_factor_variants(matrix.get("vary"), base, axes)
     runs = []
     for task in tasks:
         config_cls = TASKS[task]
         for combo in itertools.product(*axes.values()) if axes else [()]:
-            raw = {**{k: v for k, v in base.items() if k != "task"}, **dict(zip(axes, combo)),
-                   **(per_task.get(task) or {})}
-            settings = {k: _check_value(task, k, v, config_cls) for k, v in raw.items()}
-            if config_cls is BaselineConfig:
-                settings["task"] = task
-            config_cls(**settings).validate()
-            name = _run_name(task, dict(zip(axes, combo)))
-            runs.append({"task": task, "name": name, "settings": settings, "axes": dict(zip(axes, combo))})
+            for factor, varied in variants:
+                run_axes = {**dict(zip(axes, combo)), **varied}
+                raw = {**{k: v for k, v in base.items() if k != "task"}, **run_axes, **(per_task.get(task) or {})}
+                settings = {k: _check_value(task, k, v, config_cls) for k, v in raw.items()}
+                if config_cls is BaselineConfig:
+                    settings["task"] = task
+                config_cls(**settings).validate()
+                runs.append({"task": task, "name": _run_name(task, run_axes), "settings": settings, "axes": run_axes,
+                             "factor": factor})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
         raise SubnetscopeError("matrix: two runs have the same settings; remove the duplicate grid values")
     return runs
+
+
+def _one_factor_variants(vary, base: dict, axes: dict) -> list[tuple[str | None, dict]]:
+    """(factor, {key: value}) of a one-factor-at-a-time design: the centre point (base's values), then
+    each `vary` key at each of its values other than the centre's; [(None, {})] without `vary`."""
+    if vary is None:
+        return [(None, {})]
+    if not isinstance(vary, dict) or not vary:
+        raise SubnetscopeError("matrix: vary must map settings to lists of values, e.g. {lr: [1e-6, 1e-4]}")
+    variants: list[tuple[str | None, dict]] = [("centre", {})]
+    for key, values in vary.items():
+        if key == "task" or key in axes:
+            raise SubnetscopeError(f"matrix: {key!r} is in both grid and vary: cross it (grid) or vary it alone (vary)")
+        if key not in base:
+            raise SubnetscopeError(f"matrix: vary's {key!r} needs its centre value in base: add {key}: VALUE to base")
+        values = values if isinstance(values, list) else [values]
+        variants += [(key, {key: v}) for v in values if v != base[key]]
+    return variants
 
 
 def _run_name(task: str, axes: dict) -> str:
@@ -150,6 +183,9 @@ def run_one(run: dict, folder: Path, detail: bool = False) -> dict:
     task = run["task"]
     if task in ("sft", "dpo"):
         train_baseline(BaselineConfig(**settings, resume=started))
+        checkpoint_dir = find_step_checkpoints(str(folder))[-1].path
+    elif task == "pretrain":
+        train_pretrain(PretrainConfig(**settings, resume=started))
         checkpoint_dir = find_step_checkpoints(str(folder))[-1].path
     else:
         config_cls, trainer_cls = (GRPOConfig, GRPOTrainer) if task == "rl-grpo" else (PPOConfig, PPOTrainer)
@@ -246,7 +282,8 @@ def run_runs(matrix: dict, out: Path, log=print, detail: bool = False) -> SweepR
                 trace = traceback.format_exc()
                 atomic_write_file(out / "runs" / f"{run['name']}.error.txt", lambda tmp: tmp.write_text(trace))
                 log(f"[{i}/{len(runs)}] {run['name']}: failed: {result['error']}")
-        rows.append({"run": run["name"], "task": run["task"], **run["settings"], **result})
+        factor = {"factor": run["factor"]} if run.get("factor") else {}
+        rows.append({"run": run["name"], "task": run["task"], **factor, **run["settings"], **result})
     write_summaries(rows, out)
     return SweepResult(out, len(rows), [r["run"] for r in rows if r["status"] != "ok"])
 

@@ -7,7 +7,7 @@ blocks that saw no change at all) is ``None``, never a made-up 0.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -70,24 +70,56 @@ def block_localization(
 
 
 RANK_TOLERANCE_DOC = "σ_i > σ_max · max(m, n) · eps(float32), numpy's matrix_rank default"
+RANK_ENERGY = 0.99
+PLAN_RANK_RATIO = 0.01
+RANK_DEFINITIONS = {
+    "numerical": RANK_TOLERANCE_DOC,
+    "energy99": f"the fewest σ_i whose squares hold {RANK_ENERGY:.0%} of Σσ²",
+    "plan": f"σ_i > {PLAN_RANK_RATIO} · σ_1 (the research plan's definition)",
+}
 
 
-def update_rank(delta: torch.Tensor, device: str = "cpu") -> tuple[int, int]:
-    """Numerical rank of a 2-D update and its full rank min(m, n), tolerance as RANK_TOLERANCE_DOC."""
+class UpdateRanks(NamedTuple):
+    """Ranks of one 2-D update under the three definitions of RANK_DEFINITIONS, and its full rank min(m, n)."""
+
+    numerical: int
+    full: int
+    energy99: int
+    plan: int
+
+
+def energy_rank(sigma: torch.Tensor, energy: float = RANK_ENERGY) -> int:
+    """The fewest leading singular values (sorted descending) whose squares hold `energy` of Σσ²; 0 for none."""
+    sq = sigma.double().square()
+    total = float(sq.sum())
+    if total <= 0:
+        return 0
+    return min(int((sq.cumsum(0) / total < energy).sum()) + 1, sigma.numel())
+
+
+def relative_rank(sigma: torch.Tensor, ratio: float = PLAN_RANK_RATIO) -> int:
+    """Singular values above `ratio` times the largest (the plan's σ > 0.01·σ₁); 0 for a zero matrix."""
+    top = float(sigma.max()) if sigma.numel() else 0.0
+    return int((sigma > ratio * top).sum()) if top > 0 else 0
+
+
+def update_rank(delta: torch.Tensor, device: str = "cpu") -> UpdateRanks:
+    """Ranks of a 2-D update under the numerical tolerance (RANK_TOLERANCE_DOC), 99% energy and the plan's
+    σ > 0.01·σ₁, with its full rank min(m, n); NaN and inf entries count as 0."""
     if delta.dim() != 2:
         raise ValueError("update_rank needs a 2-D matrix")
     m, n = delta.shape
     full = min(m, n)
     if full == 0:
-        return 0, 0
+        return UpdateRanks(0, 0, 0, 0)
     d = delta.to(device=device, dtype=torch.float32)
     if not torch.isfinite(d).all():
         d = torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
-    sigma = torch.linalg.svdvals(d)
+    sigma = torch.linalg.svdvals(d).cpu()
     if sigma.numel() == 0 or float(sigma[0]) == 0.0:
-        return 0, full
+        return UpdateRanks(0, full, 0, 0)
     tol = float(sigma[0]) * max(m, n) * torch.finfo(torch.float32).eps
-    return int((sigma > tol).sum()), full
+    return UpdateRanks(int((sigma > tol).sum()), full, energy_rank(sigma), relative_rank(sigma))
 
 
 def effective_rank(matrix: torch.Tensor) -> float:

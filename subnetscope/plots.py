@@ -426,3 +426,169 @@ def study_figures(rows: list[dict], overlaps: list[dict], out: Path) -> list[Pat
         ax.legend(fontsize=8, ncol=2, loc="upper center")
         made.append(_save(fig, out / "overlap_vs_chance.png"))
     return made
+
+
+# ---- experiment 1B (spatial patterns), 1C (rank vs model size), H2 and H3 ------------------------------------
+
+def frequency_histogram(histogram: Sequence[int], path: Path) -> Path:
+    """Weights by the share of transitions at which they changed; hot (right of the line) = more than half."""
+    counts = np.asarray(histogram, dtype=np.float64)
+    transitions = counts.size - 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(np.arange(counts.size) / transitions, counts / max(counts.sum(), 1), width=0.8 / transitions,
+           color="#4c72b0")
+    boundary = (transitions // 2 + 0.5) / transitions  # between the last count of at most half and the first above
+    ax.axvline(boundary, color="black", linestyle="--", linewidth=1, label="hot (right): changed at more than half")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"change frequency (share of {transitions} transitions)")
+    ax.set_ylabel("fraction of weights")
+    _legend_above(ax, "how often each weight changed between checkpoints")
+    return _save(fig, path)
+
+
+def frequency_maps(pictures: dict, matrices: list[dict], count: int, path: Path) -> Path | None:
+    """Block-averaged change-frequency maps of the `count` matrices with the most hot weights (then the highest
+    mean frequency), on one 0-1 colour scale."""
+    ranked = sorted((m for m in matrices if m["name"] in pictures),
+                    key=lambda m: (-m["hot_weights"], -m["mean_frequency"], m["name"]))[:count]
+    if not ranked:
+        return None
+    cols = min(3, len(ranked))
+    rows = -(-len(ranked) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, ranked):
+        picture = pictures[m["name"]].numpy()
+        im = ax.imshow(picture, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{m['name']}\n{m['shape']}, {m['hot_weights']:,} hot", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(ranked):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, label="change frequency (block average)", shrink=0.8)
+    fig.suptitle("where inside each matrix the changes fall")
+    path = Path(path)
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
+    plt.close(fig)
+    return path
+
+
+def head_share_heatmap(heads: list[dict], path: Path) -> Path | None:
+    """Each attention head's share of its matrix's changes over its share of the weights (1 = uniform), log2."""
+    rows = [h for h in heads if h["ratio_to_uniform"] is not None]
+    if not rows:
+        return None
+    matrices = list(dict.fromkeys(h["name"] for h in rows))
+    n_heads = max(h["head"] for h in rows) + 1
+    grid = np.full((len(matrices), n_heads), np.nan)
+    for h in rows:
+        grid[matrices.index(h["name"]), h["head"]] = np.log2(max(h["ratio_to_uniform"], 1e-3))
+    labels = [f"L{h['block']} {h['module']}" for h in (next(r for r in rows if r["name"] == m) for m in matrices)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n_heads + 4), max(3, 0.22 * len(matrices) + 1.5)))
+    bound = max(1.0, float(np.nanmax(np.abs(grid))))
+    im = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-bound, vmax=bound, interpolation="nearest")
+    ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)])
+    ax.set_yticks(range(len(matrices)), labels, fontsize=6)
+    ax.set_xlabel("head")
+    ax.set_title("are some heads hot?", fontsize=10)
+    fig.colorbar(im, ax=ax, label="log2(share of changes / share of weights)")
+    return _save(fig, path)
+
+
+def prediction_curves(rows: list[dict], path: Path) -> Path | None:
+    """Precision and recall of each predictor of the next transition's changes, over transitions, with chance."""
+    per_step = [r for r in rows if r["transition"] != "all"]
+    if not per_step:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = dict(zip(("previous", "ever", "hot_so_far", "grad_ema"), ("#4c72b0", "#dd8452", "#55a868", "#c44e52")))
+    for predictor in dict.fromkeys(r["predictor"] for r in per_step):
+        mine = [r for r in per_step if r["predictor"] == predictor]
+        steps = [r["step"] for r in mine]
+        for ax, key in zip(axes, ("precision", "recall")):
+            ax.plot(steps, [np.nan if r[key] is None else r[key] for r in mine], marker="o", markersize=3,
+                    color=colors.get(predictor), label=predictor)
+            ax.plot(steps, [np.nan if r[f"chance_{key}"] is None else r[f"chance_{key}"] for r in mine],
+                    linestyle=":", color=colors.get(predictor), label=f"{predictor}, chance")
+    for ax, key in zip(axes, ("precision", "recall")):
+        ax.set_xlabel("step (end of the predicted transition)")
+        ax.set_ylabel(key)
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        _integer_ticks(ax.xaxis)
+    axes[0].set_title("precision: predicted weights that changed")
+    axes[1].set_title("recall: changed weights that were predicted")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return _save(fig, path)
+
+
+def rank_vs_size(rows: list[dict], path: Path) -> Path:
+    """Mean update rank (% of full) against parameters, one line per rank definition, each point a model."""
+    fig, ax = _axes("update rank vs model size", "parameters (text model)", "mean rank of Δ (% of full rank)")
+    ordered = sorted(rows, key=lambda r: r["parameters"])
+    x = [r["parameters"] for r in ordered]
+    for definition, color in (("numerical", "#4c72b0"), ("energy99", "#dd8452"), ("plan", "#55a868")):
+        ax.plot(x, [np.nan if r[f"{definition}_mean_percent"] is None else r[f"{definition}_mean_percent"]
+                    for r in ordered], marker="o", color=color, label=definition)
+    for r in ordered:
+        ax.annotate(r["model"], (r["parameters"], r["numerical_mean_percent"] or 0), fontsize=7,
+                    textcoords="offset points", xytext=(4, 4))
+    ax.set_xscale("log")
+    ax.set_ylim(0, 105)
+    return _save_with_legend(fig, ax, path)
+
+
+def hypothesis_scatter(points: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
+                       title: str, path: Path) -> Path:
+    """One colour per run: each point a logged step (H2: changed fraction vs reward; H3: advantage vs sparsity)."""
+    fig, ax = _axes(title, xlabel, ylabel)
+    for label, (xs, ys) in points.items():
+        ax.scatter(xs, ys, s=10, alpha=0.7, label=label)
+    return _save_with_legend(fig, ax, path)
+
+
+def _mean_by(rows: list[dict], key: tuple[str, ...], x: str, y: str) -> dict[tuple, tuple[list, list]]:
+    """Rows grouped by `key`, y averaged over the rows sharing an x (seeds), sorted by x."""
+    acc: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get(y) is None or r.get(x) is None:
+            continue
+        acc.setdefault(tuple(r[k] for k in key), {}).setdefault(r[x], []).append(r[y])
+    return {k: (sorted(v), [statistics.fmean(v[s]) for s in sorted(v)]) for k, v in acc.items()}
+
+
+def real_study_group_figures(curves: list[dict], layers: list[dict], out: Path) -> list[Path]:
+    """One group of the real-model study: the density curves (share changed at the bf16 view against the
+    update step, mean over seeds) and the per-block share changed against relative depth."""
+    made = []
+    fig, ax = _axes("Weights changed during training (bf16 view, mean over seeds)", "update step",
+                    "changed, exact rule (%)")
+    for (algo, lr, precision), (xs, ys) in sorted(_mean_by(curves, ("algo", "lr", "precision"), "step",
+                                                           "exact").items()):
+        ax.plot(xs, [100 * v for v in ys], label=f"{algo} lr {lr:g}" + (" (bf16)" if precision == "bf16" else ""),
+                linestyle=":" if precision == "bf16" else "-")
+    _integer_ticks(ax.xaxis)
+    made.append(_save_with_legend(fig, ax, out / "density_curves.png"))
+    fig, ax = _axes("Share changed per block (relative rule, usual lr, mean over seeds)", "relative depth",
+                    "changed (%)")
+    mixed = [r for r in layers if r.get("precision") != "bf16" and r.get("relative_depth") is not None]
+    usual = {a: max(r["lr"] for r in mixed if r["algo"] == a) for a in {r["algo"] for r in mixed}}
+    for (algo, lr), (xs, ys) in sorted(_mean_by(mixed, ("algo", "lr"), "relative_depth",
+                                                "changed_relative").items()):
+        if lr == usual[algo]:
+            ax.plot(xs, [100 * v for v in ys], marker="o", markersize=3, label=f"{algo} lr {lr:g}")
+    made.append(_save_with_legend(fig, ax, out / "layers_by_depth.png"))
+    return made
+
+
+def real_study_depth_profiles(profiles: dict[str, list[float]], path: Path) -> Path:
+    """GRPO's per-block share changed of each group on a common relative-depth axis, each profile divided
+    by its mean so models that change different amounts compare by shape."""
+    fig, ax = _axes("Where GRPO's changes sit, by relative depth", "relative depth (0 = first block)",
+                    "share changed / model mean")
+    for name, profile in sorted(profiles.items()):
+        if len(profile) < 2 or not sum(profile):
+            continue
+        mean = statistics.fmean(profile)
+        xs = [i / (len(profile) - 1) for i in range(len(profile))]
+        ax.plot(xs, [v / mean for v in profile], marker="o", markersize=3, label=name)
+    return _save_with_legend(fig, ax, path)

@@ -1,8 +1,11 @@
 """Train a GPT-2 from a small config on a text file while magnitude-pruning it on a schedule.
 
-nanoGPT's recipe (random windows of the token stream, AdamW) plus `pruning.py`'s schedule. The
-run folder holds metrics.jsonl, checkpoint-N/ (model.safetensors + trainer_state.pt, written
-atomically) and final/; `--resume` continues from the newest checkpoint with identical batches.
+nanoGPT's recipe (random windows of the token stream, AdamW) plus `pruning.py`'s schedule and its
+three phases: pruned weights may revive between prunings (the revival rate measures it), and the
+mask is held from the last pruning on (`hold_final`, default on), so the final model has the target
+sparsity; `hard_mask` holds it from the first pruning. The run folder holds metrics.jsonl,
+checkpoint-N/ (model.safetensors + trainer_state.pt, written atomically) and final/; `--resume`
+continues from the newest checkpoint with identical batches.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
 from .logger import MetricsLogger
 from .models import tokenizer_from
+from .outputs import check_output_dir
 from .pruning import (
     PruneSchedule,
     magnitude_prune_,
@@ -30,8 +34,9 @@ from .pruning import (
     revival_rate,
     slope,
     structure_metrics,
-    zeroed_grad_norm,
+    zeroed_grad_norms,
 )
+from .report import write_json
 
 DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -61,6 +66,7 @@ class PruneConfig:
     prune_applications: int = 10
     ramp: str = "linear"
     hard_mask: bool = False
+    hold_final: bool = True
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
@@ -118,6 +124,7 @@ class PruneTrainer:
                                       config.final_prune_ratio, config.prune_applications, config.ramp)
         self.schedule.validate()
         self.plan = self.schedule.plan() if config.target_sparsity > 0 else {}
+        check_output_dir(config.output_dir)
         torch.manual_seed(config.seed)
         model_config = GPT2Config(n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
                                   n_positions=config.block_size, vocab_size=len(self.tokenizer),
@@ -134,10 +141,34 @@ class PruneTrainer:
         elif (self.run_dir / "metrics.jsonl").exists():
             raise SubnetscopeError(f"{self.run_dir} holds a run already: pass --resume, or pick a new output_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(
-            {**asdict(config), "total_steps": self.total_steps, "batches_per_epoch": self.batches_per_epoch,
-             "prune_plan": {str(k): v for k, v in self.plan.items()}, "parameters": self.model.num_parameters()}, indent=1))
+        write_json(self.run_dir / "config.json",
+                   {**asdict(config), "total_steps": self.total_steps, "batches_per_epoch": self.batches_per_epoch,
+                    "prune_plan": {str(k): v for k, v in self.plan.items()}, "phases": self.phases(),
+                    "parameters": self.model.num_parameters()})
         self.logger = MetricsLogger(self.run_dir, config.wandb, asdict(config), resume_step=self.state["step"])
+
+    def _held_after(self) -> int | None:
+        """The pruning step after which the zeros are held: the first with hard_mask, the last (the
+        finalization phase follows) with hold_final; None when they never are."""
+        if not self.plan:
+            return None
+        if self.config.hard_mask:
+            return min(self.plan)
+        return max(self.plan) if self.config.hold_final else None
+
+    def mask_held(self, step: int) -> bool:
+        """Whether the pruned weights are put back to zero after this step's update."""
+        start = self._held_after()
+        return start is not None and step > start
+
+    def phases(self) -> dict[str, list[int] | None]:
+        """First and last step of each phase (None: the phase is empty), and the step the mask is held from."""
+        if not self.plan:
+            return {"warmup": [1, self.total_steps], "pruning": None, "finalization": None, "mask_held_from": None}
+        first, last, held = min(self.plan), max(self.plan), self._held_after()
+        return {"warmup": [1, first - 1] if first > 1 else None, "pruning": [first, last],
+                "finalization": [last + 1, self.total_steps] if last < self.total_steps else None,
+                "mask_held_from": held + 1 if held is not None and held < self.total_steps else None}
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return lm_loss(self.model, inputs, targets, self.device)
@@ -147,22 +178,25 @@ class PruneTrainer:
         return heldout_loss(self.model, self.val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, self.device,
                             seed=10_000_019)
 
-    def _log(self, step: int, train_loss: float, grad_norm_zeroed: float, interval_rate: float | None,
-             last: bool) -> None:
+    def _log(self, step: int, train_loss: float, grad_norms: tuple[float, dict[str, float]],
+             interval_rate: float | None, last: bool) -> None:
         """revival_rate: of the weights zeroed at the last application, the fraction non-zero now;
         interval_rate (at an application): that fraction just before re-pruning, over the whole interval."""
         cfg = self.config
+        total_norm, tensor_norms = grad_norms
         metrics: dict = {"train/loss": train_loss, "pruning/sparsity": self.state["level"],
-                         "pruning/grad_norm_zeroed": grad_norm_zeroed, "time/elapsed": self.state["elapsed"]}
+                         "pruning/mask_held": self.mask_held(step), "pruning/grad_norm_zeroed": total_norm,
+                         "time/elapsed": self.state["elapsed"]}
+        metrics.update({f"zero_grad_norm/{name}": norm for name, norm in tensor_norms.items()})
         metrics.update(structure_metrics(self.weights, with_rank=cfg.rank_metrics))
         metrics["weight_revival/revival_rate"] = revival_rate(self.weights, self.masks)
         if interval_rate is not None:
             metrics["weight_revival/interval_rate"] = interval_rate
         history = self.state["revival_history"]
-        metrics["weight_revival/running_mean"] = sum(history) / len(history) if history else None
+        metrics["trends/avg_revival_rate"] = sum(history) / len(history) if history else None
         self.state["sparsity_history"] = (self.state["sparsity_history"] + [[step, metrics["sparsity/overall"]]])[-SLOPE_WINDOW:]
         hist = self.state["sparsity_history"]
-        metrics["trend/sparsity_slope"] = slope([s for s, _ in hist], [v for _, v in hist])
+        metrics["trends/sparsity_slope"] = slope([s for s, _ in hist], [v for _, v in hist])
         if step % cfg.eval_every == 0 or last:
             metrics["val/loss"] = self.evaluate()
         self.logger.log(step, metrics)
@@ -179,10 +213,10 @@ class PruneTrainer:
             loss = self._loss(inputs, targets)
             loss.backward()
             logging_now = step % cfg.log_every == 0 or step == self.total_steps or step in self.plan
-            grad_norm_zeroed = zeroed_grad_norm(self.weights, self.masks) if logging_now else 0.0
+            grad_norms = zeroed_grad_norms(self.weights, self.masks) if logging_now else (0.0, {})
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            if cfg.hard_mask and self.masks:
+            if self.mask_held(step):
                 reapply_masks_(self.weights, self.masks)
             train_losses.append(loss.detach())  # kept on the device: one host sync per record, not per step
             interval_rate = None
@@ -196,7 +230,7 @@ class PruneTrainer:
             train_loss = float(torch.stack(train_losses).mean()) if logging_now else None
             self.state["elapsed"] += time.perf_counter() - t0
             if logging_now:
-                self._log(step, train_loss, grad_norm_zeroed, interval_rate, last=step == self.total_steps)
+                self._log(step, train_loss, grad_norms, interval_rate, last=step == self.total_steps)
                 bar.set_postfix(loss=f"{train_loss:.3f}", level=f"{self.state['level']:.2f}")
                 train_losses = []
             if step % cfg.save_every == 0 or step == self.total_steps:

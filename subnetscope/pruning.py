@@ -1,8 +1,11 @@
 """Gradual magnitude pruning during training, and what happens to the pruned weights afterwards.
 
-Weights are zeroed, not frozen behind a mask (unless `hard_mask`), so the optimizer may revive
-them; the revival rate measures how many of the zeroed weights came back. `torch.nn.utils.prune`
-is not used: it compounds repeated amounts and keeps a permanent mask, so nothing could revive.
+Three phases: warm-up (dense), gradual pruning (the level ramps to the target over
+`applications` prunings) and finalization at the target. Between prunings the weights are zeroed,
+not frozen, so the optimizer may revive them; the revival rate measures how many came back. From
+the last pruning on, the mask is held (the finalization phase keeps the target sparsity), and
+with `hard_mask` it is held from the first pruning. `torch.nn.utils.prune` is not used: it
+compounds repeated amounts and keeps a permanent mask, so nothing could revive.
 """
 from __future__ import annotations
 
@@ -67,6 +70,14 @@ class PruneSchedule:
         """step → sparsity level applied after that step's update."""
         return {step: self.level(i) for i, step in enumerate(self.application_steps(), start=1)}
 
+    def phase(self, step: int) -> str:
+        """warmup (before the first pruning), pruning (up to and including the last one, whose
+        step reaches the target) or finalization (after it: the target held fixed)."""
+        steps = self.application_steps()
+        if step < steps[0]:
+            return "warmup"
+        return "pruning" if step <= steps[-1] else "finalization"
+
 
 def prunable_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The weights of the linear layers (GPT-2's Conv1D included); embeddings, norms, biases and
@@ -112,11 +123,15 @@ def revival_rate(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor
 
 
 @torch.no_grad()
-def zeroed_grad_norm(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> float:
-    """‖∇‖ over the zeroed entries: the pull that would revive them."""
-    parts = [weights[n].grad.double().square().masked_fill(~m, 0).sum() for n, m in masks.items()
-             if weights[n].grad is not None]
-    return math.sqrt(float(torch.stack(parts).sum())) if parts else 0.0
+def zeroed_grad_norms(weights: dict[str, torch.Tensor],
+                      masks: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """‖∇‖ over the zeroed entries, in all and per tensor: the pull that would revive them."""
+    names = [n for n in masks if weights[n].grad is not None]
+    if not names:
+        return 0.0, {}
+    squares = torch.stack([weights[n].grad.double().square().masked_fill(~masks[n], 0).sum() for n in names])
+    per_tensor = dict(zip(names, squares.tolist()))  # one host sync for all tensors
+    return math.sqrt(sum(per_tensor.values())), {n: math.sqrt(v) for n, v in per_tensor.items()}
 
 
 def _dead_lines(matrix: torch.Tensor) -> torch.Tensor:
@@ -133,7 +148,8 @@ def dead_rows_cols(matrix: torch.Tensor) -> tuple[int, int]:
 
 @torch.no_grad()
 def structure_metrics(weights: dict[str, torch.Tensor], with_rank: bool = True) -> dict[str, float]:
-    """Overall and per-layer sparsity, dead rows/columns per layer and effective rank per matrix."""
+    """Overall, per-layer and per-matrix (`layer_sparsity/<tensor>`) sparsity, dead rows/columns
+    per layer and effective rank per matrix."""
     per_tensor = torch.stack([torch.cat([(w == 0).sum().reshape(1), _dead_lines(w)]) for w in weights.values()])
     zeros: dict[str, int] = {}
     sizes: dict[str, int] = {}
@@ -145,6 +161,7 @@ def structure_metrics(weights: dict[str, torch.Tensor], with_rank: bool = True) 
         zeros[layer] = zeros.get(layer, 0) + z
         sizes[layer] = sizes.get(layer, 0) + w.numel()
         dead[layer] = dead.get(layer, 0) + rows + cols
+        metrics[f"layer_sparsity/{name}"] = z / w.numel()
         if with_rank:
             metrics[f"effective_rank/{name}"] = effective_rank(w)
     metrics["sparsity/overall"] = sum(zeros.values()) / sum(sizes.values())

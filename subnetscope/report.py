@@ -11,7 +11,7 @@ from typing import Iterable
 from .changes import RULES
 from .checkpoint import atomic_write_file
 from .engine import OverlapResult, PairResult, SeriesResult, iter_block_table
-from .metrics import RANK_TOLERANCE_DOC
+from .metrics import RANK_DEFINITIONS, RANK_TOLERANCE_DOC
 
 
 def _clean(value):
@@ -59,8 +59,10 @@ def tensor_rows(pair: PairResult) -> list[dict]:
             "abs_delta_sum": t.abs_sum, "relative_norm": t.relative_norm,
             "nonfinite_base": t.nonfinite_base, "nonfinite_tuned": t.nonfinite_tuned,
             "rank": t.rank, "full_rank": t.full_rank,
-            "rank_percent": (100 * t.rank / t.full_rank) if t.rank is not None and t.full_rank else None,
-            "note": t.note,
+            "rank_percent": _percent(t.rank, t.full_rank),
+            "rank_energy99": t.rank_energy99, "rank_energy99_percent": _percent(t.rank_energy99, t.full_rank),
+            "rank_plan": t.rank_plan, "rank_plan_percent": _percent(t.rank_plan, t.full_rank),
+            "tower": t.tower, "note": t.note,
         })
         rows.append(row)
     return rows
@@ -74,14 +76,29 @@ def module_rows(pair: PairResult) -> list[dict]:
     ]
 
 
+def _percent(part: int | None, whole: int | None) -> float | None:
+    return 100 * part / whole if part is not None and whole else None
+
+
+RANK_FIELDS = {"numerical": "rank", "energy99": "rank_energy99", "plan": "rank_plan"}
+
+
 def rank_summary(pair: PairResult) -> dict | None:
+    """Mean, min and max update rank in % of full rank over the 2-D updates: the numerical rank at the top
+    level (as before), and each definition of RANK_DEFINITIONS under `definitions`."""
     ranked = [t for t in pair.tensors if t.rank is not None and t.full_rank]
     if not ranked:
         return None
-    pct = [100 * t.rank / t.full_rank for t in ranked]
+    definitions = {}
+    for label, attr in RANK_FIELDS.items():
+        pct = [100 * getattr(t, attr) / t.full_rank for t in ranked if getattr(t, attr) is not None]
+        definitions[label] = {"definition": RANK_DEFINITIONS[label], "mean_percent": sum(pct) / len(pct),
+                              "min_percent": min(pct), "max_percent": max(pct)} if pct else None
+    numerical = definitions["numerical"]
     return {
-        "matrices": len(ranked), "mean_percent": sum(pct) / len(pct),
-        "min_percent": min(pct), "max_percent": max(pct), "tolerance": RANK_TOLERANCE_DOC,
+        "matrices": len(ranked), "mean_percent": numerical["mean_percent"],
+        "min_percent": numerical["min_percent"], "max_percent": numerical["max_percent"],
+        "tolerance": RANK_TOLERANCE_DOC, "definitions": definitions,
     }
 
 
@@ -92,6 +109,7 @@ def pair_summary(pair: PairResult, k: int) -> dict:
         "changed": {r: pair.changed(r) for r in RULES},
         "fraction_changed": {r: pair.fraction(r) for r in RULES},
         "fraction_unchanged": {r: 1 - pair.fraction(r) for r in RULES},
+        "by_tower": pair.towers(),
         "nonfinite": {
             "base": sum(t.nonfinite_base for t in pair.tensors),
             "tuned": sum(t.nonfinite_tuned for t in pair.tensors),
@@ -159,6 +177,11 @@ def format_pair_table(pair: PairResult, rule: str, k: int) -> str:
     """A readable terminal table: global fractions, then per block and per module."""
     lines = [f"{pair.numel:,} weights compared ({len(pair.tensors)} tensors)"]
     lines.append("changed fraction   " + "   ".join(f"{r}: {pair.fraction(r):.4%}" for r in RULES))
+    towers = pair.towers()
+    if len(towers) > 1:  # a multimodal checkpoint: each tower on its own line, blocks and modules are text only
+        for name, t in towers.items():
+            lines.append(f"  {name + ' tower':<16} " + "   ".join(f"{r}: {t['fraction_changed'][r]:.4%}" for r in RULES)
+                         + f"   ({t['numel']:,} weights)")
     loc = pair.localization(k)[rule]["count"]
     lines.append(f"localization ({rule}, counts across {len(pair.blocks())} blocks): "
                  + "  ".join(f"{key}={_fmt(v)}" for key, v in loc.items()))

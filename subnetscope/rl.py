@@ -14,6 +14,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .aspg import (
+    ASPG,
+    ASPG_SPARSITY,
+    ASPG_WARMUP,
+    PLAN_UPDATE_FRACTION,
+    PLAN_WARMUP,
+    PlanASPG,
+    TopKHookState,
+    hook_report,
+    register_topk_hook,
+)
 from .changes import RULES, ChangeRules
 from .confine import ConfinedUpdates, compare_with_full_run, trainable_weights
 from .data import EVAL_PROMPTS, chat_prompts, load_prompts
@@ -36,6 +47,7 @@ from .runstate import (
     check_run_folder,
     clean_stale_temps,
     describe_changes,
+    drop_old_steps,
     final_is_written,
     init_run_dir,
     keeps_masters,
@@ -53,7 +65,7 @@ from .tracker import UpdateTracker
 
 EVAL_SEED_STEP = 1_000_000_007
 MASTER_PREFIX = "master::"  # tracker.safetensors keys of the master-weight tracker
-OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg")
+OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg", "aspg_plan")
 
 
 @dataclass
@@ -84,6 +96,9 @@ class RunConfig:
     device: str = "auto"
     gradient_checkpointing: bool = False
     save_every: int = 10
+    # keep only the newest N step checkpoints, deleting older ones once a newer one is written (TRL's
+    # name and meaning); None keeps all. The tracker's metrics.jsonl keeps the whole density curve either way
+    save_total_limit: int | None = None
     output_dir: str = "checkpoints/run"
     resume: bool = False
     wandb: str | None = None
@@ -91,9 +106,24 @@ class RunConfig:
     atol: float = 1e-5
     eta: float = 1e-3
     topk: int = 3
-    aspg_sparsity: float = 0.9
-    aspg_warmup: int = 10
+    # --optimizer aspg (AdamW + error feedback): the share of entries NOT updated per step (None: 0.9);
+    # --optimizer aspg_plan (the research plan's plain top-k step): the share updated (None: 0.01); never both
+    aspg_sparsity: float | None = None
+    aspg_update_fraction: float | None = None
+    # dense steps before the sparse ones (None: 10 for aspg, 100 for aspg_plan)
+    aspg_warmup: int | None = None
     allow_changed_settings: bool = False
+
+    def __post_init__(self) -> None:
+        """The chosen ASPG variant's defaults filled in (runs recorded before aspg_plan existed hold
+        aspg_sparsity 0.9 and aspg_warmup 10 whatever their optimizer: so does every non-plan run)."""
+        plan = self.optimizer == "aspg_plan"
+        if self.aspg_warmup is None:
+            self.aspg_warmup = PLAN_WARMUP if plan else ASPG_WARMUP
+        if self.aspg_sparsity is None and not plan:
+            self.aspg_sparsity = ASPG_SPARSITY
+        if self.aspg_update_fraction is None and plan:
+            self.aspg_update_fraction = PLAN_UPDATE_FRACTION
 
     def require_counts(self, *flags: str) -> None:
         """Each named setting must be a count of at least 1."""
@@ -108,14 +138,34 @@ class RunConfig:
                 kind = "positive" if positive else "non-negative"
                 raise SubnetscopeError(f"--{flag} must be a {kind} number (got {value})")
 
+    def check_aspg(self) -> None:
+        """Each ASPG variant takes its own share (never the other's: one counts entries NOT updated, the
+        other entries updated), in range."""
+        plan = self.optimizer == "aspg_plan"
+        if plan and self.aspg_sparsity is not None:
+            raise SubnetscopeError("--aspg_sparsity (the share of entries NOT updated) is for --optimizer aspg and "
+                                   "does not combine with --optimizer aspg_plan or --aspg_update_fraction: aspg_plan "
+                                   "takes --aspg_update_fraction (the share updated)")
+        if not plan and self.aspg_update_fraction is not None:
+            raise SubnetscopeError("--aspg_update_fraction (the share of entries updated) is for --optimizer aspg_plan "
+                                   f"and does not combine with --optimizer {self.optimizer} or --aspg_sparsity (the "
+                                   "share NOT updated): pass --optimizer aspg_plan without --aspg_sparsity")
+        if plan and not 0.0 < self.aspg_update_fraction <= 1.0:
+            raise SubnetscopeError(f"--aspg_update_fraction must be in (0, 1] (got {self.aspg_update_fraction})")
+        if not plan and not 0.0 <= self.aspg_sparsity < 1.0:
+            raise SubnetscopeError(f"--aspg_sparsity must be in [0, 1) (got {self.aspg_sparsity})")
+        if self.aspg_warmup < 0:
+            raise SubnetscopeError(f"--aspg_warmup must be >= 0 (got {self.aspg_warmup})")
+
     def validate(self) -> None:
         self.require_counts("batch_size", "max_steps", "save_every", "max_prompt_tokens", "max_new_tokens", "topk")
+        if self.save_total_limit is not None:
+            self.require_counts("save_total_limit")
         self.require_numbers("lr", "temperature", positive=True)
         ChangeRules(self.atol, self.eta)
         if self.optimizer not in OPTIMIZERS:
             raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
-        if not 0.0 <= self.aspg_sparsity < 1.0 or self.aspg_warmup < 0:
-            raise SubnetscopeError("--aspg_sparsity must be in [0, 1) and --aspg_warmup >= 0")
+        self.check_aspg()
         if self.precision not in PRECISIONS:
             raise SubnetscopeError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
         if self.view_dtype is not None and self.view_dtype not in VIEW_DTYPES:
@@ -137,11 +187,19 @@ class RLConfig(RunConfig):
     train_unmasked: bool = False
     log_localization: bool = True
     no_tqdm: bool = False
+    # several processes (torchrun / accelerate launch): each sends only this share of its gradient entries
+    # per DDP bucket (top-k by |grad + residual|, error feedback per bucket); None: DDP's dense all-reduce
+    ddp_topk_density: float | None = None
 
     def validate(self) -> None:
         super().validate()
         self.require_counts("eval_every")
         self.require_numbers("weight_decay", "max_grad_norm")
+        if self.optimizer == "aspg_plan" and self.weight_decay:
+            raise SubnetscopeError("--optimizer aspg_plan is the research plan's plain top-k step, without weight "
+                                   "decay: leave --weight_decay out, or use --optimizer aspg (AdamW's decoupled decay)")
+        if self.ddp_topk_density is not None and not 0.0 < self.ddp_topk_density <= 1.0:
+            raise SubnetscopeError(f"--ddp_topk_density must be in (0, 1] (got {self.ddp_topk_density})")
         if self.update_mask and not Path(self.update_mask).is_file():
             raise SubnetscopeError(f"--update_mask {self.update_mask} does not exist: pass a mask file written by "
                                    "compute_masks.py")
@@ -226,12 +284,13 @@ def shown_precision(used: dict[str, str]) -> str:
     return f"{used['precision_used']} precision (judged at {used['view_dtype_used']})"
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float, aspg_sparsity: float = 0.9,
-                    aspg_warmup: int = 10) -> torch.optim.Optimizer:
+def build_optimizer(params, config: RLConfig) -> torch.optim.Optimizer:
+    """The run's --optimizer over `params`, with its settings."""
+    name, lr, weight_decay = config.optimizer, config.lr, config.weight_decay
     if name == "aspg":
-        from .aspg import ASPG
-
-        return ASPG(params, lr=lr, weight_decay=weight_decay, sparsity=aspg_sparsity, warmup=aspg_warmup)
+        return ASPG(params, lr=lr, weight_decay=weight_decay, sparsity=config.aspg_sparsity, warmup=config.aspg_warmup)
+    if name == "aspg_plan":
+        return PlanASPG(params, lr=lr, update_fraction=config.aspg_update_fraction, warmup=config.aspg_warmup)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -263,6 +322,7 @@ class RLTrainer:
         self.start = check_run_start(config, self.name)
         self.accelerator = Accelerator(cpu=config.device == "cpu")
         self.check_split(self.accelerator.num_processes)
+        self._check_comm_hook()
         set_seed(config.seed)
         self.device = str(self.accelerator.device)
         self.run_dir = Path(config.output_dir)
@@ -293,8 +353,8 @@ class RLTrainer:
                                                    config.train_unmasked)
         self.extra_modules = self.build_extra_modules()
         trainable = list(self.policy.parameters()) + [p for m in self.extra_modules.values() for p in m.parameters()]
-        self.optimizer = build_optimizer(config.optimizer, trainable, config.lr, config.weight_decay,
-                                         config.aspg_sparsity, config.aspg_warmup)
+        self.optimizer = build_optimizer(trainable, config)
+        self.sparse_optimizer = self.optimizer if isinstance(self.optimizer, (ASPG, PlanASPG)) else None
         self._prepare_run_dir()
         rules = ChangeRules(config.atol, config.eta)
         view = self.precision.view if self.precision.rounds else None
@@ -321,6 +381,7 @@ class RLTrainer:
         for name, module in self.extra_modules.items():
             self.extra_modules[name] = self.accelerator.prepare(module.to(self.device))
         self.model, self.optimizer = self.accelerator.prepare(self.policy, self.optimizer)
+        self.comm_hooks = self._register_comm_hooks()
         self.logger = MetricsLogger(self.run_dir, config.wandb, self._settings(), self.start_step,
                                     enabled=self.accelerator.is_main_process)
 
@@ -329,6 +390,31 @@ class RLTrainer:
         if self.config.batch_size % world:
             raise SubnetscopeError(f"--batch_size {self.config.batch_size} does not split over {world} processes: "
                                    f"use a multiple of {world}")
+
+    def _check_comm_hook(self) -> None:
+        """--ddp_topk_density needs DDP over several processes; checked before anything is loaded or written."""
+        kind, world = self.accelerator.distributed_type, self.accelerator.num_processes
+        if self.config.ddp_topk_density is not None and (world < 2 or not kind.value.startswith("MULTI_")):
+            raise SubnetscopeError(f"--ddp_topk_density compresses DDP's gradient all-reduce between processes; this "
+                                   f"run has {world} process(es) ({kind.value}): launch several with torchrun "
+                                   "--nproc_per_node N or accelerate launch (DDP, not FSDP or DeepSpeed), or leave "
+                                   "it out")
+
+    def _register_comm_hooks(self) -> list[TopKHookState]:
+        """--ddp_topk_density: the top-k hook on every DDP-wrapped module (the policy; PPO's value head)."""
+        if self.config.ddp_topk_density is None:
+            return []
+        wrapped = (self.model, *self.extra_modules.values())
+        return [register_topk_hook(m, self.config.ddp_topk_density) for m in wrapped
+                if isinstance(m, torch.nn.parallel.DistributedDataParallel)]
+
+    def _optimizer_metrics(self) -> dict[str, float]:
+        """ASPG's share of entries updated, state bytes and FLOPs saved; the top-k hook's bytes beside the
+        dense all-reduce's (this process's, over the step)."""
+        out = self.sparse_optimizer.report() if self.sparse_optimizer is not None else {}
+        if self.comm_hooks:
+            out.update(hook_report(self.comm_hooks))
+        return out
 
     def _load_update_mask(self) -> MaskSet | None:
         """--update_mask: read and checked against the model before the run folder is written."""
@@ -598,6 +684,8 @@ class RLTrainer:
             masters = self.params if self.master_tracker is not None else None
             save_step(self.run_dir, step, published, self.tracker.exact_masks(), self.optimizer, self._tracker_state(),
                       self.config.full_checkpoints, extra=extra, extra_tensors=tensors, masters=masters)
+            if self.config.save_total_limit:
+                drop_old_steps(self.run_dir, self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
@@ -641,6 +729,7 @@ class RLTrainer:
                    total=cfg.max_steps, desc=self.name, disable=cfg.no_tqdm or not self.accelerator.is_main_process)
         for step in bar:
             metrics = self.train_step(step)
+            metrics.update(self._optimizer_metrics())
             self._check_finite(step)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 metrics.update(self.evaluate())

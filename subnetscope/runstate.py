@@ -57,7 +57,7 @@ HEADER_BYTES = 1 << 16  # safetensors headers, torch.save's zip records, JSON: a
 # `.name.PID.tmp` files, and outputs.check_output_dir's probe.
 STALE_TEMP = re.compile(r"^\.(?:(?:step_\d+|checkpoint-\d+|base|final)\..+|.+\.\d+\.tmp|subnetscope-write-check\..+)$")
 # Settings that steer a run without changing what it measures: they may differ on --resume.
-RUN_CONTROL = frozenset({"max_steps", "save_every", "eval_every", "no_tqdm", "wandb", "resume", "device",
+RUN_CONTROL = frozenset({"max_steps", "save_every", "save_total_limit", "eval_every", "no_tqdm", "wandb", "resume", "device",
                          "ref_device", "reward_device", "output_dir", "allow_changed_settings", "full_checkpoints",
                          "gradient_checkpointing", "log_localization"})
 SCRIPTS = {"GRPO": "main_grpo.py", "PPO": "main_ppo.py", "SFT": "main_sft.py --task sft",
@@ -153,21 +153,26 @@ def tensor_bytes(tensors) -> int:
 
 
 def rng_state() -> dict:
+    """torch's, Python's and numpy's random states (numpy's whole: key, position and cached Gaussian, in
+    JSON, which `torch.load(weights_only=True)` reads back), and CUDA's where there is a GPU."""
+    name, key, position, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": json.dumps(random.getstate()),
-             "numpy": json.dumps(np.random.get_state()[1].tolist())}
+             "numpy": json.dumps(key.tolist()),
+             "numpy_state": json.dumps([name, position, has_gauss, gauss])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore `rng_state()`'s states; a checkpoint written before numpy's position was kept restores
+    only its key (the position of a fresh seed, as it always did)."""
     torch.set_rng_state(state["torch"])
     version, internal, gauss = json.loads(state["python"])
     random.setstate((version, tuple(internal), gauss))
-    np.random.seed(0)
-    np_state = list(np.random.get_state())
-    np_state[1] = np.array(json.loads(state["numpy"]), dtype=np.uint32)
-    np.random.set_state(tuple(np_state))
+    key = np.array(json.loads(state["numpy"]), dtype=np.uint32)
+    name, position, has_gauss, cached = json.loads(state.get("numpy_state", '["MT19937", 624, 0, 0.0]'))
+    np.random.set_state((name, key, position, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -369,6 +374,19 @@ def resume_point(run_dir: Path, weights: tuple[str, ...] = WEIGHT_FILES,
             return ResumePoint(ckpt.path, skipped[::-1])
         skipped.append(ckpt.path)
     return ResumePoint(None, skipped[::-1])
+
+
+def drop_old_steps(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` step folders (TRL's save_total_limit); returns what went. A folder
+    is removed by renaming it out of the step_N pattern first, so a kill mid-delete leaves no half step."""
+    from .checkpoint import find_step_checkpoints
+
+    old = [c.path for c in find_step_checkpoints(str(run_dir))][:-keep]
+    for folder in old:
+        doomed = folder.with_name(f".{folder.name}.deleting")  # STALE_TEMP: a resume clears it
+        folder.rename(doomed)
+        shutil.rmtree(doomed)
+    return old
 
 
 def latest_step(run_dir: Path) -> Path | None:

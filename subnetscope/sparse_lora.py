@@ -1,8 +1,9 @@
-"""Sparse LoRA on PEFT: y = (W⊙M)x + (B@A)x, merged as W' = (W + B@A)⊙M.
+"""Sparse LoRA on PEFT: y = (W⊙M)x + (α/r)(B@A)x, merged as W' = (W + (α/r)·B@A)⊙M.
 
-Two modes. sparse_to_dense: the adapters are dense while training and the mask is applied again
-at the merge. sparse_to_sparse: the adapter's delta is masked in the forward too, y = (W⊙M)x +
-((B@A)⊙M)x, so the merged model is exactly sparse at every step and equals the forward. Both use
+α/r is PEFT's LoRA scaling (lora_alpha / rank, `alpha` and `rank` of add_sparse_lora). Two modes.
+sparse_to_dense: the adapters are dense while training and the mask is applied again at the merge.
+sparse_to_sparse: the adapter's delta is masked in the forward too, y = (W⊙M)x + ((α/r)·(B@A)⊙M)x,
+so the merged model is exactly sparse at every step and equals the forward. Both use
 PEFT's own LoRA layers and `merge_and_unload`; only the forward of masked layers is replaced
 (sparse_to_sparse) and the merged weights re-masked.
 """

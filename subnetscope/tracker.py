@@ -3,8 +3,8 @@
 Parameters of one dtype and device form a group. Each step the group's parameters are gathered
 into one flat buffer (each tensor padded to a multiple of CHUNK), and a single function, fused
 by torch.compile on a GPU, compares it with θ0 and with the previous step under the three rules,
-updates the step at which each weight first changed, and returns counts per CHUNK; per-tensor
-counts are sums over each tensor's chunks. One host sync per step.
+updates the step at which each weight first changed, and returns counts and Σ|Δ|, Σ|Δ|², max |Δ|
+(vs θ0) per CHUNK; per-tensor values are sums (maxima) over each tensor's chunks. One host sync per step.
 
 State per parameter: the previous step's weights and the step at which each weight first changed
 (int16, or int32 past 32767 steps; -1 = never), from which the "ever changed" mask follows. θ0 is
@@ -17,9 +17,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .changes import RULES, ChangeRules, as_bits, changed_masks
+from .changes import (
+    RULES,
+    ChangeRules,
+    apply_rules,
+    as_bits,
+    bits_differ,
+    changed_masks,
+    compute_dtype,
+    negate,
+)
 from .metrics import block_localization
-from .naming import block_index, module_type
+from .naming import block_index, module_type, tower
 
 CHUNK = 4096
 
@@ -34,23 +43,35 @@ class StepCounts:
     vs_initial: dict[str, list[int]]
     vs_previous: dict[str, list[int]]
     ever_changed: list[int] = field(default_factory=list)
+    # |Δ| vs θ0 over the entries where it is finite (as the analysis's abs_delta_* columns): per parameter
+    abs_sum: list[float] = field(default_factory=list)
+    abs_sq_sum: list[float] = field(default_factory=list)
+    abs_max: list[float] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)  # entries whose |Δ| is NaN or inf (left out of the above)
 
     def total(self, which: str, rule: str) -> int:
         return sum(getattr(self, which)[rule])
 
 
 def track_flat(initial: torch.Tensor, previous: torch.Tensor, current: torch.Tensor, first_changed: torch.Tensor,
-               step: torch.Tensor, atol: float, eta: float) -> torch.Tensor:
-    """One group's step on flat buffers: per-CHUNK counts (7, n/CHUNK) of the 3 rules vs θ0, the 3
-    vs the previous step and "ever changed"; in place, first_changed and previous are updated."""
+               step: torch.Tensor, atol: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's step on flat buffers: per-CHUNK counts (8, n/CHUNK) of the 3 rules vs θ0, the 3
+    vs the previous step, "ever changed" and the changed entries whose |Δ| vs θ0 is NaN or inf; and
+    per-CHUNK Σ|Δ|, Σ|Δ|² and max |Δ| vs θ0 over the finite |Δ| (3, n/CHUNK, in the compute dtype).
+    In place, first_changed and previous are updated."""
     rules = ChangeRules(atol, eta)
-    vs_init = changed_masks(initial, current, rules)
+    calc = compute_dtype(initial.dtype)
+    # changes.changed_masks, keeping the |Δ| it computes anyway: the statistics cost no second difference
+    vs_init, absd = apply_rules(bits_differ(initial, current), initial.to(calc), current.to(calc), rules)
     vs_prev = changed_masks(previous, current, rules)
     first = torch.where(vs_init["exact"] & (first_changed < 0), step, first_changed)
     first_changed.copy_(first)
     as_bits(previous).copy_(as_bits(current))  # bit for bit: a NaN's payload is a stored change too
-    masks = [vs_init[r] for r in RULES] + [vs_prev[r] for r in RULES] + [first >= 0]
-    return torch.stack([m.view(-1, CHUNK).sum(dim=1, dtype=torch.int32) for m in masks])
+    finite = torch.isfinite(absd)
+    masks = [vs_init[r] for r in RULES] + [vs_prev[r] for r in RULES] + [first >= 0, vs_init["exact"] & negate(finite)]
+    counts = torch.stack([m.view(-1, CHUNK).sum(dim=1, dtype=torch.int32) for m in masks])
+    absd = torch.where(finite, absd, torch.zeros((), dtype=calc, device=absd.device)).view(-1, CHUNK)
+    return counts, torch.stack([absd.sum(dim=1), absd.square().sum(dim=1), absd.amax(dim=1)])
 
 
 def copy_bits(dest: list[torch.Tensor], src: list[torch.Tensor]) -> None:
@@ -92,21 +113,31 @@ class _FlatGroup:
         copy_bits([self.view(self.previous, i) for i in range(len(names))], [p.detach() for p in self.params])
         self.first_changed = torch.full((total,), -1, dtype=step_dtype, device=device)
         self.chunk_bounds = torch.tensor([o // CHUNK for o in self.offsets] + [total // CHUNK], device=device)
+        # the parameter each chunk belongs to (chunks never straddle two): for per-parameter maxima
+        self.chunk_owner = torch.repeat_interleave(torch.arange(len(names), device=device),
+                                                   self.chunk_bounds[1:] - self.chunk_bounds[:-1])
         self._step_fn = torch.compile(track_flat, dynamic=False) if compile else track_flat
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         return flat[self.offsets[i]:self.offsets[i] + self.params[i].numel()].view(self.params[i].shape)
 
     def update(self, step: int, atol: float, eta: float) -> torch.Tensor:
-        """Per-tensor counts, shape (len(names), 7), still on the device."""
+        """Per tensor, still on the device, float64 (len(names), 11): the 8 counts of `track_flat`, then
+        Σ|Δ|, Σ|Δ|² and max |Δ| vs θ0 (counts stay exact in float64: one tensor, one host sync)."""
         if self.rounds:  # round to nearest even, as .to(dtype) and a published checkpoint do
             torch._foreach_copy_(self._current_views, [p.detach() for p in self.params])
         else:
             torch._foreach_copy_(self._current_views, [as_bits(p.detach()) for p in self.params])
         step_t = torch.tensor(step, dtype=self.first_changed.dtype, device=self.current.device)
-        partial = self._step_fn(self.initial, self.previous, self.current, self.first_changed, step_t, atol, eta)
-        cumulative = torch.nn.functional.pad(partial.long().cumsum(dim=1), (1, 0))
-        return (cumulative[:, self.chunk_bounds[1:]] - cumulative[:, self.chunk_bounds[:-1]]).T
+        counts, floats = self._step_fn(self.initial, self.previous, self.current, self.first_changed, step_t,
+                                       atol, eta)
+        lo, hi = self.chunk_bounds[:-1], self.chunk_bounds[1:]
+        cumulative = torch.nn.functional.pad(counts.long().cumsum(dim=1), (1, 0))
+        sums = torch.nn.functional.pad(floats[:2].double().cumsum(dim=1), (1, 0))
+        maxima = torch.zeros(len(self.names), dtype=torch.float64, device=floats.device)
+        maxima.scatter_reduce_(0, self.chunk_owner, floats[2].double(), "amax")
+        return torch.cat([(cumulative[:, hi] - cumulative[:, lo]).double(), sums[:, hi] - sums[:, lo],
+                          maxima.unsqueeze(0)]).T
 
 
 class UpdateTracker:
@@ -142,18 +173,21 @@ class UpdateTracker:
         self.names = [n for g in self.groups for n in g.names]
         self.blocks = {n: block_index(n) for n in params}
         self.modules = {n: module_type(n) for n in params}
+        self.towers = {n: tower(n) for n in params}
         self.history: list[StepCounts] = []
 
     @torch.no_grad()
     def update(self, step: int) -> StepCounts:
         """Call right after optimizer.step(); `step` is the number of optimizer steps taken so far."""
         per_group = [g.update(step, self.rules.atol, self.rules.eta) for g in self.groups]
-        counts = torch.cat([c.to(per_group[0].device) for c in per_group]).cpu().tolist() if per_group else []
+        rows = torch.cat([c.to(per_group[0].device) for c in per_group]).cpu().tolist() if per_group else []
+        counts = [[int(v) for v in row[:8]] for row in rows]
         record = StepCounts(
             step=step, names=self.names, numel=[self.params[n].numel() for n in self.names],
             vs_initial={r: [c[i] for c in counts] for i, r in enumerate(RULES)},
             vs_previous={r: [c[3 + i] for c in counts] for i, r in enumerate(RULES)},
-            ever_changed=[c[6] for c in counts],
+            ever_changed=[c[6] for c in counts], nonfinite=[c[7] for c in counts],
+            abs_sum=[row[8] for row in rows], abs_sq_sum=[row[9] for row in rows], abs_max=[row[10] for row in rows],
         )
         self.history.append(record)
         return record
@@ -168,7 +202,7 @@ class UpdateTracker:
         return {n: changed_masks(self.initial[n], self.published(n), self.rules)["exact"] for n in self.params}
 
     def metrics(self, record: StepCounts) -> dict[str, float]:
-        """Global sparsity, per-block localization and per-module fractions for logging."""
+        """Global sparsity, per-block localization, per-module fractions and per-layer |Δ| for logging."""
         total = sum(record.numel)
         out: dict[str, float] = {}
         for rule in RULES:
@@ -199,6 +233,49 @@ class UpdateTracker:
             slot[1] += n
         for module, (c, n) in per_module.items():
             out[f"module/{module}/relative"] = c / n
+        out.update(self.tower_metrics(record))
+        out.update(self.abs_delta_metrics(record))
+        return out
+
+    def tower_metrics(self, record: StepCounts) -> dict[str, float]:
+        """For a multimodal model, the changed fraction of each tower (`tower/text/changed/<rule>`, vision,
+        audio): the global `changed/<rule>` counts the towers' weights too. Nothing for a text-only model."""
+        if len(set(self.towers.values())) < 2:
+            return {}
+        out = {}
+        for rule in RULES:
+            totals: dict[str, list[int]] = {}
+            for name, n, c in zip(record.names, record.numel, record.vs_initial[rule]):
+                slot = totals.setdefault(self.towers[name], [0, 0])
+                slot[0] += c
+                slot[1] += n
+            out.update({f"tower/{t}/changed/{rule}": c / n if n else 0.0 for t, (c, n) in totals.items()})
+        return out
+
+    def abs_delta_metrics(self, record: StepCounts) -> dict[str, float]:
+        """max / mean / std of |Δ| vs θ0 per layer (`abs_delta/layer_<i>/...`; `outside`: embeddings, final norm,
+        heads, ...) and over all weights (`abs_delta/all/...`), over the finite |Δ| as the analysis computes them."""
+        if not record.abs_sum:  # a record made elsewhere without the statistics
+            return {}
+        slots: dict[str, list[float]] = {}
+        order = sorted(self.blocks.values(), key=lambda b: (b is None, b or 0))
+        for b in order:
+            slots.setdefault("outside" if b is None else f"layer_{b}", [0.0, 0.0, 0.0, 0])
+        slots["all"] = [0.0, 0.0, 0.0, 0]
+        for i, name in enumerate(record.names):
+            b = self.blocks[name]
+            for key in ("outside" if b is None else f"layer_{b}", "all"):
+                slot = slots[key]  # Σ|Δ|, Σ|Δ|², max |Δ|, finite entries
+                slot[0] += record.abs_sum[i]
+                slot[1] += record.abs_sq_sum[i]
+                slot[2] = max(slot[2], record.abs_max[i])
+                slot[3] += record.numel[i] - record.nonfinite[i]
+        out = {}
+        for key, (total, squares, largest, n) in slots.items():
+            mean = total / n if n else 0.0
+            out[f"abs_delta/{key}/max"] = largest
+            out[f"abs_delta/{key}/mean"] = mean
+            out[f"abs_delta/{key}/std"] = max(squares / n - mean * mean, 0.0) ** 0.5 if n else 0.0
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

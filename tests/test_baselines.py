@@ -90,6 +90,10 @@ def test_fp32_tracker_counts_equal_the_trainers_checkpoints_and_resume(tmp_path,
     assert (settings["precision_used"], settings["view_dtype_used"]) == ("fp32", "float32")
 
 
+def _untimed(jsonl: str) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")} for line in jsonl.splitlines()]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["sft", "dpo"])
 def test_mixed_judges_fp32_weights_at_bf16_and_resumes_bit_identically(tmp_path, task, recording):
@@ -119,7 +123,7 @@ def test_mixed_judges_fp32_weights_at_bf16_and_resumes_bit_identically(tmp_path,
     assert {name: (run / "checkpoint-4" / name).read_bytes() for name in full} == full
     again = load_file(str(run / "checkpoint-4" / "subnet.safetensors"))  # its metadata's order varies: by value
     assert again.keys() == compact.keys() and all(torch.equal(again[k], compact[k]) for k in compact)
-    assert (run / "subnet_metrics.jsonl").read_text() == metrics
+    assert _untimed((run / "subnet_metrics.jsonl").read_text()) == _untimed(metrics)  # time/ is wall-clock
 
 
 def test_bf16_warns_and_updates_bf16_weights_directly(tmp_path, recording, capsys):

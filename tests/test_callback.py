@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
+from transformers import DefaultFlowCallback, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler
 
 from subnetscope import callback as callback_module
 from subnetscope.callback import MASTER_BASE_FILE, TRACKER_FILE, SubnetTrackerCallback
@@ -218,3 +220,181 @@ def test_view_of_the_weights_own_dtype_changes_nothing(tmp_path):
         assert sorted(p.name for p in (out / "checkpoint-1").iterdir()) == [TRACKER_FILE]
         assert not any(k.startswith("changed_master/") for k in json.loads(
             (out / "subnet_metrics.jsonl").read_text().splitlines()[-1]))
+
+
+class Recorder(TrainerCallback):
+    """Stands for a report_to integration (W&B, TensorBoard): what its on_log receives."""
+
+    def __init__(self):
+        self.seen: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs))
+
+
+def test_subnet_metrics_reach_the_integrations_and_log_history(tmp_path):
+    """transformers puts the user's callbacks after the integrations and appends the log to log_history
+    before calling them: the callback moves itself first, and writes into the appended entry too."""
+    tok = word_tokenizer()
+    model = tiny_model("gpt2", seed=0, vocab_size=len(tok))
+    callback, recorder = SubnetTrackerCallback(), Recorder()
+    handler = CallbackHandler([DefaultFlowCallback, recorder, callback], model, tok, None, None)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True)
+    state, control = TrainerState(max_steps=2, is_world_process_zero=True), TrainerControl()
+    handler.on_train_begin(args, state, control)
+    assert handler.callbacks[0] is callback
+    for step in (1, 2):
+        with torch.no_grad():
+            model.transformer.wte.weight[step, :step] += 1.0
+        handler.on_optimizer_step(args, state, control)
+        state.global_step = step
+        logs = {"loss": 0.5}
+        state.log_history.append({**logs, "step": step})  # as Trainer.log does
+        handler.on_log(args, state, control, logs)
+        changed = step * (step + 1) // 2  # 1 weight at step 1, 2 more at step 2
+        assert recorder.seen[-1]["subnet/changed/exact"] == changed / sum(callback.history[-1].numel)
+        assert state.log_history[-1]["subnet/changed/exact"] == recorder.seen[-1]["subnet/changed/exact"]
+    handler.on_log(args, state, control, {"train_runtime": 1.0})  # the summary: no second copy of step 2
+    assert "subnet/changed/exact" not in recorder.seen[-1]
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_has_the_subnet_series(tmp_path, monkeypatch):
+    """TRL's SFTTrainer with report_to="wandb" (offline): the run's history holds subnet/changed/* at every
+    logged step, with the callback's values, and trainer.state.log_history holds them too."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tok = word_tokenizer()
+    tiny_model("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    data = datasets.Dataset.from_dict({"prompt": [f"Sample {i:02d}:" for i in range(8)],
+                                       "completion": [" a good one"] * 8})
+    callback = SubnetTrackerCallback()
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=3, logging_steps=1, per_device_train_batch_size=4,
+                     learning_rate=1e-3, report_to="wandb", use_cpu=True, save_strategy="no")
+    trainer = SFTTrainer(model=str(tmp_path / "tiny"), args=args, train_dataset=data, processing_class=tok,
+                         callbacks=[callback])
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    expected = {r.step: r.total("vs_initial", "exact") / sum(r.numel) for r in callback.history}
+    logged = {e["step"]: e["subnet/changed/exact"] for e in trainer.state.log_history if "subnet/changed/exact" in e}
+    assert logged == expected and len(expected) == 3
+    from subnetscope.wandb_runs import offline_runs
+
+    (run,) = offline_runs(tmp_path / "wandb")
+    rows = [r for r in run["records"] if "train/subnet/changed/exact" in r]
+    assert {r["train/global_step"]: r["train/subnet/changed/exact"] for r in rows} == pytest.approx(expected)
+
+
+def trained_run(tmp_path, seed: int = 0, steps: int = 1, **kw) -> tuple[Path, SubnetTrackerCallback, torch.nn.Module]:
+    """A TRL-layout run folder made by the callback's hooks: base/, checkpoint-N/ with the tracker's state."""
+    tok = word_tokenizer()
+    out = tmp_path / "run"
+    model = tiny_model("gpt2", seed=seed, vocab_size=len(tok))
+    callback = SubnetTrackerCallback(**kw)
+    callback.on_train_begin(*fake_run(out, max_steps=steps), None, model=model, processing_class=tok)
+    for step in range(steps):
+        with torch.no_grad():
+            model.transformer.h[0].mlp.c_fc.weight[step, :5] += 1.0
+        callback.on_optimizer_step(*fake_run(out, step=step), None)
+        (out / f"checkpoint-{step + 1}").mkdir()
+        model.save_pretrained(out / f"checkpoint-{step + 1}")
+        callback.on_save(*fake_run(out, step=step + 1), None)
+    return out, callback, model
+
+
+def test_fresh_start_beside_checkpoints_of_a_same_shaped_model_is_refused(tmp_path):
+    """Same names and shapes, other values (another seed): the fingerprint tells them apart (before: base/
+    silently rewritten beside the other run's checkpoints)."""
+    out, _, _ = trained_run(tmp_path, seed=1)
+    before = (out / "base" / "model.safetensors").read_bytes()
+    model = tiny_model("gpt2", seed=0, vocab_size=len(word_tokenizer()))
+    with pytest.raises(SubnetscopeError, match=r"holds checkpoint-1 of another model .*holds other values") as err:
+        SubnetTrackerCallback().on_train_begin(*fake_run(out), None, model=model)
+    assert "\n" not in str(err.value)
+    assert (out / "base" / "model.safetensors").read_bytes() == before
+
+
+def test_a_stale_base_kept_by_save_base_false_is_refused(tmp_path):
+    tok = word_tokenizer()
+    out = tmp_path / "run"
+    tiny_model("gpt2", seed=1, vocab_size=len(tok)).save_pretrained(out / "base")
+    model = tiny_model("gpt2", seed=0, vocab_size=len(tok))
+    with pytest.raises(SubnetscopeError, match=r"is not this model's θ0 .*save_base=False") as err:
+        SubnetTrackerCallback(save_base=False).on_train_begin(*fake_run(out), None, model=model)
+    assert "\n" not in str(err.value)
+    model.save_pretrained(out / "base")  # the right θ0: accepted
+    SubnetTrackerCallback(save_base=False).on_train_begin(*fake_run(out), None, model=model)
+
+
+def test_resume_against_a_replaced_base_is_refused(tmp_path):
+    """The tracker file records θ0's fingerprint: a base/ swapped for another model of the same shapes since
+    the checkpoint was saved is refused on resume (before: 99% "changed")."""
+    out, _, model = trained_run(tmp_path)
+    tiny_model("gpt2", seed=1, vocab_size=len(word_tokenizer())).save_pretrained(out / "base")
+    with pytest.raises(SubnetscopeError, match=r"was tracked against another θ0 .*holds other values") as err:
+        SubnetTrackerCallback().on_train_begin(*fake_run(out, step=1), None, model=model)
+    assert "\n" not in str(err.value)
+
+
+def test_offload_counts_the_same_on_cpu_copies(tmp_path):
+    """offload=True: the tracker works on its own CPU copies (none of its buffers is a model parameter), with
+    the same counts as the default."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, plain, _ = trained_run(tmp_path / "a", steps=2)
+    _, offloaded, model = trained_run(tmp_path / "b", steps=2, offload=True)
+    assert [r.vs_initial for r in offloaded.history] == [r.vs_initial for r in plain.history]
+    assert offloaded.history[-1].total("vs_initial", "exact") == 10
+    model_storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not model_storage & {t.untyped_storage().data_ptr() for t in offloaded.tracker.params.values()}
+    assert set(offloaded.overhead) == {"cpu"}
+    assert sum(offloaded.overhead.values()) > sum(plain.overhead.values())  # + the mirror
+
+
+def test_reference_model_shares_theta0(tmp_path):
+    """reference=: the frozen reference's parameters become views of the tracker's θ0 (one copy, not two), the
+    overhead drops by θ0's bytes, the counts stay; a reference that is not θ0 is refused."""
+    tok = word_tokenizer()
+    (tmp_path / "a").mkdir()
+    _, plain, _ = trained_run(tmp_path / "a")
+    model = tiny_model("gpt2", seed=0, vocab_size=len(tok))
+    reference = tiny_model("gpt2", seed=0, vocab_size=len(tok)).requires_grad_(False)
+    callback = SubnetTrackerCallback(reference=reference)
+    callback.on_train_begin(*fake_run(tmp_path / "run"), None, model=model, processing_class=tok)
+    initial = callback.tracker.groups[0].initial.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == initial for p in reference.parameters())
+    theta0 = callback.tracker.groups[0].initial.numel() * 4
+    assert sum(callback.overhead.values()) == sum(plain.overhead.values()) - theta0
+    other = tiny_model("gpt2", seed=1, vocab_size=len(tok))
+    with pytest.raises(SubnetscopeError, match="the reference model is not θ0"):
+        SubnetTrackerCallback(reference=other).on_train_begin(*fake_run(tmp_path / "run2"), None, model=model)
+
+
+def test_sharded_parameters_are_refused(tmp_path):
+    """FSDP / ZeRO-3 hand each process a shard (DeepSpeed marks them with ds_id): refused in one line."""
+    model = tiny_model("gpt2", seed=0, vocab_size=len(word_tokenizer()))
+    model.transformer.wte.weight.ds_id = 0
+    with pytest.raises(SubnetscopeError, match=r"sharded \(transformer\.wte\.weight: FSDP or DeepSpeed ZeRO-3\)"):
+        SubnetTrackerCallback().on_train_begin(*fake_run(tmp_path / "run"), None, model=model)
+    assert not (tmp_path / "run").exists()
+
+
+def test_compute_masks_reads_a_trl_run_folder(tmp_path):
+    """checkpoint-N/subnet_tracker.safetensors is read like step_N/tracker.safetensors (before: "no step
+    checkpoint with tracker state"); the mask is the tracker's ever-changed set, fingerprinted by base/."""
+    from subnetscope.cli import compute_masks
+    from subnetscope.masks import fingerprint_of, load_masks
+
+    out, callback, model = trained_run(tmp_path, steps=2)
+    assert compute_masks.main(["--from_run", str(out), "--output_dir", str(tmp_path / "masks"), "--no-plot"]) == 0
+    mask_set = load_masks(tmp_path / "masks" / "mask_ever_changed_step2.safetensors")
+    assert sum(int(m.sum()) for m in mask_set.masks.values()) == 10
+    assert torch.equal(mask_set.masks["transformer.h.0.mlp.c_fc.weight"][:2, :5], torch.ones(2, 5, dtype=torch.bool))
+    assert mask_set.fingerprint == fingerprint_of(model)

@@ -82,7 +82,7 @@ def test_localize_refuses_output_dir_before_reading_runs(request, tmp_path, caps
 @pytest.mark.parametrize("case", FOLDER_CASES)
 def test_compute_masks_refuses_output_dir_before_loading_the_model(request, tmp_path, capsys, monkeypatch, case):
     monkeypatch.setattr(compute_masks, "load_causal_lm", no_work)
-    monkeypatch.setattr(compute_masks, "ever_changed_masks", no_work)
+    monkeypatch.setattr(compute_masks, "read_ever_changed", no_work)
     out = bad_folder(request, tmp_path, case)
     refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--output_dir", out], "--output_dir")
     refused(capsys, compute_masks.main, ["--from_run", tmp_path, "--output_dir", out], "--output_dir")

@@ -1,12 +1,16 @@
 """compare_architectures.py: runs per model and seed, the localization study, seed-to-seed overlap."""
 import csv
+import dataclasses
 import json
 
 import pytest
 from transformers import AutoModelForCausalLM
 
 from subnetscope.cli import compare
+from subnetscope.cli import ppo as ppo_cli
 from subnetscope.cli.compare import main
+from subnetscope.cli.training import config_from_args
+from subnetscope.ppo import PPOConfig
 
 
 @pytest.mark.slow
@@ -22,7 +26,13 @@ def test_comparison_end_to_end(tmp_path, capsys):
     for r in rows:  # the overlap and its baseline come from the same two runs
         assert 0 <= float(r["o1"]) <= 1 and float(r["o1_random"]) == float(r["density_2"])
     assert (out / "tiny-gemma3n" / "shells.csv").exists() and (out / "localization_stats.csv").exists()
-    json.loads((out / "comparison.json").read_text())
+    comparison = json.loads((out / "comparison.json").read_text())
+    # the settings every run used, in the JSON and the CSV: main_grpo.py's defaults and the flags given
+    assert comparison["settings_from"] == "main_grpo.py" and comparison["settings"]["max_steps"] == 2
+    assert comparison["settings"]["lr"] == 1e-5 and comparison["settings"]["group_size"] == 4
+    assert "max_steps" in comparison["settings_given"] and "lr" not in comparison["settings_given"]
+    with open(out / "settings.csv") as fh:
+        assert {r["setting"]: r["value"] for r in csv.DictReader(fh)}["beta"] == "0.04"
     with open(out / "runs.csv") as fh:
         speed = {(r["model"], r["seed"]): r for r in csv.DictReader(fh)}
     assert len(speed) == 4
@@ -73,9 +83,13 @@ def test_precision_and_view_dtype_reach_every_run(tmp_path, monkeypatch, algo):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--precision", "half"], "--precision 'half'"),
-    (["--view_dtype", "bf16"], "--view_dtype 'bf16'"),
+    (["--precision", "half"], "--precision: invalid choice: 'half'"),
+    (["--view_dtype", "bf16"], "--view_dtype: invalid choice: 'bf16'"),
     (["--precision", "bf16", "--view_dtype", "float32"], "--view_dtype must be bfloat16"),
+    (["--policy", "gpt2"], "--policy does not apply"),
+    (["--seed", "3"], "--seed does not apply"),
+    (["--resume"], "--resume does not apply"),
+    (["--algo", "grpo", "--ppo_epochs", "2"], "unrecognized arguments: --ppo_epochs 2"),
 ])
 def test_bad_precision_flags_are_one_line_before_any_run(tmp_path, monkeypatch, capsys, flags, message):
     seen = fake_trainers(monkeypatch)
@@ -85,3 +99,37 @@ def test_bad_precision_flags_are_one_line_before_any_run(tmp_path, monkeypatch, 
     lines = [line for line in err.splitlines() if line.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
     assert "Traceback" not in err and seen == [] and list(tmp_path.iterdir()) == []
+
+
+def test_ppo_runs_get_main_ppo_defaults(tmp_path, monkeypatch, capsys):
+    """Not compare's own PPO settings (they were fixed KL 0.02, 2 epochs, lr 1e-3): main_ppo.py's."""
+    seen = fake_trainers(monkeypatch)
+    with pytest.raises(Started):
+        main(["--device", "cpu", "--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "cmp")])
+    assert len(seen) == 4
+    d = PPOConfig()
+    assert (d.lr, d.init_kl_coef, d.target_kl, d.ppo_epochs, d.mini_batch_size) == (1.41e-5, 0.2, 6.0, 4, 8)
+    main_ppo = config_from_args(PPOConfig, ppo_cli.build_parser().parse_args(["--device", "cpu"]))
+    for config in seen:
+        assert dataclasses.replace(config, policy=d.policy, seed=0, output_dir=d.output_dir, resume=False,
+                                   no_tqdm=False) == main_ppo
+    assert {(c.policy, c.seed) for c in seen} == {("tiny-gpt2", 0), ("tiny-gpt2", 1), ("tiny-gemma3n", 0),
+                                                  ("tiny-gemma3n", 1)}
+    out = capsys.readouterr().out
+    assert "main_ppo.py's defaults unless given: device" in out
+    assert "lr=1.41e-05" in out and "init_kl_coef=0.2" in out and "ppo_epochs=4" in out
+
+
+def test_flags_and_presets_override_the_defaults_and_are_recorded(tmp_path, monkeypatch):
+    seen = fake_trainers(monkeypatch)
+    with pytest.raises(Started):
+        main(["--short", "--lr", "1e-3", "--fixed_kl", "--ppo_epochs", "2", "--device", "cpu",
+              "--runs_dir", str(tmp_path / "runs"), "--output_dir", str(tmp_path / "cmp")])
+    assert {(c.lr, c.target_kl, c.ppo_epochs, c.max_steps, c.save_every, c.init_kl_coef) for c in seen} == {
+        (1e-3, None, 2, 10, 5, 0.2)}
+    with open(tmp_path / "cmp" / "settings.csv") as fh:
+        rows = {r["setting"]: r for r in csv.DictReader(fh)}
+    assert (rows["lr"]["value"], rows["lr"]["source"]) == ("0.001", "flag")
+    assert rows["target_kl"]["source"] == "flag" and rows["max_steps"]["source"] == "preset"
+    assert (rows["init_kl_coef"]["value"], rows["init_kl_coef"]["source"]) == ("0.2", "main_ppo.py default")
+    assert "policy" not in rows and "seed" not in rows  # set per run

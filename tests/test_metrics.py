@@ -7,10 +7,13 @@ import pytest
 import torch
 
 from subnetscope.metrics import (
+    UpdateRanks,
     block_localization,
+    energy_rank,
     gini,
     normalized_entropy,
     overlap,
+    relative_rank,
     shell_density,
     shell_edges,
     topk_share,
@@ -64,9 +67,25 @@ def test_update_rank_of_planted_low_rank_matrix():
     torch.manual_seed(0)
     for r in (1, 3, 7):
         delta = torch.randn(40, r) @ torch.randn(r, 30)
-        assert update_rank(delta) == (r, 30)
-    assert update_rank(torch.zeros(5, 4)) == (0, 4)
-    assert update_rank(torch.randn(6, 9)) == (6, 6)
+        ranks = update_rank(delta)
+        assert (ranks.numerical, ranks.full) == (r, 30)
+        assert ranks.plan <= r and ranks.energy99 <= r  # neither counts the rounding noise beyond rank r
+    assert update_rank(torch.zeros(5, 4)) == (0, 4, 0, 0)
+    assert update_rank(torch.randn(6, 9))[:2] == (6, 6)
+
+
+def test_three_rank_definitions_by_hand():
+    """σ = 10, 1, 0.05, 0.001 (an orthogonally rotated diagonal): numerically all 4 (tolerance 10·5·eps ≈ 6e-6);
+    the plan's σ > 0.01·σ₁ = 0.1 keeps 2; 99% energy: 100/101.0025 = 0.990 already, so 1."""
+    q1, _ = torch.linalg.qr(torch.randn(5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    sigma = torch.tensor([10.0, 1.0, 0.05, 0.001], dtype=torch.float64)
+    delta = (q1[:, :4] * sigma) @ q2.T
+    assert update_rank(delta) == UpdateRanks(numerical=4, full=4, energy99=1, plan=2)
+    flat = torch.ones(4, dtype=torch.float64)
+    assert energy_rank(flat) == 4 and relative_rank(flat) == 4  # cumulative energy 0.25, 0.5, 0.75, 1.0
+    assert energy_rank(torch.tensor([4.0, 3.0, 0.0])) == 2  # 16/25, then 25/25: the second reaches 99%
+    assert relative_rank(torch.tensor([1.0, 0.01, 0.0101])) == 2  # strictly above 0.01·σ₁
 
 
 def test_overlap_hand_values():

@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 
 from subnetscope.errors import SubnetscopeError
 from subnetscope.metrics import effective_rank
-from subnetscope.prune_trainer import PruneConfig
+from subnetscope.prune_trainer import PruneConfig, PruneTrainer
 from subnetscope.pruning import (
     PruneSchedule,
     dead_rows_cols,
     magnitude_prune_,
     revival_rate,
     slope,
+    structure_metrics,
+    zeroed_grad_norms,
 )
 
 from .conftest import SHAKESPEARE, TINY_GPT2_DIR, kill_when_exists
@@ -48,6 +50,27 @@ def test_schedule_rejects_bad_settings(args, message):
         PruneSchedule(*args).validate()
 
 
+def test_phases_of_the_schedule():
+    s = PruneSchedule(0.5, 100, 0.15, 0.85, 10)  # prunings at 22, 29, ..., 85
+    assert [s.phase(t) for t in (1, 21, 22, 50, 85, 86, 100)] == [
+        "warmup", "warmup", "pruning", "pruning", "pruning", "finalization", "finalization"]
+
+
+def test_per_matrix_sparsity_and_zeroed_gradient_norms_by_hand():
+    a = torch.tensor([[0.0, 1.0], [0.0, 2.0]], requires_grad=True)
+    b = torch.tensor([[3.0, 0.0, 4.0]], requires_grad=True)
+    a.grad, b.grad = torch.tensor([[3.0, 9.0], [4.0, 9.0]]), torch.tensor([[9.0, 2.0, 9.0]])
+    weights = {"h.0.attn.c_attn.weight": a, "h.1.mlp.c_fc.weight": b}
+    metrics = structure_metrics(weights, with_rank=False)
+    assert metrics["layer_sparsity/h.0.attn.c_attn.weight"] == 0.5
+    assert metrics["layer_sparsity/h.1.mlp.c_fc.weight"] == pytest.approx(1 / 3)
+    assert metrics["sparsity/overall"] == pytest.approx(3 / 7)
+    masks = {n: w == 0 for n, w in weights.items()}
+    total, per_tensor = zeroed_grad_norms(weights, masks)
+    assert per_tensor == {"h.0.attn.c_attn.weight": pytest.approx(5.0), "h.1.mlp.c_fc.weight": pytest.approx(2.0)}
+    assert total == pytest.approx(29 ** 0.5)
+
+
 def test_magnitude_prune_zeroes_exactly_the_smallest():
     w = torch.tensor([[0.5, -0.1, 0.3], [-0.7, 0.2, -0.05]])
     masks = magnitude_prune_({"w": w}, 0.5)
@@ -73,6 +96,88 @@ def short_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "short.txt"
     path.write_text(SHAKESPEARE.read_text()[:12000])
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "tiny.txt"
+    path.write_text(SHAKESPEARE.read_text()[:6000])
+    return path
+
+
+def tiny_trainer(text, out, **settings) -> PruneTrainer:
+    """A one-block GPT-2 on 6,000 characters (1,521 training tokens), one epoch of 23 steps."""
+    return PruneTrainer(PruneConfig(data=str(text), tokenizer=str(TOKENIZER), n_layer=1, n_head=2, n_embd=32,
+                                    block_size=16, batch_size=4, epochs=1, prune_applications=4, log_every=3,
+                                    eval_every=1000, eval_batches=1, save_every=1000, rank_metrics=False,
+                                    device="cpu", no_tqdm=True, output_dir=str(out), **settings))
+
+
+LINEAR = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def counted_sparsity(run) -> tuple[int, int]:
+    """Zeros and entries of the linear weights in final/model.safetensors, counted from the file."""
+    weights = load_file(str(run / "final" / "model.safetensors"))
+    linear = [w for n, w in weights.items() if n.endswith(LINEAR)]
+    assert len(linear) == 4  # one block: c_attn, attn c_proj, c_fc, mlp c_proj
+    return sum(int((w == 0).sum()) for w in linear), sum(w.numel() for w in linear)
+
+
+@pytest.fixture(scope="module")
+def half_run(tiny_text, tmp_path_factory):
+    """A tiny run pruned to 50% with the default settings: (trainer, its result, its folder)."""
+    out = tmp_path_factory.mktemp("half") / "run"
+    trainer = tiny_trainer(tiny_text, out, target_sparsity=0.5)
+    return trainer, trainer.train(), out
+
+
+def test_a_run_pruned_to_half_ends_at_half(half_run):
+    """The mask is held through the finalization phase, so the final model is 50% sparse (zeros
+    counted in the saved file), while revival is still measured between the prunings."""
+    trainer, result, run = half_run
+    plan = sorted(trainer.plan)
+    # window 0.15·23 = 3.45 … 0.85·23 = 19.55 in 4 intervals of 4.025: 7.475, 11.5, 15.525, 19.55
+    assert trainer.total_steps == 23 and plan == [7, 12, 16, 20]
+    assert trainer.phases() == {"warmup": [1, 6], "pruning": [7, 20], "finalization": [21, 23],
+                                "mask_held_from": 21}
+    assert json.loads((run / "config.json").read_text())["phases"]["mask_held_from"] == 21
+    zeros, total = counted_sparsity(run)
+    expected = sum(round(0.5 * w.numel()) for w in trainer.weights.values())  # round(level·n) smallest per matrix
+    assert zeros == expected and zeros / total == pytest.approx(0.5, abs=1e-3)
+    assert result["sparsity/overall"] == zeros / total
+    recs = records(run)
+    between = [r for r in recs if plan[0] < r["step"] < plan[-1] and r["step"] not in plan]
+    assert between and all(r["weight_revival/revival_rate"] > 0 and not r["pruning/mask_held"] for r in between)
+    final_phase = [r for r in recs if r["step"] > plan[-1]]
+    assert final_phase and all(r["weight_revival/revival_rate"] == 0.0 and r["pruning/mask_held"] for r in final_phase)
+
+
+@pytest.mark.slow
+def test_without_hold_final_the_pruned_weights_revive(tiny_text, tmp_path):
+    """--no-hold_final, the old default: AdamW revives the pruned weights and "50%" ends almost dense."""
+    trainer = tiny_trainer(tiny_text, tmp_path / "run", target_sparsity=0.5, hold_final=False)
+    assert trainer.phases()["mask_held_from"] is None
+    trainer.train()
+    zeros, total = counted_sparsity(tmp_path / "run")
+    assert zeros < 0.01 * total
+    assert records(tmp_path / "run")[-1]["weight_revival/revival_rate"] > 0.99
+
+
+def test_records_carry_the_readme_metric_names(half_run):
+    trainer, _, run = half_run
+    recs = records(run)
+    last = recs[-1]
+    names = list(trainer.weights)
+    assert {f"layer_sparsity/{n}" for n in names} <= set(last)
+    assert {f"zero_grad_norm/{n}" for n in names} <= set(last)
+    assert {"trends/avg_revival_rate", "trends/sparsity_slope"} <= set(last)
+    for n, w in trainer.weights.items():  # the final weights, counted again
+        assert last[f"layer_sparsity/{n}"] == pytest.approx(float((w == 0).float().mean()), abs=1e-12)
+    intervals = [r["weight_revival/interval_rate"] for r in recs if r.get("weight_revival/interval_rate") is not None]
+    assert len(intervals) == 3 and last["trends/avg_revival_rate"] == pytest.approx(sum(intervals) / len(intervals))
+    squares = sum(last[f"zero_grad_norm/{n}"] ** 2 for n in names)
+    assert last["pruning/grad_norm_zeroed"] == pytest.approx(squares ** 0.5) and squares > 0
 
 
 def prune_args(text, out, *extra):
@@ -126,9 +231,11 @@ def test_applied_sparsity_follows_the_schedule_exactly(short_text, tmp_path, har
                                 "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=ROOT)
         assert check.returncode == 0, check.stderr
         assert json.loads((tmp_path / "s.json").read_text())["overall_sparsity"] == pytest.approx(last["sparsity/overall"])
-    else:  # AdamW's momentum moves zeroed weights off zero at the next step
-        after = [r for r in records(run) if r["step"] > min(plan) and r["step"] not in plan]
+    else:  # AdamW's momentum moves zeroed weights off zero at the next step; after the last pruning the mask holds
+        after = [r for r in records(run) if min(plan) < r["step"] < max(plan) and r["step"] not in plan]
         assert after and all(0.0 < r["weight_revival/revival_rate"] <= 1.0 for r in after)
+        assert last["weight_revival/revival_rate"] == 0.0
+        assert last["sparsity/overall"] == pytest.approx(sum(round(0.6 * n) for n in sizes) / sum(sizes), abs=1e-12)
 
 
 @pytest.mark.slow

@@ -217,6 +217,24 @@ def test_analyze_results_groups_over_seeds(tmp_path):
         assert (tmp_path / "out" / png).stat().st_size > 1000
 
 
+def test_sparse_ft_summary_row_reads_wall_time_memory_and_task_score(tmp_path):
+    from subnetscope.cli import results
+
+    fake_run(tmp_path / "new", "gpt2", "masked", 0.5, 0, 2.0, 100)
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    summary.update(wall_seconds=12.5, peak_gpu_memory_gb=None, peak_cpu_rss_gb=1.25, task_metric="accuracy",
+                   task_score=0.75)
+    (tmp_path / "new" / "summary.json").write_text(json.dumps(summary))
+    fake_run(tmp_path / "old", "gpt2", "masked", 0.5, 1, 2.0, 100)  # summary.json from before wall_seconds
+    with open(tmp_path / "old" / "metrics.jsonl", "a") as fh:
+        fh.write("\n" + json.dumps({"step": 12, "time/elapsed": 7.0}) + "\n")
+    rows = {r["run"]: r for r in results.summary_rows(results.folder_runs(str(tmp_path)))}
+    assert rows["new"]["wall_seconds"] == 12.5 and rows["old"]["wall_seconds"] == 7.0
+    assert rows["new"]["peak_cpu_rss_gb"] == 1.25 and rows["new"]["peak_gpu_memory_gb"] is None
+    assert (rows["new"]["task_metric"], rows["new"]["task_score"]) == ("accuracy", 0.75)
+    assert rows["old"]["task_metric"] is None and rows["old"]["peak_cpu_rss_gb"] is None
+
+
 def test_task_records_become_training_texts():
     from subnetscope.data import TASKS
 
@@ -226,15 +244,3 @@ def test_task_records_become_training_texts():
     assert boolq == "Cats purr.\nQuestion: do cats purr?\nAnswer: yes"
     assert hellaswag == "He opens the door and walks in."
     assert gsm8k == "Question: 2+2?\nAnswer: #### 4"
-
-
-@pytest.mark.slow
-def test_named_task_offline_is_one_line_naming_the_local_file(tmp_path):
-    import os
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "main_sparse_ft.py"), "--task", "gsm8k", "--output_dir",
-                             str(tmp_path / "r")], capture_output=True, text=True, cwd=ROOT, env=env)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "openai/gsm8k" in lines[0] and "train.jsonl.gz" in lines[0]

@@ -185,3 +185,76 @@ def test_view_dtype_judges_fp32_masters_as_their_bf16_rounding(device):
         assert torch.equal(masks[name].cpu(), changed_masks(theta0[name].to(torch.bfloat16),
                                                             p.cpu().to(torch.bfloat16), rules)["exact"])
         assert view.published(name).dtype == torch.bfloat16 and p.dtype == torch.float32
+
+
+def numpy_abs_delta(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """max / mean / std (population) of |Δ| over the entries where it is finite, in float64 numpy."""
+    parts = [np.abs(b.double().numpy().ravel() - a.double().numpy().ravel()) for a, b in pairs]
+    d = np.concatenate(parts)
+    d = d[np.isfinite(d)]
+    return {"max": float(d.max()), "mean": float(d.mean()), "std": float(d.std())}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracker_abs_delta_per_layer_matches_numpy(device):
+    """abs_delta/<layer>/max|mean|std against an independent float64 computation, over ragged tensors of two
+    dtypes (one group each), two layers and `outside`, with a weight that became NaN (left out, as the analysis
+    does)."""
+    gen = torch.Generator().manual_seed(5)
+    params = {
+        "transformer.h.0.attn.c_attn.weight": torch.randn(37, 101, generator=gen).to(torch.bfloat16),
+        "transformer.h.0.ln_1.weight": torch.randn(13, generator=gen),
+        "transformer.h.1.mlp.c_fc.weight": torch.randn(CHUNK + 5, generator=gen),
+        "transformer.wte.weight": torch.randn(50, 8, generator=gen).to(torch.bfloat16),
+    }
+    params = {n: p.to(device) for n, p in params.items()}
+    theta0 = {n: p.cpu().clone() for n, p in params.items()}
+    tracker = UpdateTracker(params, ChangeRules())
+    layers = {"layer_0": ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.ln_1.weight"],
+              "layer_1": ["transformer.h.1.mlp.c_fc.weight"], "outside": ["transformer.wte.weight"]}
+    layers["all"] = list(params)
+    for step in (1, 2):
+        for p in params.values():
+            hit = (torch.rand(p.shape, generator=gen) < 0.3).to(device)
+            step_size = 10 ** torch.empty(p.shape).uniform_(-4, -1, generator=gen) * torch.randn(p.shape, generator=gen)
+            p.copy_(torch.where(hit, p.float() + step_size.to(device), p.float()).to(p.dtype))
+        if step == 2:
+            params["transformer.h.1.mlp.c_fc.weight"][7] = float("nan")
+        record = tracker.update(step)
+        metrics = tracker.metrics(record)
+        for layer, names in layers.items():
+            expected = numpy_abs_delta([(theta0[n], params[n].cpu()) for n in names])
+            for stat, value in expected.items():
+                assert metrics[f"abs_delta/{layer}/{stat}"] == pytest.approx(value, rel=1e-5), (step, layer, stat)
+    assert record.nonfinite[record.names.index("transformer.h.1.mlp.c_fc.weight")] == 1
+    assert metrics["abs_delta/layer_1/max"] < 1  # the NaN is not a huge change
+
+
+def test_tracker_abs_delta_at_the_view_dtype():
+    """Under a bf16 view the statistics are those of the bf16 roundings, not of the fp32 masters."""
+    params = {"model.layers.0.mlp.up_proj.weight": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    tracker = UpdateTracker(params, view_dtype=torch.bfloat16)
+    params["model.layers.0.mlp.up_proj.weight"].add_(torch.tensor([1e-4, 0.02, 0.0, 0.05]))
+    metrics = tracker.metrics(tracker.update(1))
+    # bf16 of 1.0001 is 1.0; 2.02 -> 2.015625 (spacing 1/64 at 2); 4.05 -> 4.0625 (spacing 1/32 at 4)
+    assert metrics["abs_delta/layer_0/max"] == pytest.approx(0.0625)
+    assert metrics["abs_delta/layer_0/mean"] == pytest.approx((0.015625 + 0.0625) / 4)
+    assert metrics["abs_delta/all/max"] == metrics["abs_delta/layer_0/max"]
+    assert "abs_delta/outside/max" not in metrics
+
+
+def test_tracker_reports_each_tower_of_a_multimodal_model():
+    """A vision tower's weights stay out of the text blocks and get their own changed fraction."""
+    params = {"model.language_model.layers.0.mlp.up_proj.weight": torch.zeros(4, 5),
+              "model.vision_tower.encoder.layers.0.mlp.fc1.weight": torch.zeros(10, 6)}
+    tracker = UpdateTracker(params)
+    params["model.language_model.layers.0.mlp.up_proj.weight"][0, :2] = 1.0
+    params["model.vision_tower.encoder.layers.0.mlp.fc1.weight"][1, :3] = 1.0
+    metrics = tracker.metrics(tracker.update(1))
+    assert metrics["tower/text/changed/exact"] == pytest.approx(2 / 20)
+    assert metrics["tower/vision/changed/exact"] == pytest.approx(3 / 60)
+    assert metrics["changed/exact"] == pytest.approx(5 / 80)
+    assert metrics["module/vision/relative"] == pytest.approx(3 / 60)
+    assert "abs_delta/layer_0/max" in metrics and metrics["abs_delta/outside/mean"] == pytest.approx(3 / 60)
+    plain = UpdateTracker({"h.0.attn.c_attn.weight": torch.zeros(3)})  # a text-only model: no tower keys
+    assert not any(k.startswith("tower/") for k in plain.metrics(plain.update(1)))

@@ -26,7 +26,9 @@ Two modes:
   series:  --ckpt_dir RUN [--model BASE]   every step checkpoint in RUN against BASE
   pair:    --base A --tuned B [--overlap_with C]
 Models are folders written by save_pretrained (model.safetensors, sharded safetensors or
-pytorch_model.bin), compact checkpoints written by main_grpo.py/main_ppo.py, or Hub ids.
+pytorch_model.bin), compact checkpoints written by main_grpo.py/main_ppo.py, Hub ids, or LoRA
+adapter folders (PEFT's save_pretrained, a TRL LoRA run's checkpoint-N), merged onto --base (series:
+onto the run's base) one matrix at a time: W0 + scale·B·A in W0's dtype, as merge_and_unload does.
 --view_dtype bfloat16 judges float32 checkpoints as their bf16 roundings (summary.json records it).
 """
 
@@ -40,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     series.add_argument("--step_interval", type=int, help="keep only steps that are multiples of this")
     pair = p.add_argument_group("pair mode")
     pair.add_argument("--base", help="the starting weights (folder or Hub id)")
-    pair.add_argument("--tuned", help="the fine-tuned weights (folder or Hub id)")
+    pair.add_argument("--tuned", help="the fine-tuned weights (folder or Hub id), or a LoRA adapter folder to merge "
+                                      "onto --base")
     pair.add_argument("--overlap_with", help="a second run tuned from --base: report the two subnetworks' overlap")
     add_rule_args(p)
     add_run_args(p)
     p.add_argument("--rank", action="store_true",
-                   help="numerical rank of every 2-D update (costly: one SVD per matrix; GPU when --device is)")
+                   help="rank of every 2-D update: numerical, 99%% energy and the plan's σ > 0.01·σ₁ "
+                        "(costly: one SVD per matrix; GPU when --device is)")
     p.add_argument("--shells", type=int, nargs="+", metavar="N",
                    help="MatFormer shell boundaries in FFN neurons (default 8192 16384: E2B inside E4B); "
                         "matrices of another width are scaled in proportion")
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> dict:
     rules, device, out, progress, view = cfg.rules, cfg.device, cfg.out, cfg.progress, cfg.view_dtype
     summary: dict = {"mode": mode, "view_dtype": view}
     if mode == "pair":
-        base, tuned = open_checkpoint(args.base), open_checkpoint(args.tuned)
+        base = open_checkpoint(args.base)
+        tuned = open_checkpoint(args.tuned, base=base)
     else:
         checkpoints = find_step_checkpoints(args.ckpt_dir, args.max_step, args.step_interval)
         if len(checkpoints) < 2:
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         if model is None:
             raise SubnetscopeError(f"no --model given and {args.ckpt_dir}/base does not exist: pass --model BASE")
         base = open_checkpoint(model)
-        opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
+        opened = [(c.step, open_checkpoint(str(c.path), base=base)) for c in checkpoints]
         tuned = opened[-1][1]
         series = analyze_series(base, opened, rules, device, progress, view)
         summary["series"] = write_series_outputs(series, out, args.rule)
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     pair = analyze_pair(base, tuned, rules, device, args.rank, cfg.shells, progress, args.workers, view)
     summary["pair"] = write_pair_outputs(pair, out, args.topk)
     if args.overlap_with:
-        other = open_checkpoint(args.overlap_with)
+        other = open_checkpoint(args.overlap_with, base=base)
         overlap = analyze_overlap(base, tuned, other, rules, device, progress, view)
         summary["overlap"] = write_overlap_outputs(overlap, out)
     _figures_for_pair(pair, out, args.rule)

@@ -11,6 +11,7 @@ view dtype (bf16 under mixed); runs.csv also gives the fp32 master weights' chan
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import statistics
 from pathlib import Path
@@ -23,66 +24,93 @@ from ..grpo import GRPOConfig, GRPOTrainer
 from ..logger import read_metrics
 from ..outputs import check_output_dir
 from ..ppo import PPOConfig, PPOTrainer
-from ..precision import PRECISIONS, VIEW_DTYPES
 from ..report import write_csv, write_json
+from ..rl import RLConfig
+from . import grpo as grpo_cli
 from . import localize
-from .training import quiet_transformers
+from . import ppo as ppo_cli
+from .training import config_from_args, quiet_transformers
 
 ALGOS = {"ppo": (PPOConfig, PPOTrainer), "grpo": (GRPOConfig, GRPOTrainer)}
+SCRIPTS = {"ppo": ("main_ppo.py", ppo_cli), "grpo": ("main_grpo.py", grpo_cli)}
+PER_RUN = ("policy", "seed", "output_dir", "resume", "no_tqdm")  # set here for each model and seed
+REFUSED = {"policy": "name the policies with --models", "seed": "give the seeds with --seeds",
+           "resume": "finished runs are reused and half-done ones resume without it",
+           "demo": "--demo is main_grpo.py's own command"}
+EPILOG = """Every other flag is the training script's (main_ppo.py for --algo ppo, main_grpo.py for --algo grpo;
+see their --help), with its defaults: one set of settings for both commands, e.g. PPO's lr 1.41e-5,
+adaptive KL from 0.2 toward 6, 4 PPO epochs, 32 prompts per update, 600 updates, and its presets
+(--short: 10 updates; --easy: toy prompts and reward). The settings every run used, and which were
+given, are printed and written to settings.csv and comparison.json. A quick CPU check on the tiny
+models: --easy --max_steps 4 --save_every 2 --batch_size 8 --mini_batch_size 4 --ppo_epochs 1
+--max_new_tokens 8 --lr 1e-3 --device cpu.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-gemma3n"],
                    help="policies to compare (default tiny-gpt2 tiny-gemma3n; on a GPU e.g. gpt2-medium "
                         "google/gemma-3n-E2B-it)")
-    p.add_argument("--tokenizer",
-                   help="tokenizer for random-* policies (default gpt2; offline ../shared/models/tiny-gpt2)")
     p.add_argument("--labels", nargs="+", help="names for the figures (default: the model names)")
     p.add_argument("--algo", choices=sorted(ALGOS), default="ppo", help="the RL recipe (default ppo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
-    p.add_argument("--max_steps", type=int, default=8, help="updates per run (default 8)")
-    p.add_argument("--save_every", type=int, default=4, help="checkpoint every N updates (default 4)")
-    p.add_argument("--batch_size", type=int, default=8, help="prompts per update (default 8)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3, for tiny models)")
-    p.add_argument("--reward", default="vader", choices=("vader", "model", "easy"), help="reward (default vader)")
-    p.add_argument("--reward_model", default="lvwerra/distilbert-imdb", help="classifier for --reward model")
-    p.add_argument("--dataset", default="builtin", help="prompts: builtin, easy, imdb, or a local file")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="completion length (default 16)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--precision", default="auto", metavar="{" + ",".join(PRECISIONS) + "}",
-                   help="how every run keeps and computes its weights (default auto: mixed on a CUDA GPU with bf16 "
-                        "- fp32 masters, bf16 autocast, bf16 checkpoints - and fp32 elsewhere); bf16 measures bf16 "
-                        "stagnation, not fine-tuning")
-    p.add_argument("--view_dtype", metavar="{" + ",".join(VIEW_DTYPES) + "}",
-                   help="dtype at which every run's changes are judged and checkpoints stored, and the analysis "
-                        "compares (default: bfloat16 under mixed and bf16, float32 under fp32)")
     p.add_argument("--runs_dir", default="checkpoints/comparison", help="where the runs go")
     p.add_argument("--output_dir", default="plots/comparative", help="figures and tables")
     return p
 
 
-def _run_config(args: argparse.Namespace, policy: str, label: str, seed: int):
+def _refuse(message: str) -> None:
+    raise SubnetscopeError(message)
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, RLConfig, set[str]]:
+    """This command's flags, and every run's settings from the training script's parser, defaults and
+    presets; returns them with the names of the settings given on the command line."""
+    args, rest = build_parser().parse_known_args(argv)
+    script, module = SCRIPTS[args.algo]
+    algo_parser = module.build_parser()
+    algo_parser.prog = f"compare_architectures.py --algo {args.algo} ({script}'s flags)"
+    algo_parser.error = _refuse  # one line, as every error here
+    algo_args = algo_parser.parse_args(rest)
+    for name, instead in REFUSED.items():
+        if hasattr(algo_args, name):
+            raise SubnetscopeError(f"--{name} does not apply to compare_architectures.py: {instead}")
+    config_cls = ALGOS[args.algo][0]
+    template = config_from_args(config_cls, algo_args, module.PRESET_EXTRA)
+    given = {f.name for f in dataclasses.fields(config_cls) if hasattr(algo_args, f.name)}
+    return args, template, given
+
+
+def settings_rows(algo: str, template: RLConfig, given: set[str]) -> list[dict]:
+    """Every setting the runs share, with where it came from: a flag, a preset, or the script's default."""
+    script = SCRIPTS[algo][0]
+    defaults = type(template)()
+    rows = []
+    for f in dataclasses.fields(template):
+        if f.name in PER_RUN:
+            continue
+        value = getattr(template, f.name)
+        source = "flag" if f.name in given else f"{script} default" if value == getattr(defaults, f.name) else "preset"
+        rows.append({"setting": f.name, "value": value, "source": source})
+    return rows
+
+
+def _run_config(template: RLConfig, policy: str, folder: Path, seed: int) -> RLConfig:
     """One run's settings, checked (every run's are, before the first one trains)."""
-    folder = Path(args.runs_dir) / f"{label}-seed{seed}"
-    config_cls, _ = ALGOS[args.algo]
-    extra = {"mini_batch_size": min(4, args.batch_size), "ppo_epochs": 2, "init_kl_coef": 0.02,
-             "target_kl": None} if args.algo == "ppo" else {}
-    config = config_cls(policy=policy, tokenizer=args.tokenizer, reward=args.reward, reward_model=args.reward_model,
-                        dataset=args.dataset, batch_size=args.batch_size, max_steps=args.max_steps, save_every=args.save_every,
-                        eval_every=args.max_steps, lr=args.lr, max_new_tokens=args.max_new_tokens,
-                        device=args.device, seed=seed, output_dir=str(folder), no_tqdm=True,
-                        precision=args.precision, view_dtype=args.view_dtype, resume=folder.exists(), **extra)
+    config = dataclasses.replace(template, policy=policy, seed=seed, output_dir=str(folder), resume=folder.exists(),
+                                 no_tqdm=True)
     config.validate()
     return config
 
 
-def _train(args: argparse.Namespace, config) -> Path:
+def _train(algo: str, config: RLConfig) -> Path:
     folder = Path(config.output_dir)
     if (folder / "final").is_dir():
         print(f"{folder}: finished before, reused")
         return folder
-    ALGOS[args.algo][1](config).train()
+    ALGOS[algo][1](config).train()
     return folder
 
 
@@ -110,7 +138,7 @@ def run_speed(folder: Path, model: str, seed: int) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, template: RLConfig, given: set[str]) -> dict:
     labels = args.labels or [m.replace("/", "_") for m in args.models]
     if len(labels) != len(args.models) or len(args.models) < 2:
         raise SubnetscopeError("give at least two --models, and as many --labels as models")
@@ -120,9 +148,15 @@ def run(args: argparse.Namespace) -> dict:
         raise SubnetscopeError("--seeds must be distinct")
     check_output_dir(args.runs_dir, "--runs_dir")
     out = check_output_dir(args.output_dir)
-    configs = {label: [_run_config(args, model, label, seed) for seed in args.seeds]
+    configs = {label: [_run_config(template, model, Path(args.runs_dir) / f"{label}-seed{seed}", seed)
+                       for seed in args.seeds]
                for model, label in zip(args.models, labels)}
-    runs = {label: [_train(args, config) for config in group] for label, group in configs.items()}
+    settings = settings_rows(args.algo, template, given)
+    print(f"{args.algo.upper()} settings of every run ({SCRIPTS[args.algo][0]}'s defaults unless given: "
+          f"{', '.join(sorted(given)) or 'none given'}): "
+          + " ".join(f"{r['setting']}={r['value']}" for r in settings))
+    write_csv(out / "settings.csv", settings)
+    runs = {label: [_train(args.algo, config) for config in group] for label, group in configs.items()}
     speed = [run_speed(folder, label, seed) for label, folders in runs.items()
              for folder, seed in zip(folders, args.seeds)]
     write_csv(out / "runs.csv", speed)
@@ -131,19 +165,21 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{row['model']} seed {row['seed']}: {row['parameters'] / 1e6:.0f}M parameters, {row['steps']} steps, "
               f"{row['steps_per_s']:.3f} steps/s, peak GPU memory {peak}, "
               f"reward {row['reward_first']:.3f} -> {row['reward_last']:.3f}")
-    view = ["--view_dtype", args.view_dtype] if args.view_dtype else []
+    view = ["--view_dtype", template.view_dtype] if template.view_dtype else []
     localize.main(["--ckpt_dirs", *[str(r[0]) for r in runs.values()], "--labels", *labels,
-                   "--output_dir", str(out), "--no_tqdm", "--device", args.device, *view])
+                   "--output_dir", str(out), "--no_tqdm", "--device", template.device, *view])
     rows = []
     for label, folders in runs.items():
         base = open_checkpoint(str(folders[0] / "base"))
         finals = {f: open_checkpoint(str(find_step_checkpoints(str(f))[-1].path)) for f in folders}
         for a, b in itertools.combinations(folders, 2):
             result = analyze_overlap(base, finals[a], finals[b], ChangeRules(), progress=False,
-                                     view_dtype=args.view_dtype)
+                                     view_dtype=template.view_dtype)
             for rule, o in result.global_.items():
                 rows.append({"model": label, "run_a": a.name, "run_b": b.name, "rule": rule, **o})
-    summary = {"runs": {k: [str(f) for f in v] for k, v in runs.items()}, "speed": speed, "seed_overlap": rows}
+    summary = {"algo": args.algo, "settings": {r["setting"]: r["value"] for r in settings},
+               "settings_given": sorted(given), "settings_from": SCRIPTS[args.algo][0],
+               "runs": {k: [str(f) for f in v] for k, v in runs.items()}, "speed": speed, "seed_overlap": rows}
     if rows:
         write_csv(out / "seed_overlap.csv", rows)
         for row in rows:
@@ -158,5 +194,5 @@ def run(args: argparse.Namespace) -> dict:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
-    run(build_parser().parse_args(argv))
+    run(*parse(argv))
     return 0

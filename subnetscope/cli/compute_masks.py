@@ -3,8 +3,8 @@
 Writes into --output_dir, for each sparsity s, mask_<method>_<importance>_<group>_s<s>.safetensors
 (True = keep), plus validation.json / validation.csv (expected vs actual removed entries per
 tensor and overall) and, with --plot, mask_validation.png. With --from_run RUN it writes the
-"ever changed" mask of a main_grpo.py / main_ppo.py run instead: the subnetwork that run updated,
-for `--update_mask`.
+"ever changed" mask of a run instead (main_grpo.py / main_ppo.py, main_sft.py, or any TRL trainer
+with SubnetTrackerCallback, LoRA runs included): the subnetwork that run updated, for `--update_mask`.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import plots
+from ..checkpoint import BASE_DIR, open_checkpoint, read_ever_changed
 from ..data import calibration_batches, load_task_texts, token_stream
 from ..devices import resolve_device
 from ..errors import SubnetscopeError, cli_main
@@ -40,7 +41,7 @@ from ..masks import (
 from ..models import load_causal_lm, load_tokenizer
 from ..outputs import check_output_dir
 from ..report import write_csv, write_json
-from ..runstate import ever_changed_masks
+from ..runstate import RUN_CONFIG, read_run_config
 from .training import quiet_transformers
 
 DEFAULT_SPARSITIES = [round(0.1 * i, 1) for i in range(10)]
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model_path", help="model to score: a folder written by save_pretrained, a Hub id, or "
                                           "tiny-gpt2 / tiny-gemma3n (random, offline)")
-    src.add_argument("--from_run", help="a main_grpo.py / main_ppo.py run folder: write its 'ever changed' mask")
+    src.add_argument("--from_run", help="a run folder (main_grpo.py / main_ppo.py / main_sft.py, or a TRL trainer's "
+                                        "output_dir with SubnetTrackerCallback): write its 'ever changed' mask")
     p.add_argument("--output_dir", default="checkpoints/masks",
                    help="where the mask files and reports go (default checkpoints/masks)")
     p.add_argument("--sparsity", type=float, nargs="+", help="fractions of weights to remove, each in [0, 1) "
@@ -101,11 +103,29 @@ def mask_name(method: str, importance: str, group: str, sparsity: float, nm: tup
     return f"mask_{method}_{'random' if method == 'random' else importance}_{group}_s{sparsity:.2f}.safetensors"
 
 
+def run_model(run_dir: Path) -> tuple[dict[str, list[int]], str]:
+    """The run's parameter names and shapes (what a mask's fingerprint covers) and its model: from
+    run_config.json, or, for a TRL run folder without one, from its base/ (θ0)."""
+    if (run_dir / RUN_CONFIG).is_file():
+        config = read_run_config(run_dir)
+        if "parameters" in config:
+            return config["parameters"], config["settings"].get("policy", "")
+    if not (run_dir / BASE_DIR).is_dir():
+        raise SubnetscopeError(f"{run_dir} has neither {RUN_CONFIG} nor {BASE_DIR}/ (θ0): the mask's model is "
+                               "unknown; pass the run folder the trainer wrote")
+    base = open_checkpoint(str(run_dir / BASE_DIR))
+    return {n: list(base.shape(n)) for n in base.names()}, str(run_dir / BASE_DIR)
+
+
 def write_run_mask(args: argparse.Namespace, out: Path) -> int:
-    step, masks, config = ever_changed_masks(Path(args.from_run))
-    shapes = config["parameters"]
-    settings = {"method": "ever_changed", "source_run": str(Path(args.from_run).resolve()), "step": step,
-                "model": config["settings"].get("policy", "")}
+    run_dir = Path(args.from_run)
+    step, masks = read_ever_changed(run_dir)
+    shapes, model = run_model(run_dir)
+    unknown = sorted(set(masks) - set(shapes))
+    if unknown:
+        raise SubnetscopeError(f"{run_dir}: the tracker state names {unknown[0]}, which the run's model lacks: the "
+                               "folder mixes two runs; pass a single run's folder")
+    settings = {"method": "ever_changed", "source_run": str(run_dir.resolve()), "step": step, "model": model}
     mask_set = MaskSet(masks, settings, model_fingerprint(shapes))
     path = save_masks(out / f"mask_ever_changed_step{step}.safetensors", mask_set)
     kept = 1.0 - mask_set.sparsity()
@@ -139,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(args.model_path, args.tokenizer) if needs_data else None
     model = load_causal_lm(args.model_path, torch.float32, vocab_size=len(tokenizer) if tokenizer else None).to(device)
     tensors = prunable_tensors(model, tuple(args.include))
+    units = unit_groups(model, tensors) if args.method == "structured" else None  # refused before any scoring
+    if args.method == "structured" and not units:
+        raise SubnetscopeError("--method structured found no MLP or attention weights among the prunable tensors")
     batches = None
     if needs_data:
         limit = args.calib_batches * args.calib_batch_size * 8
@@ -150,9 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         batches = calibration_batches(tokens, args.calib_batches, args.calib_batch_size, args.calib_seq_len)
     scores = random_scores(tensors, args.seed) if args.method == "random" else importance_scores(
         model, tensors, args.importance, batches)
-    units = unit_groups(model, tensors) if args.method == "structured" else None
-    if args.method == "structured" and not units:
-        raise SubnetscopeError("--method structured found no MLP or attention weights among the prunable tensors")
     fingerprint = model_fingerprint({n: list(p.shape) for n, p in model.named_parameters()})
     reports, all_rows = [], []
     for level in levels:

@@ -9,11 +9,15 @@ import torch
 
 from .. import plots
 from ..baselines import scored_samples, sft_records
+from ..data import BUILTIN_PROMPTS, EASY_PROMPTS
 from ..errors import SubnetscopeError, cli_main
-from ..gradrank import ENERGY, gradient_spectra
+from ..gradrank import ENERGY, Spectrum, gradient_spectra
 from ..grpo import GRPOConfig, GRPOTrainer
+from ..metrics import PLAN_RANK_RATIO
+from ..outputs import check_output_dir
 from ..precision import PRECISIONS
 from ..report import write_csv, write_json
+from ..rewards import REWARDS
 from ..rl import per_token_logps
 from .training import quiet_transformers
 
@@ -21,18 +25,24 @@ DESCRIPTION = f"""\
 Measure how many directions k per-batch policy gradients span (experiment 1C): for the same
 policy, k GRPO batches (fresh rollouts) and k SFT batches (best-of-candidates continuations),
 then the singular values of each parameter matrix's k × numel gradient stack and of the whole
-model's, from k × k Gram matrices on --device. Reports the numerical rank (σ > σ_max·k·eps) and
-the effective rank at {ENERGY:.0%} energy, as % of k: gradient_rank.csv (per matrix), spectra.csv
-(global σ), summary.json and spectrum.png. Memory: k copies of the 2-D parameters in float32.
+model's, from k × k Gram matrices on --device. Reports the numerical rank (σ > σ_max·k·eps), the
+effective rank at {ENERGY:.0%} energy and the research plan's rank (σ > {PLAN_RANK_RATIO}·σ₁), as % of k:
+gradient_rank.csv (per matrix), spectra.csv (global σ), summary.json and spectrum.png.
+Memory: k copies of the 2-D parameters in float32.
+The k SFT batches hold k × batch_size distinct prompts, none twice (repeated data would cap the
+SFT rank by the data, not the task): the 40 built-in prompts allow k × batch_size <= 40; for the
+default k 100 × batch 8 pass --dataset imdb or a file, e.g. ../shared/data/imdb/train.jsonl.gz.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="tiny-gpt2", help="Hub id, folder, or tiny-gpt2 / tiny-gemma3n")
-    p.add_argument("--reward", default="vader", choices=("vader", "model", "easy"), help="reward of both tasks")
+    p.add_argument("--reward", default="vader", choices=REWARDS, help="reward of both tasks")
     p.add_argument("--reward_model", default="lvwerra/distilbert-imdb", help="classifier for --reward model")
-    p.add_argument("--dataset", default="builtin", help="prompts: builtin, easy, imdb, or a local file")
+    p.add_argument("--dataset", default="builtin",
+                   help="prompts: builtin (40), easy (32), imdb, or a local file; SFT needs k x batch_size distinct "
+                        "ones (default builtin)")
     p.add_argument("--k", type=int, default=100, help="gradients (batches) per task (default 100)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--group_size", type=int, default=4, help="GRPO completions per prompt (default 4)")
@@ -47,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sft_loss_fn(trainer: GRPOTrainer, pairs: dict[str, list[str]], batch_size: int):
-    """NLL of the reference continuations, batch i = pairs i·batch_size … (cycled), under the trainer's
-    precision, as its own loss."""
+    """NLL of the reference continuations, batch i = pairs i·batch_size … (k × batch_size distinct pairs:
+    no batch repeats another's), under the trainer's precision, as its own loss."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     tokenizer, device = trainer.tokenizer, trainer.device
     n = len(pairs["prompt"])
@@ -70,43 +80,73 @@ def sft_loss_fn(trainer: GRPOTrainer, pairs: dict[str, list[str]], batch_size: i
     return loss
 
 
+def distinct_sft_prompts(prompts: list[str], dataset: str, k: int, batch_size: int) -> list[str]:
+    """The first k × batch_size distinct prompts, one SFT batch of batch_size each, or a one-line refusal:
+    batches that reuse prompts are linear combinations of fewer examples' gradients, so their rank would
+    be capped by the data (40 built-in prompts gave at most 40 / batch_size)."""
+    distinct = list(dict.fromkeys(prompts))
+    needed = k * batch_size
+    if len(distinct) < needed:
+        raise SubnetscopeError(
+            f"--dataset {dataset} has {len(distinct)} distinct training prompts: the SFT rank of --k {k} batches of "
+            f"--batch_size {batch_size} needs {needed}, else it is capped by the data; pass --dataset imdb or a file "
+            "with enough texts (e.g. ../shared/data/imdb/train.jsonl.gz), or lower --k / --batch_size")
+    return distinct[:needed]
+
+
+def task_summary(total: Spectrum, per_matrix: list[Spectrum]) -> dict:
+    """The global ranks of one task's gradients and the mean per-matrix ranks, in % of k."""
+    def mean_percent(rank: str) -> float:
+        return sum(100 * getattr(s, rank) / s.k for s in per_matrix) / max(1, len(per_matrix))
+
+    return {"global_numerical_rank": total.numerical_rank, "global_effective_rank": total.effective_rank,
+            "global_plan_rank": total.plan_rank, "mean_matrix_effective_rank_percent": mean_percent("effective_rank"),
+            "mean_matrix_plan_rank_percent": mean_percent("plan_rank")}
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.k < 2 or args.batch_size < 1:
         raise SubnetscopeError("--k must be at least 2 and --batch_size at least 1")
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(args.output_dir)
+    built_in = {"builtin": BUILTIN_PROMPTS, "easy": EASY_PROMPTS}.get(args.dataset)
+    if built_in is not None:  # refused before the model loads; a file's prompts are counted once loaded
+        distinct_sft_prompts(list(built_in), args.dataset, args.k, args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = GRPOTrainer(GRPOConfig(policy=args.policy, reward=args.reward, reward_model=args.reward_model,
                                          dataset=args.dataset, batch_size=args.batch_size, group_size=args.group_size,
                                          max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
                                          precision=args.precision,
                                          max_steps=args.k, output_dir=str(Path(tmp) / "run"), no_tqdm=True))
+        sft_prompts = distinct_sft_prompts(trainer.prompts, args.dataset, args.k, args.batch_size)
         device = trainer.device
         model = trainer.accelerator.unwrap_model(trainer.model)
         results = {"rl": gradient_spectra(model, lambda i: trainer.policy_gradient_loss(i + 1), args.k, device)}
         with trainer.autocast():
-            samples = scored_samples(model, trainer.tokenizer, trainer.prompts, trainer.reward_fn, 4, args.seed,
+            samples = scored_samples(model, trainer.tokenizer, sft_prompts, trainer.reward_fn, 4, args.seed,
                                      args.max_new_tokens, 1.0)
-        pairs = sft_records(trainer.prompts, samples)
+        pairs = sft_records(sft_prompts, samples)
+        if len(pairs["prompt"]) < len(sft_prompts):
+            raise SubnetscopeError(f"{len(sft_prompts) - len(pairs['prompt'])} of the {len(sft_prompts)} SFT prompts "
+                                   "got no completion with a finite reward: check --reward, or lower --k")
         results["sft"] = gradient_spectra(model, sft_loss_fn(trainer, pairs, args.batch_size), args.k, device)
-    rows, spectra, summary = [], [], {"k": args.k, "energy": ENERGY, "tasks": {}}
+    rows, spectra = [], []
+    summary = {"k": args.k, "energy": ENERGY, "sft_distinct_prompts": len(sft_prompts), "tasks": {}}
     for task, (total, per_matrix) in results.items():
         for s in [total, *per_matrix]:
             rows.append({"task": task, "matrix": s.name, "k": s.k, "numerical_rank": s.numerical_rank,
-                         "effective_rank": s.effective_rank, "effective_rank_percent": 100 * s.effective_rank / s.k})
+                         "effective_rank": s.effective_rank, "effective_rank_percent": 100 * s.effective_rank / s.k,
+                         "plan_rank": s.plan_rank, "plan_rank_percent": 100 * s.plan_rank / s.k})
         spectra += [{"task": task, "index": i, "sigma": v, "sigma_normalized": v / total.singular_values[0]}
                     for i, v in enumerate(total.singular_values)]
-        summary["tasks"][task] = {"global_numerical_rank": total.numerical_rank,
-                                  "global_effective_rank": total.effective_rank,
-                                  "mean_matrix_effective_rank_percent":
-                                      sum(100 * s.effective_rank / s.k for s in per_matrix) / max(1, len(per_matrix))}
+        summary["tasks"][task] = task_summary(total, per_matrix)
     write_csv(out / "gradient_rank.csv", rows)
     write_csv(out / "spectra.csv", spectra)
     write_json(out / "summary.json", summary)
     plots.gradient_spectrum(spectra, out / "spectrum.png")
     for task, s in summary["tasks"].items():
         print(f"{task}: global numerical rank {s['global_numerical_rank']}/{args.k}, effective ({ENERGY:.0%} energy) "
-              f"{s['global_effective_rank']}/{args.k}; mean per-matrix effective rank "
+              f"{s['global_effective_rank']}/{args.k}, plan's (σ > {PLAN_RANK_RATIO}·σ₁) "
+              f"{s['global_plan_rank']}/{args.k}; mean per-matrix effective rank "
               f"{s['mean_matrix_effective_rank_percent']:.1f}% of k")
     print(f"results in {out}/")
     return summary

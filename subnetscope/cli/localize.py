@@ -10,6 +10,7 @@ from .. import plots
 from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
 from ..engine import analyze_pair, analyze_series
 from ..errors import SubnetscopeError, cli_main
+from ..naming import TEXT_TOWER
 from ..report import write_csv, write_json, write_pair_outputs
 from ..stats import bootstrap_ci, concentration_statistics, more_concentrated_test
 from .common import add_rule_args, add_run_args, settings_from_args
@@ -20,6 +21,10 @@ per-block profiles, Gini / normalized entropy / top-k concentration with bootstr
 (blocks resampled), and a one-sided permutation test (scipy.stats.permutation_test) of whether
 each model's per-block profile is more concentrated than the other's. Each run is its final
 checkpoint against its base; with two or more checkpoints the figures also show the trajectory.
+Runs of TRL's trainers with SubnetTrackerCallback (checkpoint-N/) are read like main_grpo.py's
+(step_N/); a LoRA run's adapter checkpoints are merged onto its base one matrix at a time.
+localization_stats.csv's fraction_changed counts every weight; fraction_changed_text only the text
+model's (a multimodal checkpoint's vision and audio towers left out, as in the per-block profiles).
 """
 
 
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     for label, folder, model, run_dir in zip(labels, folders, models, args.ckpt_dirs):
         checkpoints = find_step_checkpoints(run_dir, args.max_step, args.step_interval)
         base = open_checkpoint(model)
-        opened = [(c.step, open_checkpoint(str(c.path))) for c in checkpoints]
+        opened = [(c.step, open_checkpoint(str(c.path), base=base)) for c in checkpoints]
         pair = analyze_pair(base, opened[-1][1], rules, device, False, shells, progress, view_dtype=view)
         write_pair_outputs(pair, out / folder, args.topk)
         per_block = pair.group("block")
@@ -115,8 +120,8 @@ def run(args: argparse.Namespace) -> dict:
         profile = [per_block[b][args.rule] / per_block[b]["numel"] for b in blocks]
         profiles.append(profile)
         row = {"model": label, "folder": folder, "run": run_dir, "final_step": checkpoints[-1].step,
-               "blocks": len(blocks),
-               "fraction_changed": pair.fraction(args.rule)}
+               "blocks": len(blocks), "fraction_changed": pair.fraction(args.rule),
+               "fraction_changed_text": pair.towers()[TEXT_TOWER]["fraction_changed"][args.rule]}
         for name, stat in statistics.items():
             low, high = bootstrap_ci(profile, stat, args.n_boot, args.seed)
             row.update({name: stat(profile), f"{name}_ci_low": low, f"{name}_ci_high": high})

@@ -10,13 +10,17 @@ from .training import quiet_transformers
 
 DESCRIPTION = f"""\
 Run every combination of a matrix file (YAML or JSON) one after another: tasks {sorted(TASKS)},
-with any of their settings as grid axes (policy, lr, optimizer, seed, ...). Every key and value is
-checked before anything runs. Started again, the sweep skips finished runs and resumes a half-done
-one. Writes OUTPUT/runs/<run>/ (each a normal run folder), summary.csv (one row per run: settings,
-status, error, final fraction changed under each rule, per-block Gini, evaluation reward),
-grouped_summary.csv (mean and std over seeds) and sparsity_vs_settings.png.
-Exits 1 when any run failed, naming them (each one's traceback is in OUTPUT/runs/<run>.error.txt).
-Examples: configs/matrix_cpu.yaml (tiny models, a few minutes on a CPU), configs/matrix_gpu.yaml.
+with any of their settings as grid axes (policy, lr, optimizer, seed, ...). `grid` is the full cross;
+`vary` is one factor at a time: base holds the centre point and each `vary` key is varied alone over
+its listed values, every other factor at the centre (crossed with the grid, e.g. task and seed).
+Every key and value is checked before anything runs. Started again, the sweep skips finished runs
+and resumes a half-done one. Writes OUTPUT/runs/<run>/ (each a normal run folder), summary.csv (one
+row per run: settings, the factor it varies, status, error, final fraction changed under each rule,
+per-block Gini, evaluation reward), grouped_summary.csv (mean and std over seeds) and
+sparsity_vs_settings.png. Exits 1 when any run failed, naming them (each one's traceback is in
+OUTPUT/runs/<run>.error.txt).
+Examples: configs/matrix_cpu.yaml (tiny models, a few minutes on a CPU), configs/matrix_gpu.yaml;
+one factor at a time: configs/matrix_cpu_one_factor.yaml, configs/matrix_gpu_one_factor.yaml.
 """
 
 

@@ -1,9 +1,14 @@
 """main_prune.py: train GPT-2 on a text file while magnitude-pruning it, and measure weight revival.
 
+Three phases: warm-up (dense), gradual pruning (--prune_applications prunings up to
+--target_sparsity, pruned weights free to revive in between) and finalization (after the last
+pruning, the mask is held, so the final model has the target sparsity; --no-hold_final lets the
+weights revive to the end, --hard_mask holds the mask from the first pruning on).
 Settings come from the dataclass defaults, then the YAML --config, then the flags given; every
-config key is also a flag. Outputs in --output_dir: metrics.jsonl (per-layer sparsity, revival,
-dead neurons, effective rank, gradient norm on zeroed weights, trends, train/val loss),
-checkpoint-N/ (resumable with --resume) and final/ (a Hugging Face model folder).
+config key is also a flag. Outputs in --output_dir: metrics.jsonl (per-layer and per-matrix
+sparsity, revival, dead neurons, effective rank, gradient norm on zeroed weights, trends,
+train/val loss), config.json (with the pruning plan and the phases), checkpoint-N/ (resumable with
+--resume) and final/ (a Hugging Face model folder).
 """
 from __future__ import annotations
 
@@ -27,12 +32,19 @@ HELP = {
     "lr": "AdamW learning rate (default 6e-4)",
     "weight_decay": "AdamW weight decay (default 0.1)",
     "val_fraction": "share of the text, from its end, held out for validation (default 0.1)",
-    "target_sparsity": "sparsity of the linear weights at the last application, in [0, 1) (default 0.5)",
-    "warmup_ratio": "share of the steps before the first pruning (default 0.15)",
-    "final_prune_ratio": "share of the steps at which the target is reached (default 0.85)",
-    "prune_applications": "prunings, evenly spaced in the window (default 10)",
+    "target_sparsity": "sparsity of the linear weights at the last application and, with hold_final, of the final "
+                       "model, in [0, 1) (default 0.5)",
+    "warmup_ratio": "share of the steps before the pruning window opens (default 0.15); the first pruning comes one "
+                    "interval later, at step round(T x (warmup_ratio + (final_prune_ratio - warmup_ratio) / "
+                    "prune_applications)) of T steps: with the defaults at 22%% of training (the run prints the steps)",
+    "final_prune_ratio": "share of the steps at which the last pruning reaches the target; the finalization "
+                         "phase follows (default 0.85)",
+    "prune_applications": "prunings, evenly spaced in the window, the last at its end (default 10)",
     "ramp": "how the level rises: linear, or cubic (Zhu & Gupta) (default linear)",
-    "hard_mask": "keep pruned weights at zero after every step, for contrast (default: zeroed, free to revive)",
+    "hard_mask": "keep pruned weights at zero after every step from the first pruning on, for contrast "
+                 "(default: free to revive between prunings)",
+    "hold_final": "hold the mask through the finalization phase (after the last pruning), so the final model has "
+                  "the target sparsity (default on; --no-hold_final lets pruned weights revive to the end)",
     "log_every": "steps between metric records (default 10; application steps are always recorded)",
     "eval_every": "steps between validation losses (default 50)",
     "eval_batches": "validation batches per evaluation (default 8)",
@@ -55,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     config = config_from_args(PruneConfig, build_parser().parse_args(argv))
     trainer = PruneTrainer(config)
+    phases = trainer.phases()
+    held = phases["mask_held_from"]
     print(f"{trainer.total_steps} steps ({config.epochs} epochs x {trainer.batches_per_epoch} batches), "
-          f"{trainer.model.num_parameters() / 1e6:.1f}M parameters, prunings at steps {sorted(trainer.plan)}")
+          f"{trainer.model.num_parameters() / 1e6:.1f}M parameters, prunings at steps {sorted(trainer.plan)}; "
+          f"mask held {'from step ' + str(held) if held else 'never'}")
     result = trainer.train()
     print(f"done: validation loss {result['val_loss']:.4f}, sparsity {result['sparsity/overall']:.4f}; "
           f"results in {config.output_dir}/")

@@ -1,9 +1,13 @@
 """analyze_results.py: tables and figures from a folder of main_prune.py and main_sparse_ft.py runs.
 
-Every sub-folder of --results_dir holding config.json and metrics.jsonl is a run. Writes, each
+Every sub-folder of --results_dir holding config.json and metrics.jsonl is a run. --wandb_run adds
+main_prune.py runs logged to Weights & Biases (--wandb PROJECT): an offline run folder
+(RUN/wandb/offline-run-*, read from its run-<id>.wandb file, or a folder above several) or
+ENTITY/PROJECT/RUN_ID on the service (refused in one line when it cannot be reached). Writes, each
 figure with a CSV of its numbers beside it:
   summary.csv                 per run: model, task, method, seed, target and final sparsity, losses,
-                              samples/s, wall time (and mean revival for pruning runs)
+                              samples/s, wall time (and mean revival for pruning runs; peak GPU memory,
+                              peak CPU RSS, task metric and score for sparse fine-tuning runs)
   grouped_summary.csv         per model / task / method / sparsity: runs, mean and std over seeds
   sparsity_vs_performance.csv the groups with the loss change against the same model, task and
                               method at the lowest sparsity
@@ -29,11 +33,13 @@ from ..naming import block_index
 from ..outputs import check_output_dir
 from ..report import write_csv, write_json
 from ..stats import mean_and_sd
+from ..wandb_runs import wandb_runs
 
 LAYER_KEY = re.compile(r"^(sparsity|dead_neurons)/layer_(\d+)$")
 
 
-def load_runs(results_dir: str) -> list[dict]:
+def folder_runs(results_dir: str) -> list[dict]:
+    """The runs (config.json + metrics.jsonl) in a folder and its sub-folders."""
     root = Path(results_dir)
     if not root.is_dir():
         raise SubnetscopeError(f"{results_dir} is not a folder: pass the folder that holds the runs")
@@ -48,6 +54,34 @@ def load_runs(results_dir: str) -> list[dict]:
     if not runs:
         raise SubnetscopeError(f"no main_prune.py or main_sparse_ft.py runs (config.json + metrics.jsonl) in "
                                f"{results_dir}")
+    return runs
+
+
+def logged_runs(spec: str) -> list[dict]:
+    """The main_prune.py runs a --wandb_run names (W&B configs lack what sparse runs are grouped by)."""
+    runs = []
+    for run in wandb_runs(spec):
+        records = run["records"]
+        if not records or "pruning/sparsity" not in records[0]:
+            raise SubnetscopeError(f"--wandb_run {spec}: W&B run {run['name']} has no main_prune.py records "
+                                   "(pruning/sparsity): read main_sparse_ft.py runs from their folder (--results_dir)")
+        runs.append({"name": run["name"], "kind": "prune", "config": run["config"], "records": records,
+                     "folder": run["folder"]})
+    return runs
+
+
+def load_runs(results_dir: str | None, wandb_specs: list[str] | None = None) -> list[dict]:
+    """The runs of a results folder and of W&B runs, checked and read before anything is written."""
+    if not results_dir and not wandb_specs:
+        raise SubnetscopeError("nothing to analyze: pass --results_dir FOLDER and/or --wandb_run RUN")
+    runs = folder_runs(results_dir) if results_dir else []
+    for spec in wandb_specs or []:
+        runs += logged_runs(spec)
+    names = [r["name"] for r in runs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SubnetscopeError(f"runs named {', '.join(twice)} were given twice (a folder and its W&B run?): "
+                               "pass each run once")
     return sorted(runs, key=lambda r: (r["kind"], _target(r), r["name"]))
 
 
@@ -59,13 +93,21 @@ def _last(records: list[dict], key: str):
     return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
 
+def _prune_method(cfg: dict) -> str:
+    """-hard: mask held from the first pruning; plain: held from the last (the default since hold_final);
+    -free: never held (--no-hold_final, and every run from before hold_final)."""
+    if cfg["hard_mask"]:
+        return "gradual-magnitude-hard"
+    return "gradual-magnitude" if cfg.get("hold_final", False) else "gradual-magnitude-free"
+
+
 def _prune_row(run: dict) -> dict:
     cfg, recs = run["config"], run["records"]
     intervals = [r["weight_revival/interval_rate"] for r in recs if r.get("weight_revival/interval_rate") is not None]
     elapsed = recs[-1]["time/elapsed"]
     return {
         "model": f"gpt2-{cfg['n_layer']}x{cfg['n_embd']}", "task": Path(cfg["data"]).stem,
-        "method": "gradual-magnitude" + ("-hard" if cfg["hard_mask"] else ""), "hard_mask": cfg["hard_mask"],
+        "method": _prune_method(cfg), "hard_mask": cfg["hard_mask"],
         "final_sparsity": recs[-1]["sparsity/overall"], "final_val_loss": _last(recs, "val/loss"),
         "final_train_loss": recs[-1]["train/loss"],
         "samples_per_s": recs[-1]["step"] * cfg["batch_size"] / elapsed if elapsed else None,
@@ -73,17 +115,22 @@ def _prune_row(run: dict) -> dict:
     }
 
 
+SPARSE_FT_SUMMARY_KEYS = ("peak_gpu_memory_gb", "peak_cpu_rss_gb", "task_metric", "task_score")
+
+
 def _sparse_ft_row(run: dict) -> dict:
     cfg, recs = run["config"], run["records"]
     summary_path = run["folder"] / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}  # folder runs only
     rates = [r["throughput/samples_per_s"] for r in recs if r.get("throughput/samples_per_s") is not None]
     return {
         "model": cfg["model_name"], "task": cfg["task_name"], "method": f"{cfg['finetune']}:{cfg['mask_method']}",
         "final_sparsity": summary.get("final_sparsity"),
         "final_val_loss": summary.get("val_loss", _last(recs, "val/loss")),
         "final_train_loss": _last(recs, "train/loss"),
-        "samples_per_s": sum(rates) / len(rates) if rates else None, "wall_seconds": None,
+        "samples_per_s": sum(rates) / len(rates) if rates else None,
+        "wall_seconds": summary.get("wall_seconds", _last(recs, "time/elapsed")),
+        **{key: summary.get(key) for key in SPARSE_FT_SUMMARY_KEYS},
     }
 
 
@@ -163,8 +210,10 @@ def revival_rows(runs: list[dict]) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--results_dir", required=True,
-                   help="folder of main_prune.py / main_sparse_ft.py run folders (or one run)")
+    p.add_argument("--results_dir", help="folder of main_prune.py / main_sparse_ft.py run folders (or one run)")
+    p.add_argument("--wandb_run", nargs="+", metavar="RUN",
+                   help="main_prune.py runs logged with --wandb: an offline run folder (RUN/wandb/offline-run-*), its "
+                        "run-<id>.wandb file or a folder above them, or ENTITY/PROJECT/RUN_ID on the W&B service")
     p.add_argument("--output_dir", default="plots/results", help="tables and figures (default plots/results)")
     p.add_argument("--plot", action=argparse.BooleanOptionalAction, default=True, help="write the figures (default on)")
     return p
@@ -174,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = check_output_dir(args.output_dir)
-    runs = load_runs(args.results_dir)
+    runs = load_runs(args.results_dir, args.wandb_run)
     summary = summary_rows(runs)
     grouped = grouped_rows(summary)
     performance = performance_rows(grouped)

@@ -16,8 +16,8 @@ from ..baselines import (
 from ..errors import SubnetscopeError, cli_main
 from ..models import RANDOM_SHAPED, TINY_MODELS
 from ..precision import add_precision_args
-from ..rewards import reward_from_flags
-from .training import finished_line, quiet_transformers
+from ..rewards import REWARDS, reward_from_flags
+from .training import finished_line, quiet_transformers, reward_spec
 
 DESCRIPTION = """\
 Train the same policy on the same prompts as main_grpo.py / main_ppo.py, with TRL's SFTTrainer
@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help=f"Hub id, folder, {' / '.join(TINY_MODELS)} (random, offline), or "
                                     f"{' / '.join(RANDOM_SHAPED)} (random weights in real shapes) (default {d.policy})")
     p.add_argument("--tokenizer", help="tokenizer for policies without one (random-*; default gpt2)")
-    p.add_argument("--reward", choices=("vader", "model", "easy"), help=f"ranks the samples (default {d.reward})")
+    p.add_argument("--reward", type=reward_spec, metavar="{" + ",".join(REWARDS) + ",module:function}",
+                   help="ranks the samples: VADER lexicon, a classifier (--reward_model), the toy reward, exact "
+                        "match of the final number, or a TRL-style reward callable f(completions, **kwargs) named "
+                        f"module:function (a module or .py file) (default {d.reward})")
     p.add_argument("--reward_model", help=f"classifier for --reward model (default {d.reward_model})")
     p.add_argument("--dataset", help=f"prompts: builtin, easy, imdb, or a local file (default {d.dataset})")
     p.add_argument("--candidates", type=int, help=f"samples per prompt to rank (default {d.candidates})")
@@ -54,12 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
     p.add_argument("--dpo_beta", type=float, help=f"DPO's beta (default {d.dpo_beta})")
     p.add_argument("--sft_data", choices=SFT_DATA,
-                   help="SFT targets: the best of --candidates samples, or real positive reviews of a labelled "
-                        f"--dataset (opening = prompt, what follows = completion) (default {d.sft_data})")
+                   help="SFT targets: the best of --candidates samples (samples), real positive reviews of a labelled "
+                        "--dataset (positive_reviews: opening = prompt, what follows = completion), or the prompt/"
+                        f"completion pairs of a local --dataset file (completions) (default {d.sft_data})")
+    p.add_argument("--min_reward", type=float,
+                   help="--sft_data samples: keep only prompts whose best sample scores at least this (rejection-"
+                        "sampling fine-tuning); default: keep every prompt's best")
     add_precision_args(p, d.precision)
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--save_every", type=int, help=f"checkpoint-N every N steps (default {d.save_every})")
+    p.add_argument("--save_total_limit", type=int,
+                   help="keep only the newest N checkpoints (TRL's name; default: keep all)")
     p.add_argument("--output_dir", help=f"run folder (default {d.output_dir})")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint-N in --output_dir")
     p.add_argument("--allow_changed_settings", action="store_true",

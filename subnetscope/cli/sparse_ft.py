@@ -3,16 +3,26 @@
 sparse_to_sparse).
 
 Settings come from the dataclass defaults, then --config YAML, then the flags given. Outputs in
---output_dir: config.json (model, task, method, sparsity), metrics.jsonl (train/val loss, samples/s),
-checkpoint-N/ (--resume continues from the newest), final/ (the merged model: check it with
-validate_sparsity.py) and summary.json. Aggregate many runs with analyze_results.py.
+--output_dir: config.json (model, task, method, sparsity, precision used), metrics.jsonl (train/val
+loss, samples/s, elapsed seconds), checkpoint-N/ (--resume continues from the newest), final/ (the
+merged model at --view_dtype: check it with validate_sparsity.py) and summary.json (validation loss,
+sparsity, the task metric: accuracy for BoolQ and HellaSwag, exact match for GSM8K; wall_seconds,
+peak_gpu_memory_gb, peak_cpu_rss_gb). Aggregate many runs with analyze_results.py, or run masks,
+fine-tuning and analysis over a grid with run_sparse_sweep.py.
+Without the Hub, pass --task and --eval_data as local json/jsonl files with the task's columns
+(BoolQ: passage, question, answer; HellaSwag: ctx, endings, label; GSM8K: question, answer).
 """
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-from ..errors import cli_main
-from ..sparse_ft import METHODS, SparseFTConfig, SparseFTTrainer
+import yaml
+
+from ..errors import SubnetscopeError, cli_main
+from ..precision import add_precision_args
+from ..sparse_ft import METHODS, REPLACED, SparseFTConfig, SparseFTTrainer
 from ..sparse_lora import LORA_MODES
 from .dataclass_args import RUN_FLAGS_HELP, add_dataclass_flags, config_from_args
 from .training import quiet_transformers
@@ -21,12 +31,20 @@ HELP = {
     **RUN_FLAGS_HELP,
     "model": "model to fine-tune: a save_pretrained folder, a Hub id, or tiny-gpt2 / tiny-gemma3n (default tiny-gpt2)",
     "tokenizer": "tokenizer for models without one (default: the model's own)",
-    "task": "boolq, hellaswag, gsm8k or imdb (through datasets), or a local json/jsonl/csv/txt file such as "
+    "task": "boolq, hellaswag, gsm8k or imdb (through datasets), or a local json/jsonl/csv/txt file: with "
+            "BoolQ's, HellaSwag's or GSM8K's columns it is that task, else plain text such as "
             "../shared/data/imdb/train.jsonl.gz (default imdb)",
+    "eval_data": "records the final model's task metric is computed on: a local json/jsonl/csv file with the task's "
+                 "columns (default: a named task's validation split, test for gsm8k; a local task file's held-out "
+                 "records; plain text has no task metric)",
+    "eval_examples": "records scored for the task metric (default 500)",
+    "eval_max_new_tokens": "greedy tokens generated per GSM8K answer (default 256)",
     "mask": "mask file from compute_masks.py (True = kept); none = dense",
-    "method": "masked: train the weights themselves, pruned entries held at zero; lora: PEFT LoRA adapters (default masked)",
+    "method": "masked: train the weights themselves, pruned entries held at zero; lora: PEFT LoRA adapters "
+              "(default masked)",
     "lora_mode": "sparse_to_dense: dense adapters, mask applied at the merge; sparse_to_sparse: the adapter's "
-                 "delta masked in the forward too, so the merged model is sparse at every step (default sparse_to_dense)",
+                 "delta masked in the forward too, so the merged model is sparse at every step "
+                 "(default sparse_to_dense)",
     "lora_rank": "LoRA rank r (default 8)",
     "lora_alpha": "LoRA alpha; the delta is scaled by alpha / r (default 16)",
     "lora_dropout": "dropout on the LoRA input (default 0)",
@@ -35,7 +53,9 @@ HELP = {
     "max_steps": "optimizer steps (default 100)",
     "lr": "AdamW learning rate (default 1e-4)",
     "weight_decay": "AdamW weight decay (default 0; pruned entries stay zero either way)",
-    "dtype": "weights' dtype: float32, bfloat16 or float16 (default float32; bf16 autocast on a GPU)",
+    # --precision and --view_dtype: add_precision_args's shared definitions replace these two
+    "precision": "",
+    "view_dtype": "",
     "max_texts": "texts read from the task (default 20000)",
     "val_fraction": "share of the texts held out for validation (default 0.05)",
     "log_every": "steps between records of loss and samples/s (default 10)",
@@ -49,20 +69,45 @@ HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                conflict_handler="resolve")
     add_dataclass_flags(p, SparseFTConfig, HELP, choices={"method": METHODS, "lora_mode": LORA_MODES})
+    add_precision_args(p, SparseFTConfig.precision)
+    for old in REPLACED:
+        p.add_argument(f"--{old}", help=argparse.SUPPRESS)
     return p
+
+
+def refuse_replaced(args: argparse.Namespace) -> None:
+    """A flag or --config key this command no longer has, named with what replaced it."""
+    given = sorted(k for k in REPLACED if getattr(args, k) is not None)
+    if args.config and not given and Path(args.config).is_file():
+        try:
+            data = yaml.safe_load(Path(args.config).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None  # the config loader says what is wrong with the file
+        given = sorted(set(REPLACED) & set(data)) if isinstance(data, dict) else []
+    if given:
+        raise SubnetscopeError(f"--{given[0]} was replaced by {REPLACED[given[0]]}")
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
-    config = config_from_args(SparseFTConfig, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    refuse_replaced(args)
+    config = config_from_args(SparseFTConfig, args)
     trainer = SparseFTTrainer(config)
     info = trainer.describe()
     print(f"{config.method} fine-tuning of {info['trainable_parameters']:,} trainable parameters, mask sparsity "
           f"{info['sparsity']:.2%}, {config.max_steps} steps")
     result = trainer.train()
-    print(f"done: validation loss {result['val_loss']:.4f}, masked weights' sparsity {result['final_sparsity']:.4f}; "
-          f"run in {config.output_dir}/")
+    task = (f", {result['task_metric']} {result['task_score']:.4f} on {result['eval_examples']} records"
+            if result.get("task_metric") else "")
+    print(f"done: validation loss {result['val_loss']:.4f}{task}, masked weights' sparsity "
+          f"{result['final_sparsity']:.4f}, {result['wall_seconds']:.1f} s; run in {config.output_dir}/")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,10 +10,12 @@ from pathlib import Path
 import torch
 import transformers
 
+from ..aspg import ASPG_SPARSITY, ASPG_WARMUP, PLAN_UPDATE_FRACTION, PLAN_WARMUP
 from ..errors import SubnetscopeError
+from ..launch import warn_launch_mismatch
 from ..models import RANDOM_SHAPED, TINY_MODELS
 from ..precision import add_precision_args
-from ..rewards import reward_from_flags
+from ..rewards import REWARDS, reward_from_flags
 from ..rl import OPTIMIZERS, RLConfig, RLTrainer, RunStart, check_run_start, last_record
 
 PRESETS = {
@@ -44,8 +46,9 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
                        f"{' / '.join(RANDOM_SHAPED)} (random weights in real shapes) (default {d.policy})")
     model.add_argument("--tokenizer", help="tokenizer for policies that have none (random-gpt2-medium, "
                                            "random-gemma3n-e2b: default gpt2 from the Hub; offline ../shared/models/tiny-gpt2)")
-    model.add_argument("--reward", choices=("vader", "model", "easy"),
-                       help="reward: VADER lexicon, a classifier (--reward_model), or the toy reward "
+    model.add_argument("--reward", type=reward_spec, metavar="{" + ",".join(REWARDS) + ",module:function}",
+                       help="reward: VADER lexicon, a classifier (--reward_model), the toy reward, or a TRL-style "
+                            "reward callable f(completions, **kwargs) named module:function (a module or .py file) "
                             f"(default {d.reward}; model when --reward_model is given)")
     model.add_argument("--reward_model", help="sequence classifier; naming one selects --reward model; "
                                               f"score = POSITIVE logit (default {d.reward_model})")
@@ -62,11 +65,16 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     loop.add_argument("--max_steps", type=int, help=f"updates (default {d.max_steps})")
     opt = p.add_argument_group("optimizer and precision")
     opt.add_argument("--optimizer", choices=OPTIMIZERS,
-                     help=f"aspg = adaptive sparse policy gradients: AdamW updating only the most important entries "
-                          f"after a dense warm-up (default {d.optimizer})")
-    opt.add_argument("--aspg_sparsity", type=float, help="ASPG: fraction of entries NOT updated at each step after the "
-                     f"warm-up; the global top 1 - this, by EMA of |grad|, are (default {d.aspg_sparsity})")
-    opt.add_argument("--aspg_warmup", type=int, help=f"ASPG: dense steps before the sparse ones (default {d.aspg_warmup})")
+                     help="aspg = adaptive sparse policy gradients: AdamW updating only the most important "
+                          "entries (EMA of |grad|) after a dense warm-up, with error feedback; aspg_plan = ASPG as the "
+                          "research plan writes it: a plain step w -= lr*grad on the most important entries, the "
+                          f"other gradients dropped, no weight decay (default {d.optimizer})")
+    opt.add_argument("--aspg_sparsity", type=float, help="--optimizer aspg: share of entries NOT updated at each step "
+                     f"after the warm-up; the global top 1 - this are (default {ASPG_SPARSITY})")
+    opt.add_argument("--aspg_update_fraction", type=float, help="--optimizer aspg_plan: share of entries updated at "
+                     f"each step after the warm-up, the plan's 'sparsity' (default {PLAN_UPDATE_FRACTION})")
+    opt.add_argument("--aspg_warmup", type=int, help="ASPG: dense steps before the sparse ones (default "
+                     f"{ASPG_WARMUP} for aspg, {PLAN_WARMUP} for aspg_plan)")
     opt.add_argument("--update_mask", metavar="PATH",
                      help="fine-tune only the subnetwork in this mask file (compute_masks.py; --from_run RUN gives a run's "
                           "'ever changed' mask): gradients masked, weights outside it held at θ0. A mask made from a run "
@@ -75,7 +83,7 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     opt.add_argument("--train_unmasked", action="store_true",
                      help="with --update_mask: also train the tensors the mask does not cover (embeddings, norms, "
                           "biases of a compute_masks.py mask)")
-    opt.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
+    opt.add_argument("--lr", "--learning_rate", type=float, help=f"learning rate (default {d.lr})")
     opt.add_argument("--weight_decay", type=float, help=f"(default {d.weight_decay})")
     opt.add_argument("--max_grad_norm", type=float, help=f"gradient clipping; 0 = off (default {d.max_grad_norm})")
     add_precision_args(opt, d.precision)
@@ -84,6 +92,11 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     place.add_argument("--device", help="training device: auto (accelerate's choice), cpu, cuda")
     place.add_argument("--ref_device", help="reference model's device (auto = the training device); cpu saves GPU memory")
     place.add_argument("--reward_device", help="reward model's device (auto = the training device)")
+    place.add_argument("--ddp_topk_density", type=float,
+                       help="several processes (torchrun / accelerate launch, DDP): each sends only this share of its "
+                            "gradient entries per bucket, the largest |grad + residual| as int32 index + value, the "
+                            "rest carried to the next step; logs comm/topk_bytes beside comm/dense_bytes "
+                            "(default: DDP's dense all-reduce)")
     track = p.add_argument_group("tracking")
     track.add_argument("--atol", type=float, help=f"absolute rule |Δ| > atol (default {d.atol})")
     track.add_argument("--eta", type=float, help=f"relative rule |Δ| > eta·max(|w|,|w'|) (default {d.eta})")
@@ -93,6 +106,9 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     io = p.add_argument_group("checkpoints and logging")
     io.add_argument("--output_dir", help=f"run folder (default {d.output_dir})")
     io.add_argument("--save_every", type=int, help=f"checkpoint every N steps (default {d.save_every})")
+    io.add_argument("--save_total_limit", type=int,
+                    help="keep only the newest N step checkpoints, deleting older ones (TRL's name; default: keep "
+                         "all; metrics.jsonl keeps the whole density curve)")
     io.add_argument("--full_checkpoints", action="store_true", help="write full safetensors instead of compact ones")
     io.add_argument("--eval_every", type=int, help=f"held-out reward and KL every N steps (default {d.eval_every})")
     io.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last checkpoint")
@@ -102,9 +118,72 @@ def add_common_args(p: argparse.ArgumentParser, d: RLConfig) -> None:
     io.add_argument("--wandb", metavar="PROJECT", help="also log to Weights & Biases (works with WANDB_MODE=offline)")
     io.add_argument("--no_tqdm", action="store_true", help="no progress bar (for logs)")
     io.add_argument("--seed", type=int, help=f"seed of prompt order, sampling and new heads; tiny models keep one init (default {d.seed})")
+    add_trl_aliases(p, d)
     pre = p.add_argument_group("presets")
     for name, text in PRESET_HELP.items():
         pre.add_argument(f"--{name}", action="store_true", help=text)
+
+
+def reward_spec(value: str) -> str:
+    """--reward: a reward's name, or module:function, imported now so that a bad one is refused before any work."""
+    if value in REWARDS:
+        return value
+    if ":" not in value:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(REWARDS)}, "
+                                         "or module:function)")
+    from ..reward_import import import_reward
+
+    import_reward(value)
+    return value
+
+
+# TRL's spelling of a setting -> ours (same meaning); --per_device_train_batch_size is converted (trl_batch_size)
+TRL_SYNONYMS = {"num_generations": "group_size", "num_iterations": "inner_epochs"}
+
+
+def add_trl_aliases(p: argparse.ArgumentParser, d: RLConfig) -> None:
+    """TRL's names for settings these loops call otherwise (--learning_rate is a second name of --lr)."""
+    trl = p.add_argument_group("TRL's spellings (the same settings)")
+    trl.add_argument("--per_device_train_batch_size", type=int, dest="trl_per_device_train_batch_size", metavar="N",
+                     help="completions per process per optimizer step, as TRL counts them: --batch_size becomes "
+                          "this x processes / completions per prompt")
+    for theirs, ours in TRL_SYNONYMS.items():
+        if hasattr(d, ours):
+            trl.add_argument(f"--{theirs}", type=int, dest=f"trl_{theirs}", metavar="N",
+                             help=f"TRL's name for --{ours}")
+
+
+def trl_settings(values: dict, config_cls: type[RLConfig], args: argparse.Namespace) -> dict:
+    """Our settings from TRL's spellings given on the command line; both spellings with two values is refused."""
+    out: dict = {}
+    for theirs, ours in TRL_SYNONYMS.items():
+        if hasattr(args, f"trl_{theirs}"):
+            value = getattr(args, f"trl_{theirs}")
+            if hasattr(args, ours) and getattr(args, ours) != value:
+                raise SubnetscopeError(f"--{theirs} {value} and --{ours} {getattr(args, ours)} name one setting: "
+                                       "give one of them")
+            out[ours] = value
+    if hasattr(args, "trl_per_device_train_batch_size"):
+        out["batch_size"] = trl_batch_size(args.trl_per_device_train_batch_size, config_cls,
+                                           {**values, **out}, getattr(args, "batch_size", None))
+    return out
+
+
+def trl_batch_size(per_device: int, config_cls: type[RLConfig], values: dict, ours: int | None) -> int:
+    """--batch_size (prompts per step over all processes) from TRL's completions per process per step."""
+    defaults = {f.name: f.default for f in fields(config_cls)}
+    per_prompt = values.get("group_size", defaults.get("group_size", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    completions = per_device * world
+    if per_device < 1 or completions % per_prompt:
+        raise SubnetscopeError(f"--per_device_train_batch_size {per_device} x {world} processes = {completions} "
+                               f"completions is not a multiple of the {per_prompt} completions per prompt: "
+                               f"pass a multiple of {per_prompt}")
+    batch = completions // per_prompt
+    if ours is not None and ours != batch:
+        raise SubnetscopeError(f"--per_device_train_batch_size {per_device} means --batch_size {batch} here, "
+                               f"not {ours}: give one of them")
+    return batch
 
 
 def quiet_transformers() -> None:
@@ -120,6 +199,7 @@ def config_from_args(config_cls: type[RLConfig], args: argparse.Namespace, prese
             values.update(PRESETS[preset])
             values.update((preset_extra or {}).get(preset, {}))
     explicit = {f.name: getattr(args, f.name) for f in fields(config_cls) if hasattr(args, f.name)}
+    explicit.update(trl_settings({**values, **explicit}, config_cls, args))
     values.update(explicit)
     values.update(reward_from_flags(explicit))
     return config_cls(**values)
@@ -150,6 +230,7 @@ def run(trainer_cls: type[RLTrainer], config: RLConfig) -> dict:
     """Train, turning CUDA running out of memory into a one-line error that names the remedies; a
     --resume of a finished run reports it and trains nothing. Returns the last step's metrics."""
     start = check_run_start(config, trainer_cls.name)
+    warn_launch_mismatch(int(os.environ.get("WORLD_SIZE", "1")))
     if start.finished(config.max_steps):
         if os.environ.get("RANK", "0") == "0":
             print(finished_line(start, config.max_steps))

@@ -1,0 +1,477 @@
+"""The RL-sparsity study on real pretrained models: GRPO, PPO, DPO, SFT and rejection-sampling SFT
+(RFT) from one policy, on a verifiable task and on IMDB sentiment, several seeds, two learning rates.
+
+One group = one policy x one task. Its runs (algorithm x lr x seed, plus GRPO with pure bf16 weights as
+the stagnation contrast) run as parallel processes (`jobs`), each resumable; every finished run leaves
+a small summary.json (changed share under the three rules, the density curve, per-layer and per-module
+tables, update rank, held-out score before and after). The group's report adds seed-to-seed overlap,
+the subnetwork-only GRPO rerun and the precision split, and writes small files to
+`results_dir/<policy>__<task>/`; `write_tables` then builds `table.md` over every group found there, so
+groups measured in different sessions (the GPU comes in 30-minute pieces) make one table.
+
+Learning rates: each algorithm's usual one (RL 1e-6 as in the paper's recipes; SFT and RFT 1e-5, the
+usual SFT lr) and one shared lr (1e-6) for all, so "RL vs SFT" is not only "small vs large lr".
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arithmetic import Difficulty, make_problems
+from .changes import RULES, ChangeRules
+from .checkpoint import open_checkpoint
+from .errors import SubnetscopeError
+from .logger import read_metrics
+from .report import write_csv, write_json
+
+TASKS = ("arithmetic", "imdb")
+ALGOS = ("grpo", "ppo", "dpo", "sft", "rft")
+USUAL_LR = {"grpo": 1e-6, "ppo": 1e-6, "dpo": 1e-6, "sft": 1e-5, "rft": 1e-5}
+TASK_REWARD = {"arithmetic": "arithmetic", "imdb": "vader"}
+# RFT keeps a sample when its reward reaches this: a correct answer; a clearly positive VADER score
+RFT_MIN_REWARD = {"arithmetic": 1.0, "imdb": 0.5}
+VIEW = "bfloat16"
+SUMMARY = "summary.json"
+# resume state a finished run no longer needs (optimizer moments, fp32 masters, TRL's full weights): the
+# study keeps base/, final/, the metrics and the tracker state (the subnetwork mask is read from it)
+RESUME_ONLY = ("optimizer.pt", "trainer_state.pt", "master.safetensors", "model.safetensors", "scheduler.pt")
+CHECKPOINT_DIR = re.compile(r"^(step_|checkpoint-)\d+$")
+
+
+@dataclass
+class RealStudyConfig:
+    """One group of the study: a policy on a task."""
+
+    # a real model's name (smollm2-135m-instruct, gemma3-270m), a local folder, or tiny-gpt2 for tests
+    policy: str = "smollm2-135m-instruct"
+    # arithmetic (exact-match reward) or imdb (VADER sentiment of continued review openings)
+    task: str = "arithmetic"
+    algos: list[str] = field(default_factory=lambda: list(ALGOS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # the lr every algorithm also runs at, besides its usual one (USUAL_LR)
+    shared_lr: float = 1e-6
+    max_steps: int = 300
+    save_every: int = 25
+    batch_size: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 40
+    # arithmetic problems: 2-3 operands in [2, max_value], + and *; SmolLM2-135M-Instruct answers ~38% greedily
+    max_value: int = 10
+    train_prompts: int = 2000
+    heldout_prompts: int = 200
+    # labelled IMDB reviews (prompts: openings of all reviews; SFT targets: real positive reviews)
+    imdb: str = "../shared/data/imdb/train.jsonl.gz"
+    # instruct models see prompts in their chat template; None: when the tokenizer has one
+    chat_template: bool | None = None
+    jobs: int = 1  # runs at once, each its own process; 0 runs them one after another in this process
+    device: str = "auto"
+    precision: str = "mixed"
+    # RFT keeps a prompt's best sample when it scores at least this; None: the task's (RFT_MIN_REWARD)
+    rft_min_reward: float | None = None
+    contrast: bool = True  # GRPO seed 0 with pure bf16 weights: bf16 stagnation, for contrast
+    subnetwork: bool = True  # GRPO seed 0 again, confined to the weights its full run changed
+    output_dir: str = "checkpoints/real_study"
+    results_dir: str = "results/real_study"
+
+    def validate(self) -> None:
+        if self.task not in TASKS:
+            raise SubnetscopeError(f"--task {self.task!r}: use {' or '.join(TASKS)}")
+        unknown = [a for a in self.algos if a not in ALGOS]
+        if unknown:
+            raise SubnetscopeError(f"--algos {' '.join(unknown)}: choose from {', '.join(ALGOS)}")
+        if min(self.max_steps, self.save_every, self.batch_size, self.max_new_tokens, self.heldout_prompts) < 1:
+            raise SubnetscopeError("--max_steps, --save_every, --batch_size, --max_new_tokens and --heldout_prompts "
+                                   "must be at least 1")
+        if self.group_size < 2 or self.jobs < 0 or not self.shared_lr > 0 or not self.seeds:
+            raise SubnetscopeError("--group_size must be at least 2, --jobs at least 0, --shared_lr positive, and "
+                                   "--seeds must name at least one seed")
+        if self.task == "imdb" and not Path(self.imdb).is_file():
+            raise SubnetscopeError(f"--imdb {self.imdb} does not exist: pass a labelled IMDB file such as "
+                                   "../shared/data/imdb/train.jsonl.gz")
+
+    @property
+    def group(self) -> str:
+        return f"{Path(self.policy).name}__{self.task}"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a group: what it is and every setting its trainer gets."""
+
+    name: str
+    algo: str
+    lr: float
+    seed: int
+    precision: str
+    settings: dict
+
+
+def run_name(algo: str, lr: float, seed: int, precision: str = "mixed") -> str:
+    """A run folder's name; the pure-bf16 contrast is marked."""
+    return f"{algo}_lr{lr:g}_s{seed}" + ("_bf16" if precision == "bf16" else "")
+
+
+# --- the task's data ------------------------------------------------------------------------------
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from .checkpoint import atomic_write_file
+
+    atomic_write_file(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+
+
+def arithmetic_files(cfg: RealStudyConfig) -> dict[str, list[dict]]:
+    """Training problems (prompt; prompt + worked answer) and distinct held-out problems."""
+    problems = make_problems(cfg.train_prompts + cfg.heldout_prompts, seed=1234, difficulty=Difficulty(
+        max_value=cfg.max_value))
+    # the generator's de-duplication leaves the last problems drawn mostly three-operand ones: shuffle first,
+    # so the held-out problems come from the training distribution
+    random.Random(1234).shuffle(problems)
+    train, heldout = problems[:-cfg.heldout_prompts], problems[-cfg.heldout_prompts:]
+    return {"prompts": [{"prompt": p.prompt} for p in train],
+            "reference": [{"prompt": p.prompt, "completion": " " + p.worked_answer} for p in train],
+            "heldout": [{"prompt": p.prompt} for p in heldout]}
+
+
+def imdb_files(cfg: RealStudyConfig, opening_words: int = 12, completion_words: int = 30) -> dict[str, list[dict]]:
+    """Review openings as prompts (held-out ones from distinct reviews); SFT targets: what follows the
+    opening in real positive reviews."""
+    from .data import load_labelled_reviews
+
+    texts, labels = load_labelled_reviews(cfg.imdb, seed=1234, limit=cfg.train_prompts + cfg.heldout_prompts)
+    words = [t.split() for t in texts]
+    openings = [" ".join(w[:opening_words]) for w in words]
+    reference = [{"prompt": " ".join(w[:opening_words]), "completion": " " + " ".join(
+        w[opening_words:opening_words + completion_words])} for w, y in zip(words, labels)
+        if y == 1 and len(w) >= opening_words + completion_words]
+    return {"prompts": [{"prompt": o} for o in openings[:-cfg.heldout_prompts]], "reference": reference,
+            "heldout": [{"prompt": o} for o in openings[-cfg.heldout_prompts:]]}
+
+
+def write_task_files(cfg: RealStudyConfig, out: Path) -> dict[str, Path]:
+    """The group's data files (kept when present, so a resumed study trains on the same data)."""
+    paths = {k: out / "data" / f"{k}.jsonl" for k in ("prompts", "reference", "heldout")}
+    if not all(p.is_file() for p in paths.values()):
+        rows = arithmetic_files(cfg) if cfg.task == "arithmetic" else imdb_files(cfg)
+        for key, path in paths.items():
+            _write_jsonl(path, rows[key])
+    return paths
+
+
+# --- the runs -------------------------------------------------------------------------------------
+
+def run_specs(cfg: RealStudyConfig, data: dict[str, Path]) -> list[RunSpec]:
+    """Every main run: each algorithm at its usual lr and at the shared lr, every seed; then the
+    pure-bf16 GRPO contrast."""
+    common = {"policy": cfg.policy, "reward": TASK_REWARD[cfg.task], "dataset": str(data["prompts"]),
+              "max_steps": cfg.max_steps, "save_every": cfg.save_every, "save_total_limit": 1,
+              "batch_size": cfg.batch_size, "max_prompt_tokens": 128, "max_new_tokens": cfg.max_new_tokens,
+              "device": cfg.device, "view_dtype": VIEW}
+    if cfg.chat_template is not None:
+        common["chat_template"] = cfg.chat_template
+    per_algo = {
+        "grpo": {"group_size": cfg.group_size, "eval_every": cfg.max_steps, "no_tqdm": True},
+        "ppo": {"mini_batch_size": min(8, cfg.batch_size), "eval_every": cfg.max_steps, "no_tqdm": True},
+        "dpo": {"task": "dpo", "candidates": cfg.group_size, "max_prompts": 1024},
+        "sft": {"task": "sft", "sft_data": "completions", "dataset": str(data["reference"]), "max_prompts": 4096},
+        "rft": {"task": "sft", "sft_data": "samples", "candidates": cfg.group_size, "max_prompts": 1024,
+                "min_reward": RFT_MIN_REWARD[cfg.task] if cfg.rft_min_reward is None else cfg.rft_min_reward},
+    }
+    specs = []
+    for algo in cfg.algos:
+        for lr in dict.fromkeys([USUAL_LR[algo], cfg.shared_lr]):
+            for seed in cfg.seeds:
+                specs.append(RunSpec(run_name(algo, lr, seed), algo, lr, seed, cfg.precision,
+                                     {**common, **per_algo[algo], "lr": lr, "seed": seed,
+                                      "precision": cfg.precision}))
+    if cfg.contrast and "grpo" in cfg.algos:
+        lr, seed = USUAL_LR["grpo"], cfg.seeds[0]
+        specs.append(RunSpec(run_name("grpo", lr, seed, "bf16"), "grpo", lr, seed, "bf16",
+                             {**common, **per_algo["grpo"], "lr": lr, "seed": seed, "precision": "bf16"}))
+    return specs
+
+
+def train(spec: RunSpec, folder: Path) -> None:
+    """Train (or resume) one run with the trainer its algorithm uses."""
+    settings = {**spec.settings, "output_dir": str(folder), "resume": folder.exists()}
+    if spec.algo in ("sft", "rft", "dpo"):
+        from .baselines import BaselineConfig, train_baseline
+
+        train_baseline(BaselineConfig(**settings))
+    elif spec.algo == "grpo":
+        from .grpo import GRPOConfig, GRPOTrainer
+
+        GRPOTrainer(GRPOConfig(**settings)).train()
+    else:
+        from .ppo import PPOConfig, PPOTrainer
+
+        PPOTrainer(PPOConfig(**settings)).train()
+
+
+def density_curve(folder: Path) -> list[dict]:
+    """The tracked share changed at each logged step (view dtype; the fp32 masters' beside it under
+    mixed precision), from the run's own metrics file."""
+    path = next((folder / f for f in ("metrics.jsonl", "subnet_metrics.jsonl") if (folder / f).is_file()), None)
+    if path is None:
+        return []
+    curve = []
+    for record in read_metrics(path):
+        if "changed/exact" in record:
+            row = {"step": record["step"], **{r: record.get(f"changed/{r}") for r in RULES}}
+            row.update({f"master_{r}": record[f"changed_master/{r}"] for r in RULES
+                        if f"changed_master/{r}" in record})
+            if "reward/mean" in record:
+                row["reward"] = record["reward/mean"]
+            curve.append(row)
+    return curve
+
+
+@torch.no_grad()
+def heldout_score(model_dir: str, prompts: list[str], reward: str, max_new_tokens: int, device: str,
+                  chat_template: bool | None = None, batch: int = 64) -> float:
+    """Mean reward of greedy completions of the held-out prompts (for arithmetic: accuracy)."""
+    from .data import chat_prompts
+    from .models import load_causal_lm, load_tokenizer
+    from .rewards import build_reward, score_rollout
+    from .sampling import generate
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, torch.bfloat16 if device.startswith("cuda") else torch.float32).to(device).eval()
+    templated = (chat_template if chat_template is not None else bool(getattr(tokenizer, "chat_template", None)))
+    reward_fn = build_reward(reward, "", device)
+    scores = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        seen = chat_prompts(tokenizer, chunk) if templated else chunk
+        rollout = generate(model, tokenizer, seen, torch.arange(len(chunk)), seed=0, step=0,
+                           max_new_tokens=max_new_tokens, greedy=True)
+        scores.append(score_rollout(reward_fn, chunk, rollout))
+    return float(torch.nanmean(torch.cat(scores)))
+
+
+def read_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def measure(spec: RunSpec, folder: Path, heldout: Path, device: str) -> dict:
+    """A finished run's summary: changed share (bf16 view) under each rule, the density curve, per-layer
+    and per-module changed shares, update rank, held-out score after training."""
+    from .engine import analyze_pair, iter_block_table
+    from .report import module_rows, rank_summary
+
+    pair = analyze_pair(open_checkpoint(str(folder / "base")), open_checkpoint(str(folder / "final")),
+                        ChangeRules(), device=device, rank=True, progress=False, view_dtype=VIEW)
+    ranks = rank_summary(pair) or {}
+    layers = [{k: v for k, v in row.items() if k in ("block", "numel", *RULES) or k.endswith("_fraction")}
+              for row in iter_block_table(pair)]
+    modules = [{k: v for k, v in row.items() if k in ("module", "numel", *RULES) or k.endswith("_fraction")}
+               for row in module_rows(pair)]
+    return {"run": spec.name, "algo": spec.algo, "lr": spec.lr, "seed": spec.seed, "precision": spec.precision,
+            "numel": pair.numel, **{f"changed_{r}": pair.fraction(r) for r in RULES},
+            "rank_percent_mean": ranks.get("mean_percent"), "rank_percent_min": ranks.get("min_percent"),
+            "heldout_after": heldout_score(str(folder / "final"), read_prompts(heldout), spec.settings["reward"],
+                                           spec.settings["max_new_tokens"], device,
+                                           spec.settings.get("chat_template")),
+            "curve": density_curve(folder), "layers": layers, "modules": modules}
+
+
+def run_and_measure(spec: RunSpec, folder: Path, heldout: Path, device: str) -> dict:
+    """Train, measure, and keep the summary; the heavy step folders go once it is written."""
+    done = folder / SUMMARY
+    if done.is_file():
+        return json.loads(done.read_text())
+    start = time.time()
+    train(spec, folder)
+    summary = {**measure(spec, folder, heldout, device), "wall_seconds": time.time() - start}
+    write_json(done, summary)
+    drop_resume_state(folder)
+    return summary
+
+
+def drop_resume_state(folder: Path) -> int:
+    """Delete what only a resume needs from a finished run's checkpoints (a study of 24 runs of a 135M
+    model otherwise fills a 64 GB disk); returns the bytes freed."""
+    freed = 0
+    for checkpoint in (c for c in folder.iterdir() if c.is_dir() and CHECKPOINT_DIR.match(c.name)):
+        for name in RESUME_ONLY:
+            path = checkpoint / name
+            if path.is_file():
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
+
+
+def _resolved_device(device: str) -> str:
+    return "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig, log=print) -> dict[str, dict]:
+    """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0); a failed run is
+    logged with its error file and the others go on."""
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    pending = [s for s in specs if not (runs / s.name / SUMMARY).is_file()]
+    device = _resolved_device(cfg.device)
+    if cfg.jobs == 0:
+        for spec in pending:
+            log(f"{spec.name}: running")
+            run_and_measure(spec, runs / spec.name, heldout, device)
+    else:
+        active: list[tuple[RunSpec, subprocess.Popen]] = []
+        queue = list(pending)
+        while queue or active:
+            while queue and len(active) < cfg.jobs:
+                spec = queue.pop(0)
+                spec_file = runs / f"{spec.name}.spec.json"
+                write_json(spec_file, {**asdict(spec), "heldout": str(heldout), "device": device})
+                log_file = open(runs / f"{spec.name}.log", "a")
+                active.append((spec, subprocess.Popen([sys.executable, "-m", "subnetscope.real_study", str(spec_file)],
+                                                      stdout=log_file, stderr=subprocess.STDOUT,
+                                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})))
+                log(f"{spec.name}: started")
+            time.sleep(2)
+            for item in [a for a in active if a[1].poll() is not None]:
+                active.remove(item)
+                log(f"{item[0].name}: {'done' if item[1].returncode == 0 else 'FAILED, see runs/' + item[0].name + '.log'}")
+    return {s.name: json.loads((runs / s.name / SUMMARY).read_text()) for s in specs
+            if (runs / s.name / SUMMARY).is_file()}
+
+
+def _run_from_file(path: str) -> int:
+    """Entry point of one run's process: the spec file written by run_all."""
+    raw = json.loads(Path(path).read_text())
+    heldout, device = Path(raw.pop("heldout")), raw.pop("device")
+    spec = RunSpec(**raw)
+    run_and_measure(spec, Path(path).parent / spec.name, heldout, device)
+    return 0
+
+
+# --- the group's report ---------------------------------------------------------------------------
+
+def overlap_rows(summaries: dict[str, dict], runs: Path, device: str) -> list[dict]:
+    """o1, o2 and Jaccard (with their chance levels) of every seed pair of each algorithm and lr."""
+    from .engine import analyze_overlap
+
+    rows = []
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries.values():
+        if s["precision"] != "bf16":  # the pure-bf16 contrast has one seed
+            groups.setdefault((s["algo"], s["lr"]), []).append(s)
+    for (algo, lr), members in groups.items():
+        for a, b in itertools.combinations(sorted(members, key=lambda s: s["seed"]), 2):
+            result = analyze_overlap(open_checkpoint(str(runs / a["run"] / "base")),
+                                     open_checkpoint(str(runs / a["run"] / "final")),
+                                     open_checkpoint(str(runs / b["run"] / "final")), ChangeRules(), device=device,
+                                     progress=False, view_dtype=VIEW)
+            rows += [{"algo": algo, "lr": lr, "seed_1": a["seed"], "seed_2": b["seed"], "rule": r,
+                      **result.global_[r]} for r in RULES]
+    return rows
+
+
+def subnetwork_rerun(cfg: RealStudyConfig, specs: list[RunSpec], out: Path, heldout: Path) -> dict | None:
+    """GRPO seed 0 again, confined to the weights its full run ever changed: the share of weights identical
+    to the full run and the held-out score of both."""
+    from .checkpoint import read_ever_changed
+    from .masks import MaskSet, model_fingerprint, save_masks
+    from .runstate import read_run_config
+
+    full = next((s for s in specs if s.algo == "grpo" and s.precision == cfg.precision and s.seed == cfg.seeds[0]
+                 and s.lr == USUAL_LR["grpo"]), None)
+    if full is None or not (out / "runs" / full.name / SUMMARY).is_file():
+        return None
+    full_dir = out / "runs" / full.name
+    mask_path = out / "subnetwork_mask.safetensors"
+    if not mask_path.is_file():
+        step, masks = read_ever_changed(full_dir)  # the tracker state: what drop_resume_state keeps
+        save_masks(mask_path, MaskSet(masks, {"method": "ever_changed", "source_run": str(full_dir.resolve()),
+                                              "step": step}, model_fingerprint(read_run_config(full_dir)["parameters"])))
+    spec = RunSpec("subnetwork_" + full.name, "grpo", full.lr, full.seed, full.precision,
+                   {**full.settings, "update_mask": str(mask_path)})
+    summary = run_and_measure(spec, out / "runs" / spec.name, heldout, _resolved_device(cfg.device))
+    comparison = json.loads((out / "runs" / spec.name / "subnetwork_comparison.json").read_text())
+    full_summary = json.loads((full_dir / SUMMARY).read_text())
+    return {"seed": full.seed, "lr": full.lr, "identical_fraction": comparison["identical_fraction"],
+            "heldout_subnetwork": summary["heldout_after"], "heldout_full": full_summary["heldout_after"],
+            "changed_exact_subnetwork": summary["changed_exact"], "changed_exact_full": full_summary["changed_exact"]}
+
+
+def precision_split(summaries: dict[str, dict], cfg: RealStudyConfig) -> dict | None:
+    """GRPO seed 0: weights changed at the bf16 view beside the fp32 masters that changed, and with pure
+    bf16 weights (the last point of each density curve)."""
+    lr, seed = USUAL_LR["grpo"], cfg.seeds[0]
+    mixed = summaries.get(run_name("grpo", lr, seed, cfg.precision))
+    bf16 = summaries.get(run_name("grpo", lr, seed, "bf16"))
+    if mixed is None or not mixed["curve"] or "master_exact" not in mixed["curve"][-1]:
+        return None
+    last = mixed["curve"][-1]
+    return {"seed": seed, "lr": lr, "precision": cfg.precision, "mixed_bf16_view": {r: last[r] for r in RULES},
+            "mixed_fp32_master": {r: last[f"master_{r}"] for r in RULES},
+            "pure_bf16": {r: bf16["curve"][-1][r] for r in RULES} if bf16 and bf16["curve"] else None}
+
+
+def result_rows(summaries: dict[str, dict], before: float, cfg: RealStudyConfig) -> list[dict]:
+    return [{"policy": Path(cfg.policy).name, "task": cfg.task, **{k: v for k, v in s.items()
+             if k not in ("curve", "layers", "modules")}, "heldout_before": before}
+            for s in summaries.values()]
+
+
+def layer_rows(summaries: dict[str, dict], cfg: RealStudyConfig) -> list[dict]:
+    """Per run and block: the share changed, with the block's relative depth (0 = first, 1 = last)."""
+    rows = []
+    for s in summaries.values():
+        blocks = [r for r in s["layers"] if r["block"] != "outside"]
+        depth = max(len(blocks) - 1, 1)
+        rows += [{"policy": Path(cfg.policy).name, "task": cfg.task, "run": s["run"], "algo": s["algo"],
+                  "lr": s["lr"], "seed": s["seed"], "precision": s["precision"], "block": r["block"],
+                  "relative_depth": (int(r["block"]) / depth) if r["block"] != "outside" else None,
+                  "numel": r["numel"], **{f"changed_{x}": r[f"{x}_fraction"] for x in RULES}} for r in s["layers"]]
+    return rows
+
+
+def run_group(cfg: RealStudyConfig, log=print, command: str = "") -> Path:
+    """Run (or resume) one group and write its small result files; returns the group's results folder."""
+    cfg.validate()
+    out = Path(cfg.output_dir) / cfg.group
+    data = write_task_files(cfg, out)
+    device = _resolved_device(cfg.device)
+    before_file = out / "heldout_before.json"
+    if not before_file.is_file():
+        score = heldout_score(cfg.policy, read_prompts(data["heldout"]), TASK_REWARD[cfg.task], cfg.max_new_tokens,
+                              device, cfg.chat_template)
+        write_json(before_file, {"heldout_before": score})
+    before = json.loads(before_file.read_text())["heldout_before"]
+    log(f"{cfg.group}: held-out score before training {before:.4f}")
+    start = time.time()
+    specs = run_specs(cfg, data)
+    summaries = run_all(specs, out, data["heldout"], cfg, log)
+    missing = [s.name for s in specs if s.name not in summaries]
+    subnet = subnetwork_rerun(cfg, specs, out, data["heldout"]) if cfg.subnetwork else None
+    results = Path(cfg.results_dir) / cfg.group
+    write_csv(results / "results.csv", result_rows(summaries, before, cfg))
+    write_csv(results / "overlap.csv", overlap_rows(summaries, out / "runs", device))
+    write_csv(results / "layers.csv", layer_rows(summaries, cfg))
+    write_csv(results / "modules.csv", [{"run": s["run"], "algo": s["algo"], "lr": s["lr"], "seed": s["seed"], **m}
+                                        for s in summaries.values() for m in s["modules"]])
+    write_csv(results / "curves.csv", [{"run": s["run"], "algo": s["algo"], "lr": s["lr"], "seed": s["seed"],
+                                        "precision": s["precision"], **c} for s in summaries.values()
+                                       for c in s["curve"]])
+    write_json(results / "group.json", {
+        "config": asdict(cfg), "command": command, "heldout_before": before, "subnetwork": subnet,
+        "precision": precision_split(summaries, cfg), "missing_runs": missing,
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "wall_seconds_this_call": time.time() - start,
+        "run_wall_seconds": {s["run"]: s.get("wall_seconds") for s in summaries.values()}})
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(_run_from_file(sys.argv[1]))

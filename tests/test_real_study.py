@@ -1,0 +1,153 @@
+"""The real-model study's pieces on tiny inputs: the arithmetic task and its exact-match reward, the run
+plan, the claims and table writer, and (slow) one tiny group end to end against an independent diff."""
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from subnetscope.arithmetic import ArithmeticReward, Difficulty, Problem, final_number, make_problems, problem_in
+from subnetscope.baselines import sft_records
+from subnetscope.errors import SubnetscopeError
+from subnetscope.real_study import CHECKPOINT_DIR, RESUME_ONLY, RealStudyConfig, run_specs
+from subnetscope.real_study_report import claims, write_tables
+from subnetscope.report import write_csv, write_json
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+def test_problems_are_distinct_within_the_difficulty_and_answered_right():
+    problems = make_problems(300, seed=5, difficulty=Difficulty(2, 3, 10, 0.5))
+    assert len({p.expression for p in problems}) == 300
+    for p in problems:
+        operands = [int(x) for x in p.expression.replace("*", "+").split("+")]
+        assert 2 <= len(operands) <= 3 and all(2 <= x <= 10 for x in operands)
+        assert p.answer == eval(p.expression)  # noqa: S307 - the test's independent evaluator
+    assert [p.expression for p in make_problems(20, seed=5)] == [p.expression for p in make_problems(20, seed=5)]
+
+
+def test_worked_answer_shows_the_products_then_ends_at_the_answer():
+    assert Problem("3 + 2 * 8").worked_answer == "3 + 2 * 8 = 3 + 16 = 19. The answer is 19."
+    assert Problem("4 * 5").worked_answer == "4 * 5 = 20. The answer is 20."
+    assert Problem("6 + 7 + 2").worked_answer == "6 + 7 + 2 = 15. The answer is 15."
+
+
+@pytest.mark.parametrize("text, number", [("The answer is 19.", 19), ("3 + 16 = 19", 19), ("no digits", None),
+                                          ("it is 1,234", 1234), ("-5 then 12", 12)])
+def test_final_number(text, number):
+    assert final_number(text) == number
+
+
+def test_reward_is_exact_match_and_reads_the_problem_from_a_templated_prompt():
+    prompt = Problem("3 + 2 * 8").prompt
+    templated = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    reward = ArithmeticReward()
+    assert reward([prompt, templated, prompt, "Hello"], ["19", "so 3 + 16 = 19.", "20", "19"]) == [1.0, 1.0, 0.0, None]
+    assert reward(prompts=[prompt], completions=["19"], completion_ids=[[1]]) == [1.0]
+    assert problem_in("What is 2 + __import__('os')?") is None
+
+
+def test_rejection_sampling_keeps_only_passing_samples():
+    samples = [[(1.0, " 19")], [(0.0, " 7")], [(1.0, "12"), (0.0, "3")]]
+    kept = sft_records(["a", "b", "c"], samples, min_reward=1.0)
+    assert kept == {"prompt": ["a", "c"], "completion": [" 19", " 12"]}
+    with pytest.raises(SubnetscopeError, match="--min_reward"):
+        sft_records(["b"], [[(0.0, "7")]], min_reward=1.0)
+
+
+def test_the_plan_runs_each_algorithm_at_its_usual_and_the_shared_lr():
+    cfg = RealStudyConfig(policy="tiny-gpt2", seeds=[0, 1, 2])
+    specs = run_specs(cfg, {k: Path(f"{k}.jsonl") for k in ("prompts", "reference", "heldout")})
+    by_algo = {}
+    for s in specs:
+        by_algo.setdefault((s.algo, s.precision), set()).add(s.lr)
+    assert by_algo == {("grpo", "mixed"): {1e-6}, ("ppo", "mixed"): {1e-6}, ("dpo", "mixed"): {1e-6},
+                       ("sft", "mixed"): {1e-5, 1e-6}, ("rft", "mixed"): {1e-5, 1e-6}, ("grpo", "bf16"): {1e-6}}
+    assert len(specs) == 7 * 3 + 1
+    rft = next(s for s in specs if s.algo == "rft")
+    assert rft.settings["min_reward"] == 1.0 and rft.settings["sft_data"] == "samples"
+    sft = next(s for s in specs if s.algo == "sft")
+    assert sft.settings["sft_data"] == "completions" and sft.settings["dataset"] == "reference.jsonl"
+
+
+def _row(algo, lr, seed, changed, precision="mixed"):
+    return {"algo": algo, "lr": lr, "seed": seed, "precision": precision, "changed_exact": changed,
+            "changed_atol": changed, "changed_relative": changed, "rank_percent_mean": 99.5, "heldout_after": 0.5,
+            "heldout_before": 0.25}
+
+
+def test_claims_state_each_verdict_from_hand_computed_numbers():
+    rows = [_row("grpo", 1e-6, 0, 0.10), _row("grpo", 1e-6, 1, 0.20), _row("sft", 1e-5, 0, 0.60),
+            _row("sft", 1e-6, 0, 0.20), _row("rft", 1e-6, 0, 0.16)]
+    overlaps = [{"algo": "grpo", "rule": "exact", "jaccard": 0.5, "jaccard_random": 0.1, "o1": 0.6, "o1_random": 0.2}]
+    group = {"config": {"shared_lr": 1e-6}, "subnetwork": None, "precision": None}
+    text = "\n".join(claims(rows, overlaps, group))
+    assert "RL leaves most weights bit-identical: holds: RL 85.0% identical" in text  # 1 - mean(0.1, 0.2)
+    assert "each at its usual lr: holds (ratio 4.00" in text  # 0.60 / 0.15
+    assert "shared lr (1e-06): does not hold (ratio 1.33" in text  # 0.20 / 0.15
+    assert "at lr 1e-06: does not hold (changed exact: RFT 16.00%, RL 15.00%, SFT 20.00%)" in text
+    assert "Updates nearly full rank: holds (mean 99.5%" in text
+    assert "overlap above chance: holds (1 of 1 RL seed pairs; Jaccard 0.500 vs chance 0.100" in text
+
+
+def test_table_writer_builds_one_table_over_the_groups_it_finds(tmp_path):
+    folder = tmp_path / "tiny__arithmetic"
+    rows = [{**_row("grpo", 1e-6, s, 0.1 + 0.1 * s), "policy": "tiny", "task": "arithmetic"} for s in (0, 1)]
+    write_csv(folder / "results.csv", rows)
+    write_csv(folder / "overlap.csv", [])
+    layers = [{"run": f"grpo_{s}", "algo": "grpo", "lr": 1e-6, "seed": s, "precision": "mixed", "block": b,
+               "relative_depth": b / 3, "numel": 10, "changed_exact": 0.1, "changed_atol": 0.1,
+               "changed_relative": 0.1 * (b + 1)} for s in (0, 1) for b in range(4)]
+    write_csv(folder / "layers.csv", layers)
+    write_csv(folder / "curves.csv", [{"run": "grpo_0", "algo": "grpo", "lr": 1e-6, "seed": 0, "precision": "mixed",
+                                       "step": k, "exact": 0.01 * k} for k in (1, 2, 3)])
+    write_json(folder / "group.json", {"config": {"policy": "tiny", "task": "arithmetic", "max_steps": 3,
+                                                  "batch_size": 2, "seeds": [0, 1], "shared_lr": 1e-6},
+                                       "device": "cpu", "command": "python real_study.py run --policy tiny",
+                                       "missing_runs": ["ppo_lr1e-06_s0"]})
+    table = write_tables(tmp_path).read_text()
+    assert "## tiny on arithmetic" in table and "`python real_study.py run --policy tiny`" in table
+    assert "| grpo | 1e-06 | mixed | 2 | 85.00 ± 7.07 |" in table  # identical 90% and 80%
+    assert "Runs that did not finish: ppo_lr1e-06_s0." in table
+    with open(tmp_path / "localization.csv") as f:
+        loc = list(csv.DictReader(f))
+    profile = [0.1, 0.2, 0.3, 0.4]  # Gini of a uniform ramp: sum |xi - xj| / (2 n^2 mean)
+    gini = sum(abs(a - b) for a in profile for b in profile) / (2 * 16 * 0.25)
+    assert float(loc[0]["gini"]) == pytest.approx(gini)
+    assert (folder / "density_curves.png").stat().st_size > 0 and (folder / "layers_by_depth.png").is_file()
+
+
+@pytest.mark.slow
+def test_a_tiny_group_end_to_end_matches_an_independent_diff(tmp_path):
+    policy = SHARED / "models" / "tiny-gpt2"
+    if not policy.is_dir():
+        pytest.skip("../shared/models/tiny-gpt2 is not beside the checkout")
+    from subnetscope.cli.real_study import main
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    assert main(["run", "--policy", str(policy), "--task", "imdb", "--imdb", str(SHARED / "data/imdb/train.jsonl.gz"),
+                 "--algos", "grpo", "sft", "--seeds", "0", "1", "--max_steps", "2", "--save_every", "1",
+                 "--batch_size", "4", "--group_size", "2", "--max_new_tokens", "6", "--train_prompts", "64",
+                 "--heldout_prompts", "8", "--jobs", "0", "--device", "cpu", "--precision", "fp32",
+                 "--contrast", "no", "--subnetwork", "yes", "--output_dir", str(out), "--results_dir", str(results)]) == 0
+    group = results / "tiny-gpt2__imdb"
+    with open(group / "results.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"grpo_lr1e-06_s0", "grpo_lr1e-06_s1", "sft_lr1e-05_s0", "sft_lr1e-05_s1",
+                         "sft_lr1e-06_s0", "sft_lr1e-06_s1"}
+    for name, row in rows.items():
+        run = out / "tiny-gpt2__imdb" / "runs" / name
+        base = load_file(str(run / "base" / "model.safetensors"))
+        final = load_file(str(run / "final" / "model.safetensors"))
+        changed = sum(int((base[k].to(torch.bfloat16).view(torch.int16) != final[k].to(torch.bfloat16).view(
+            torch.int16)).sum()) for k in base if k in final and base[k].is_floating_point())
+        numel = int(row["numel"])
+        assert float(row["changed_exact"]) == pytest.approx(changed / numel, abs=1 / numel), name
+    summary = json.loads((group / "group.json").read_text())
+    assert summary["missing_runs"] == [] and set(summary["subnetwork"]["identical_fraction"]) == {"exact", "atol", "relative"}
+    leftovers = [p for p in (out / "tiny-gpt2__imdb" / "runs").glob("*/*/*")
+                 if CHECKPOINT_DIR.match(p.parent.name) and p.name in RESUME_ONLY]
+    assert leftovers == []  # a finished run keeps no resume-only state
+    assert (results / "table.md").read_text().count("## tiny-gpt2 on imdb") == 1
