@@ -36,12 +36,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from .config import ASPG_SPARSITY, ASPG_WARMUP, PLAN_UPDATE_FRACTION, PLAN_WARMUP
 from .importance import smallest_global
-
-ASPG_SPARSITY = 0.9
-ASPG_WARMUP = 10
-PLAN_UPDATE_FRACTION = 0.01
-PLAN_WARMUP = 100
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -17,19 +17,20 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from .callback import TRACKER_FILE, SubnetTrackerCallback
 from .changes import ChangeRules
+from .config import SFT_DATA, TRL_OPTIMIZERS, BaselineConfig  # noqa: F401 (SFT_DATA re-exported)
 from .data import chat_prompts, load_prompts
 from .errors import SubnetscopeError
 from .models import load_causal_lm, load_tokenizer, model_signature
 from .precision import Precision, resolve_precision
 from .rewards import build_reward, score_rollout
-from .rl import RunConfig, RunStart, check_run_start, precision_settings
+from .rl import RunStart, check_run_start, precision_settings
 from .runstate import (
     FINAL_DIR,
     HEADER_BYTES,
@@ -45,43 +46,11 @@ from .runstate import (
 )
 from .sampling import generate
 
-OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor"}
-SFT_DATA = ("samples", "positive_reviews", "completions")
 METRICS_FILE = "subnet_metrics.jsonl"
 SAMPLE_BATCH = 256  # sequences generated at once for the SFT/DPO data (1024 prompts x 4 at once took 27 GB)
 # a complete checkpoint-N of TRL's trainers: weights, the trainer's state, and the tracker's (saved last)
 CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 CHECKPOINT_FILES = ("trainer_state.json", TRACKER_FILE)
-
-
-@dataclass
-class BaselineConfig(RunConfig):
-    task: str = "sft"
-    candidates: int = 4
-    max_prompts: int = 256
-    dpo_beta: float = 0.1
-    # samples: the best of --candidates samples of the initial policy per prompt; positive_reviews: real
-    # positive reviews of --dataset; completions: the prompt/completion pairs of --dataset (reference answers)
-    sft_data: str = "samples"
-    # samples only: drop prompts whose best sample scores below this (rejection-sampling fine-tuning keeps
-    # only reward-passing samples); None keeps every prompt's best
-    min_reward: float | None = None
-    output_dir: str = "checkpoints/sft"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.task not in ("sft", "dpo"):
-            raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
-        if self.optimizer not in OPTIMIZERS:
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take {', '.join(OPTIMIZERS)}")
-        if self.sft_data not in SFT_DATA:
-            raise SubnetscopeError(f"--sft_data {self.sft_data!r}: use {' or '.join(SFT_DATA)}")
-        if self.candidates < 2:
-            raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
-        self.require_counts("max_prompts")
-        if self.min_reward is not None and (self.task != "sft" or self.sft_data != "samples"):
-            raise SubnetscopeError("--min_reward filters the policy's own samples: use it with --task sft and "
-                                   "--sft_data samples")
 
 
 @torch.no_grad()
@@ -251,7 +220,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     common = dict(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
                   save_strategy="steps", save_total_limit=config.save_total_limit, per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
                   lr_scheduler_type="constant",  # like our RL loops: runs compare at one lr, and resume keeps it
-                  optim=OPTIMIZERS[config.optimizer], seed=config.seed, logging_steps=1,
+                  optim=TRL_OPTIMIZERS[config.optimizer], seed=config.seed, logging_steps=1,
                   report_to=["wandb"] if config.wandb else "none", use_cpu=device == "cpu",
                   bf16=precision.compute == torch.bfloat16,
                   gradient_checkpointing=config.gradient_checkpointing)

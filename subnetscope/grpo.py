@@ -1,4 +1,4 @@
-"""GRPO with an in-loop update tracker: a config dataclass and a trainer, in the style of TRL.
+"""GRPO with an in-loop update tracker: a trainer in the style of TRL (its settings: config.GRPOConfig).
 
 One step: `batch_size` prompts, `group_size` sampled completions each, rewards, group-relative
 advantages, then `inner_epochs` passes of the clipped surrogate with a k3 KL penalty to the frozen
@@ -7,34 +7,15 @@ reference (TRL's loss_type="grpo"), and the tracker's update (once per step, aft
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
-from .errors import SubnetscopeError
+from .config import GRPOConfig
 from .hypotheses import advantage_stats
 from .rewards import RewardFunction
-from .rl import RLConfig, RLTrainer
+from .rl import RLTrainer
 
 ADV_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not NaN
-
-
-@dataclass
-class GRPOConfig(RLConfig):
-    group_size: int = 4
-    inner_epochs: int = 1
-    beta: float = 0.04
-    epsilon: float = 0.2
-    kl_correction: bool = True
-    adv_clip: float = 5.0
-    output_dir: str = "checkpoints/grpo"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.group_size < 2:
-            raise SubnetscopeError("--group_size must be at least 2: GRPO compares completions within a group")
-        self.require_counts("inner_epochs")
-        self.require_numbers("beta", "epsilon", "adv_clip")
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> torch.Tensor:

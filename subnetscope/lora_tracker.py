@@ -139,7 +139,7 @@ class LoraTracker(UpdateTracker):
 
     @torch.no_grad()
     def update(self, step: int) -> StepCounts:
-        zero = {n: [0] * 7 for n in self.names}
+        zero = {n: [0] * (2 * len(RULES) + 1) for n in self.names}
         for name, matrix in self.adapted.items():
             a, b = matrix.current()
             current = self._view(matrix.merged(a, b))
@@ -155,8 +155,8 @@ class LoraTracker(UpdateTracker):
         record = StepCounts(
             step=step, names=self.names, numel=[self.params[n].numel() for n in self.names],
             vs_initial={r: [c[i] for c in counts] for i, r in enumerate(RULES)},
-            vs_previous={r: [c[3 + i] for c in counts] for i, r in enumerate(RULES)},
-            ever_changed=[c[6] for c in counts],
+            vs_previous={r: [c[len(RULES) + i] for c in counts] for i, r in enumerate(RULES)},
+            ever_changed=[c[2 * len(RULES)] for c in counts],
         )
         self.history.append(record)
         return record

@@ -19,13 +19,11 @@ from transformers import (
 )
 
 from .checkpoint import check_model_files
+from .config import RANDOM_SHAPED, TINY_MODELS
 from .errors import SubnetscopeError
 from .hub import from_hub
 from .real_models import REAL_MODELS, resolve_real_model
 
-TINY_MODELS = ("tiny-gpt2", "tiny-gemma3n")
-# Random weights in real shapes, for speed and memory runs without the Hub; vocabulary = the tokenizer's.
-RANDOM_SHAPED = ("random-gpt2-medium", "random-gemma3n-e2b")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

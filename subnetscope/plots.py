@@ -3,20 +3,18 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.axis import Axis
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.axis import Axis  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .changes import RULES  # noqa: E402
-from .checkpoint import atomic_write_file  # noqa: E402
-from .engine import PairResult, SeriesResult  # noqa: E402
+from .changes import RULES
+from .checkpoint import atomic_write_file
+from .engine import PairResult, SeriesResult
 
 RULE_LABELS = {"exact": "exact (bits differ)", "atol": "|Δ| > atol", "relative": "|Δ| > η·max|w|"}
 RULE_COLORS = {"exact": "#1f77b4", "atol": "#ff7f0e", "relative": "#2ca02c"}
@@ -24,12 +22,19 @@ RULE_COLORS = {"exact": "#1f77b4", "atol": "#ff7f0e", "relative": "#2ca02c"}
 MATFORMER_MODULES = ("altup", "laurel", "per_layer_embedding")
 
 
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], **kwargs) -> tuple[Figure, Any]:
+    """A figure on its own Agg canvas, outside pyplot: importing or calling this module never changes the
+    backend a user chose (an interactive one, a notebook's), opens no window, and works headless."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
 def _save(fig: Figure, path: Path) -> Path:
-    """Lay out, write through a temporary file (never a half-written PNG) and free the figure."""
+    """Lay out and write through a temporary file (never a half-written PNG); no pyplot registry to free."""
     path = Path(path)
     fig.tight_layout()
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=150, format=path.suffix.lstrip(".") or "png"))
-    plt.close(fig)
     return path
 
 
@@ -65,7 +70,7 @@ def block_module_heatmap(pair: PairResult, rule: str, path: Path) -> Path:
         cell[1] += t.numel
     for (b, m), (c, n) in totals.items():
         grid[blocks.index(b), modules.index(m)] = c / n if n else np.nan
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(modules) + 2), max(3, 0.28 * len(blocks) + 1.5)))
+    fig, ax = _subplots(figsize=(max(6, 0.9 * len(modules) + 2), max(3, 0.28 * len(blocks) + 1.5)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xticks(range(len(modules)), modules, rotation=45, ha="right")
     ax.set_yticks(range(len(blocks)), [str(b) for b in blocks])
@@ -86,7 +91,7 @@ def per_block_figure(pair: PairResult) -> Figure:
     blocks = pair.blocks()
     x = np.arange(len(blocks))
     width = 0.27
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(blocks) + 3), 4))
+    fig, ax = _subplots(figsize=(max(6, 0.35 * len(blocks) + 3), 4))
     for i, rule in enumerate(RULES):
         values = [per_block[b][rule] / per_block[b]["numel"] for b in blocks]
         ax.bar(x + (i - 1) * width, values, width, label=RULE_LABELS[rule], color=RULE_COLORS[rule])
@@ -101,7 +106,7 @@ def rank_histogram(pair: PairResult, path: Path) -> Path | None:
     pct = [100 * t.rank / t.full_rank for t in pair.tensors if t.rank is not None and t.full_rank]
     if not pct:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.hist(pct, bins=np.linspace(0, 100, 21), color="#4c72b0", edgecolor="white")
     ax.set_xlabel("numerical rank of Δ (% of full rank)")
     ax.set_ylabel("matrices")
@@ -114,7 +119,7 @@ def shell_chart(pair: PairResult, rule: str, path: Path) -> Path | None:
     rows = [r for r in pair.shells if r["rule"] == rule]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     labels = [f"shell {r['shell']}\n(to {r['boundary']})" for r in rows]
     ax.bar(labels, [r["density"] for r in rows], color="#55a868", label="observed density")
     ax.axhline(rows[0]["expected_uniform"], color="black", linestyle="--", label="uniform expectation")
@@ -128,7 +133,7 @@ def density_coverage_curves(series: SeriesResult, path: Path) -> Path:
 
 
 def density_coverage_figure(series: SeriesResult) -> Figure:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = _subplots(1, 3, figsize=(15, 4))
     for rule in RULES:
         kw = {"label": RULE_LABELS[rule], "color": RULE_COLORS[rule], "marker": "o", "markersize": 3}
         axes[0].plot(series.steps, series.density[rule], **kw)
@@ -153,7 +158,7 @@ def hot_histogram(series: SeriesResult, rule: str, path: Path) -> Path:
 
 def hot_histogram_figure(series: SeriesResult, rule: str) -> Figure:
     counts = np.asarray(series.hot_histogram[rule], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.bar(np.arange(counts.size), counts / counts.sum(), color=RULE_COLORS[rule])
     ax.set_yscale("log")
     ax.set_xlabel("checkpoints at which the weight changed")
@@ -166,7 +171,7 @@ def hot_histogram_figure(series: SeriesResult, rule: str) -> Figure:
 def comparative_block_profiles(labels: Sequence[str], profiles: Sequence[Sequence[float]], path: Path,
                                ylabel: str) -> Path:
     """Per-block profiles of several models on a relative depth axis (models differ in depth)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     for label, prof in zip(labels, profiles):
         depth = np.linspace(0, 1, len(prof)) if len(prof) > 1 else np.zeros(1)
         ax.plot(depth, prof, marker="o", markersize=3, label=label)
@@ -180,7 +185,7 @@ def comparative_block_profiles(labels: Sequence[str], profiles: Sequence[Sequenc
 
 def comparative_metric_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence[float],
                             highs: Sequence[float], metric: str, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = _subplots(figsize=(5, 4))
     vals = np.asarray(values, dtype=np.float64)
     err = np.vstack([vals - np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64) - vals])
     ax.bar(labels, vals, yerr=err, capsize=6, color=["#4c72b0", "#dd8452", "#55a868", "#c44e52"][: len(labels)])
@@ -197,7 +202,7 @@ def comparative_series(labels: Sequence[str], steps: Sequence[Sequence[int]], va
 def comparative_series_figure(labels: Sequence[str], steps: Sequence[Sequence[int]],
                               values: Sequence[Sequence[float]], ylabel: str, title: str) -> Figure:
     """One line per model over training steps."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _subplots(figsize=(7, 4))
     for label, s, v in zip(labels, steps, values):
         ax.plot(s, [np.nan if x is None else x for x in v], marker="o", markersize=3, label=label)
     ax.set_xlabel("step")
@@ -210,7 +215,7 @@ def comparative_series_figure(labels: Sequence[str], steps: Sequence[Sequence[in
 
 
 def _axes(title: str, xlabel: str, ylabel: str):
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _subplots(figsize=(7, 4.2))
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -266,7 +271,7 @@ def sweep_density(rows: list[dict], path: Path) -> Path:
         ys = [r["changed_relative"] for r in ok if r["task"] == task and r.get(key) == value]
         return statistics.mean(ys) if ys else float("nan")
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = _subplots(1, 3, figsize=(15, 4))
     lrs = sorted({r["lr"] for r in ok if isinstance(r.get("lr"), (int, float))})
     for task in tasks:
         axes[0].plot(lrs, [mean_of(task, "lr", lr) for lr in lrs], marker="o", label=task)
@@ -291,7 +296,7 @@ def sweep_density(rows: list[dict], path: Path) -> Path:
 
 def gradient_spectrum(spectra: list[dict], path: Path) -> Path:
     """Normalized singular values of the k per-batch gradients, one line per task."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     for task in sorted({s["task"] for s in spectra}):
         values = [s["sigma_normalized"] for s in spectra if s["task"] == task]
         ax.semilogy(range(1, len(values) + 1), [max(v, 1e-12) for v in values], marker="o", markersize=3, label=task)
@@ -306,7 +311,7 @@ def gradient_spectrum(spectra: list[dict], path: Path) -> Path:
 
 def mask_validation(reports: list[dict], rows: list[dict], path: Path) -> Path:
     """compute_masks.py: overall sparsity achieved against the target, and how it spreads over tensors."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = _subplots(1, 2, figsize=(12, 4.2))
     targets = [r["target_sparsity"] for r in reports]
     axes[0].plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="actual = target")
     axes[0].plot(targets, [r["overall_sparsity"] for r in reports], marker="o", label="actual")
@@ -315,9 +320,10 @@ def mask_validation(reports: list[dict], rows: list[dict], path: Path) -> Path:
     axes[0].set_title("target vs actual")
     axes[0].legend(fontsize=8)
     bins = np.linspace(0, 1, 41)
+    viridis = matplotlib.colormaps["viridis"]
     for i, r in enumerate(reports):
         values = [row["sparsity"] for row in rows if row["file"] == r["file"]]
-        axes[1].hist(values, bins=bins, histtype="step", color=plt.cm.viridis(i / max(1, len(reports) - 1)),
+        axes[1].hist(values, bins=bins, histtype="step", color=viridis(i / max(1, len(reports) - 1)),
                      label=f"{r['target_sparsity']:.2f}")
     axes[1].set_xlabel("sparsity of one tensor")
     axes[1].set_ylabel("tensors")
@@ -353,7 +359,7 @@ def results_figures(rows: list[dict], out: Path) -> list[Path]:
     grid = np.full((len(methods), len(levels)), np.nan)
     for (i, j), values in cells.items():
         grid[i, j] = statistics.fmean(values)
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(levels) + 3), max(2.5, 0.5 * len(methods) + 1.5)))
+    fig, ax = _subplots(figsize=(max(5, 0.9 * len(levels) + 3), max(2.5, 0.5 * len(methods) + 1.5)))
     image = ax.imshow(grid, aspect="auto", cmap="viridis_r")
     ax.set_xticks(range(len(levels)), [f"{s:.2f}" for s in levels])
     ax.set_yticks(range(len(methods)), methods)
@@ -371,7 +377,7 @@ def results_figures(rows: list[dict], out: Path) -> list[Path]:
 def throughput_vs_batch(rows: list[dict], path: Path) -> Path:
     """Training samples/s against batch size, one panel per method and one line per sparsity."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.2), squeeze=False)
+    fig, axes = _subplots(1, len(methods), figsize=(6 * len(methods), 4.2), squeeze=False)
     for ax, method in zip(axes[0], methods):
         for sparsity in sorted({r["sparsity"] for r in rows}):
             pts = [(r["batch_size"], r["samples_per_s"]) for r in rows
@@ -393,7 +399,7 @@ def study_figures(rows: list[dict], overlaps: list[dict], out: Path) -> list[Pat
     changed share, not sparsity, so that differences of a point or two stay visible."""
     made = []
     algos = list(dict.fromkeys(r["algo"] for r in rows))
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _subplots(figsize=(7, 4.2))
     width = 0.8 / len(RULES)
     top = 0.0
     for i, rule in enumerate(RULES):
@@ -413,7 +419,7 @@ def study_figures(rows: list[dict], overlaps: list[dict], out: Path) -> list[Pat
     made.append(_save(fig, out / "sparsity_by_algorithm.png"))
     relative = [o for o in overlaps if o["rule"] == "relative" and o["jaccard"] is not None]
     if relative:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = _subplots(figsize=(7, 4.2))
         labels = [f"{o['algo']} {o['seed_1']}-{o['seed_2']}" for o in relative]
         x = np.arange(len(relative))
         ax.bar(x - 0.2, [o["jaccard"] for o in relative], 0.4, label="Jaccard of the two seeds' subnetworks")
@@ -434,7 +440,7 @@ def frequency_histogram(histogram: Sequence[int], path: Path) -> Path:
     """Weights by the share of transitions at which they changed; hot (right of the line) = more than half."""
     counts = np.asarray(histogram, dtype=np.float64)
     transitions = counts.size - 1
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _subplots(figsize=(6, 4))
     ax.bar(np.arange(counts.size) / transitions, counts / max(counts.sum(), 1), width=0.8 / transitions,
            color="#4c72b0")
     boundary = (transitions // 2 + 0.5) / transitions  # between the last count of at most half and the first above
@@ -455,7 +461,7 @@ def frequency_maps(pictures: dict, matrices: list[dict], count: int, path: Path)
         return None
     cols = min(3, len(ranked))
     rows = -(-len(ranked) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     for ax, m in zip(axes.flat, ranked):
         picture = pictures[m["name"]].numpy()
         im = ax.imshow(picture, aspect="auto", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
@@ -468,7 +474,6 @@ def frequency_maps(pictures: dict, matrices: list[dict], count: int, path: Path)
     fig.suptitle("where inside each matrix the changes fall")
     path = Path(path)
     atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=150, format="png"))
-    plt.close(fig)
     return path
 
 
@@ -483,7 +488,7 @@ def head_share_heatmap(heads: list[dict], path: Path) -> Path | None:
     for h in rows:
         grid[matrices.index(h["name"]), h["head"]] = np.log2(max(h["ratio_to_uniform"], 1e-3))
     labels = [f"L{h['block']} {h['module']}" for h in (next(r for r in rows if r["name"] == m) for m in matrices)]
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * n_heads + 4), max(3, 0.22 * len(matrices) + 1.5)))
+    fig, ax = _subplots(figsize=(max(6, 0.5 * n_heads + 4), max(3, 0.22 * len(matrices) + 1.5)))
     bound = max(1.0, float(np.nanmax(np.abs(grid))))
     im = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-bound, vmax=bound, interpolation="nearest")
     ax.set_xticks(range(n_heads), [str(h) for h in range(n_heads)])
@@ -499,7 +504,7 @@ def prediction_curves(rows: list[dict], path: Path) -> Path | None:
     per_step = [r for r in rows if r["transition"] != "all"]
     if not per_step:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = _subplots(1, 2, figsize=(11, 4.2))
     colors = dict(zip(("previous", "ever", "hot_so_far", "grad_ema"), ("#4c72b0", "#dd8452", "#55a868", "#c44e52")))
     for predictor in dict.fromkeys(r["predictor"] for r in per_step):
         mine = [r for r in per_step if r["predictor"] == predictor]

@@ -11,47 +11,14 @@ GRPO, SFT/DPO and the analyses, so that every count compares.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
+from .config import PPOConfig
 from .errors import SubnetscopeError
 from .rewards import RewardFunction
-from .rl import RLConfig, RLTrainer, per_token_logps
-
-
-@dataclass
-class PPOConfig(RLConfig):
-    policy: str = "gpt2-medium"
-    batch_size: int = 32
-    max_steps: int = 600
-    save_every: int = 20
-    eval_every: int = 20
-    topk: int = 3
-    log_localization: bool = True
-    lr: float = 1.41e-5
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    init_kl_coef: float = 0.2
-    target_kl: float | None = 6.0
-    horizon: int = 10000
-    ppo_epochs: int = 4
-    mini_batch_size: int = 8
-    whiten_advantages: bool = True
-    output_dir: str = "checkpoints/ppo"
-
-    def validate(self) -> None:
-        super().validate()
-        self.require_counts("ppo_epochs", "mini_batch_size", "horizon")
-        for flag in ("gamma", "lam"):
-            if not 0 <= getattr(self, flag) <= 1:
-                raise SubnetscopeError(f"--{flag} must lie in [0, 1]")
-        self.require_numbers("cliprange", "cliprange_value", "vf_coef", "init_kl_coef")
-        if self.target_kl is not None and self.target_kl <= 0:
-            raise SubnetscopeError("--target_kl must be positive (leave it out for a fixed KL coefficient)")
+from .rl import RLTrainer, per_token_logps
+from .seeds import STEP_STRIDE, stream_seed
 
 
 class ValueHead(torch.nn.Module):
@@ -198,7 +165,7 @@ class PPOTrainer(RLTrainer):
                 advantages = masked_whiten(advantages, comp_mask)
         n = ids.shape[0]
         stats: dict = {}
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(stream_seed(cfg.seed, step, STEP_STRIDE))
         for _ in range(cfg.ppo_epochs):
             for batch in torch.randperm(n, generator=gen).split(cfg.mini_batch_size):
                 b = batch.to(self.device)

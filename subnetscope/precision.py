@@ -10,16 +10,16 @@
 """
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+# the flags' names and add_precision_args live in config.py (parsers load no torch); re-exported here
+from .config import PRECISIONS, VIEW_DTYPE_NAMES, add_precision_args  # noqa: F401
 from .errors import SubnetscopeError, warn
 
-PRECISIONS = ("auto", "mixed", "bf16", "fp32")
-VIEW_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VIEW_DTYPES = {name: getattr(torch, name) for name in VIEW_DTYPE_NAMES}
 BF16_WARNING = ("--precision bf16 updates bf16 weights directly: Adam steps below half a bf16 step are lost, so "
                 "update sparsity measures bf16 stagnation, not fine-tuning (use --precision mixed for findings)")
 
@@ -66,15 +66,3 @@ def resolve_precision(spec: str, device: str, view_dtype: str | None = None) -> 
     if name == "bf16" and view != torch.bfloat16:
         raise SubnetscopeError("--precision bf16 stores bf16 weights: --view_dtype must be bfloat16 (or left out)")
     return Precision(name, weights, torch.bfloat16 if name == "mixed" else None, view)
-
-
-def add_precision_args(group: argparse._ActionsContainer, default: str) -> None:
-    """`--precision` and `--view_dtype`, spelled and explained once for every training command."""
-    group.add_argument("--precision", choices=PRECISIONS,
-                       help="mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as "
-                            "bf16 roundings (what recipes publish); bf16: bf16 weights (Adam steps below half a bf16 "
-                            "step are lost: sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU "
-                            f"with bf16, else fp32 (default {default})")
-    group.add_argument("--view_dtype", choices=tuple(VIEW_DTYPES),
-                       help="dtype at which changes are judged and base/, checkpoints and final/ stored (default "
-                            "bfloat16 for mixed and bf16, float32 for fp32)")

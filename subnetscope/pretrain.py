@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .baselines import OPTIMIZERS, baseline_start, check_resumed, prepare_run_dir, train_and_write_final
+from .baselines import baseline_start, check_resumed, prepare_run_dir, train_and_write_final
+from .config import TRL_OPTIMIZERS
 from .callback import SubnetTrackerCallback
 from .changes import ChangeRules
 from .data import language_model_windows
@@ -43,8 +44,8 @@ class PretrainConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         self.require_counts("seq_len", "max_texts")
-        if self.optimizer not in OPTIMIZERS:
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take {', '.join(OPTIMIZERS)}")
+        if self.optimizer not in TRL_OPTIMIZERS:
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take {', '.join(TRL_OPTIMIZERS)}")
         if self.dataset in PROMPT_SETS:
             raise SubnetscopeError(f"pretrain: dataset {self.dataset!r} is a set of RL prompts, not text to model: "
                                    "use imdb or a local text file, e.g. ../shared/data/tinyshakespeare/input.txt")
@@ -82,7 +83,7 @@ def train_pretrain(config: PretrainConfig) -> SubnetTrackerCallback:
     callback = SubnetTrackerCallback(rules, topk=config.topk, view_dtype=precision.view)
     args = SFTConfig(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
                      save_strategy="steps", per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
-                     lr_scheduler_type="constant", optim=OPTIMIZERS[config.optimizer], seed=config.seed,
+                     lr_scheduler_type="constant", optim=TRL_OPTIMIZERS[config.optimizer], seed=config.seed,
                      logging_steps=1, report_to=["wandb"] if config.wandb else "none", use_cpu=device == "cpu",
                      bf16=precision.compute == torch.bfloat16, max_length=config.seq_len,
                      activation_checkpointing=config.gradient_checkpointing)  # TRL's default is on

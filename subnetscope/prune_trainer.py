@@ -37,10 +37,12 @@ from .pruning import (
     zeroed_grad_norms,
 )
 from .report import write_json
+from .seeds import STEP_STRIDE, stream_seed
 
 DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TRAINER_STATE = "trainer_state.pt"
+VAL_SEED = 10_000_019  # the validation windows: the same every evaluation and every run
 MASKS_FILE = "prune_masks.safetensors"
 SLOPE_WINDOW = 5
 
@@ -176,7 +178,7 @@ class PruneTrainer:
     def evaluate(self) -> float:
         cfg = self.config
         return heldout_loss(self.model, self.val_tokens, cfg.batch_size, cfg.block_size, cfg.eval_batches, self.device,
-                            seed=10_000_019)
+                            seed=VAL_SEED)
 
     def _log(self, step: int, train_loss: float, grad_norms: tuple[float, dict[str, float]],
              interval_rate: float | None, last: bool) -> None:
@@ -209,7 +211,8 @@ class PruneTrainer:
         train_losses: list[torch.Tensor] = []
         for step in bar:
             t0 = time.perf_counter()
-            inputs, targets = sample_windows(self.train_tokens, cfg.batch_size, cfg.block_size, seed=cfg.seed * 1_000_003 + step)
+            inputs, targets = sample_windows(self.train_tokens, cfg.batch_size, cfg.block_size,
+                                             seed=stream_seed(cfg.seed, step, STEP_STRIDE))
             loss = self._loss(inputs, targets)
             loss.backward()
             logging_now = step % cfg.log_every == 0 or step == self.total_steps or step in self.plan

@@ -42,6 +42,7 @@ TASK_REWARD = {"arithmetic": "arithmetic", "imdb": "vader"}
 RFT_MIN_REWARD = {"arithmetic": 1.0, "imdb": 0.5}
 VIEW = "bfloat16"
 SUMMARY = "summary.json"
+DATA_SEED = 1234  # the task data (problems, review order): the same for every run, seed and session
 # resume state a finished run no longer needs (optimizer moments, fp32 masters, TRL's full weights): the
 # study keeps base/, final/, the metrics and the tracker state (the subnetwork mask is read from it)
 RESUME_ONLY = ("optimizer.pt", "trainer_state.pt", "master.safetensors", "model.safetensors", "scheduler.pt")
@@ -131,11 +132,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def arithmetic_files(cfg: RealStudyConfig) -> dict[str, list[dict]]:
     """Training problems (prompt; prompt + worked answer) and distinct held-out problems."""
-    problems = make_problems(cfg.train_prompts + cfg.heldout_prompts, seed=1234, difficulty=Difficulty(
+    problems = make_problems(cfg.train_prompts + cfg.heldout_prompts, seed=DATA_SEED, difficulty=Difficulty(
         max_value=cfg.max_value))
     # the generator's de-duplication leaves the last problems drawn mostly three-operand ones: shuffle first,
     # so the held-out problems come from the training distribution
-    random.Random(1234).shuffle(problems)
+    random.Random(DATA_SEED).shuffle(problems)
     train, heldout = problems[:-cfg.heldout_prompts], problems[-cfg.heldout_prompts:]
     return {"prompts": [{"prompt": p.prompt} for p in train],
             "reference": [{"prompt": p.prompt, "completion": " " + p.worked_answer} for p in train],
@@ -147,7 +148,7 @@ def imdb_files(cfg: RealStudyConfig, opening_words: int = 12, completion_words: 
     opening in real positive reviews."""
     from .data import load_labelled_reviews
 
-    texts, labels = load_labelled_reviews(cfg.imdb, seed=1234, limit=cfg.train_prompts + cfg.heldout_prompts)
+    texts, labels = load_labelled_reviews(cfg.imdb, seed=DATA_SEED, limit=cfg.train_prompts + cfg.heldout_prompts)
     words = [t.split() for t in texts]
     openings = [" ".join(w[:opening_words]) for w in words]
     reference = [{"prompt": " ".join(w[:opening_words]), "completion": " " + " ".join(

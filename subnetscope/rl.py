@@ -14,18 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .aspg import (
-    ASPG,
-    ASPG_SPARSITY,
-    ASPG_WARMUP,
-    PLAN_UPDATE_FRACTION,
-    PLAN_WARMUP,
-    PlanASPG,
-    TopKHookState,
-    hook_report,
-    register_topk_hook,
-)
+from .aspg import ASPG, PlanASPG, TopKHookState, hook_report, register_topk_hook
 from .changes import RULES, ChangeRules
+from .config import OPTIMIZERS, RLConfig, RunConfig  # noqa: F401 (re-exported: the settings live in config.py)
 from .confine import ConfinedUpdates, compare_with_full_run, trainable_weights
 from .data import EVAL_PROMPTS, chat_prompts, load_prompts
 from .devices import resolve_device
@@ -34,7 +25,7 @@ from .logger import MetricsLogger, check_wandb, read_metrics
 from .masks import MaskSet, check_masks_fit, load_masks
 from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
-from .precision import PRECISIONS, VIEW_DTYPES, Precision, resolve_precision
+from .precision import Precision, resolve_precision
 from .report import write_json
 from .rewards import RewardFunction, build_reward, score_rollout
 from .runstate import (
@@ -61,150 +52,11 @@ from .runstate import (
     write_dir_checked,
 )
 from .sampling import Rollout, generate
+from .seeds import EVAL_SAMPLING_STEP, SHORT_STRIDE, stream_seed
 from .tracker import UpdateTracker
 
-EVAL_SEED_STEP = 1_000_000_007
+EVAL_HOLDOUT = 16  # the last prompts of a dataset, kept out of training to evaluate on
 MASTER_PREFIX = "master::"  # tracker.safetensors keys of the master-weight tracker
-OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg", "aspg_plan")
-
-
-@dataclass
-class RunConfig:
-    """Settings of every fine-tuning run here, RL or baseline."""
-
-    policy: str = "tiny-gpt2"
-    tokenizer: str | None = None
-    reward: str = "vader"
-    reward_model: str = "lvwerra/distilbert-imdb"
-    dataset: str = "builtin"
-    batch_size: int = 8
-    max_steps: int = 20
-    lr: float = 1e-5
-    optimizer: str = "adamw"
-    temperature: float = 1.0
-    max_prompt_tokens: int = 32
-    max_new_tokens: int = 32
-    # mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as bf16 roundings;
-    # bf16: bf16 weights (update sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU
-    # with bf16, fp32 elsewhere (subnetscope.precision)
-    precision: str = "auto"
-    # the dtype at which changes are judged and checkpoints stored; None: bfloat16 for mixed and bf16,
-    # float32 for fp32
-    view_dtype: str | None = None
-    # instruct models: prompts become a user turn of the tokenizer's chat template (when it has one)
-    chat_template: bool = True
-    device: str = "auto"
-    gradient_checkpointing: bool = False
-    save_every: int = 10
-    # keep only the newest N step checkpoints, deleting older ones once a newer one is written (TRL's
-    # name and meaning); None keeps all. The tracker's metrics.jsonl keeps the whole density curve either way
-    save_total_limit: int | None = None
-    output_dir: str = "checkpoints/run"
-    resume: bool = False
-    wandb: str | None = None
-    seed: int = 0
-    atol: float = 1e-5
-    eta: float = 1e-3
-    topk: int = 3
-    # --optimizer aspg (AdamW + error feedback): the share of entries NOT updated per step (None: 0.9);
-    # --optimizer aspg_plan (the research plan's plain top-k step): the share updated (None: 0.01); never both
-    aspg_sparsity: float | None = None
-    aspg_update_fraction: float | None = None
-    # dense steps before the sparse ones (None: 10 for aspg, 100 for aspg_plan)
-    aspg_warmup: int | None = None
-    allow_changed_settings: bool = False
-
-    def __post_init__(self) -> None:
-        """The chosen ASPG variant's defaults filled in (runs recorded before aspg_plan existed hold
-        aspg_sparsity 0.9 and aspg_warmup 10 whatever their optimizer: so does every non-plan run)."""
-        plan = self.optimizer == "aspg_plan"
-        if self.aspg_warmup is None:
-            self.aspg_warmup = PLAN_WARMUP if plan else ASPG_WARMUP
-        if self.aspg_sparsity is None and not plan:
-            self.aspg_sparsity = ASPG_SPARSITY
-        if self.aspg_update_fraction is None and plan:
-            self.aspg_update_fraction = PLAN_UPDATE_FRACTION
-
-    def require_counts(self, *flags: str) -> None:
-        """Each named setting must be a count of at least 1."""
-        if any(getattr(self, f) < 1 for f in flags):
-            raise SubnetscopeError(", ".join(f"--{f}" for f in flags) + " must be at least 1")
-
-    def require_numbers(self, *flags: str, positive: bool = False) -> None:
-        """Each named setting must be a finite number >= 0 (> 0 with `positive`)."""
-        for flag in flags:
-            value = getattr(self, flag)
-            if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                kind = "positive" if positive else "non-negative"
-                raise SubnetscopeError(f"--{flag} must be a {kind} number (got {value})")
-
-    def check_aspg(self) -> None:
-        """Each ASPG variant takes its own share (never the other's: one counts entries NOT updated, the
-        other entries updated), in range."""
-        plan = self.optimizer == "aspg_plan"
-        if plan and self.aspg_sparsity is not None:
-            raise SubnetscopeError("--aspg_sparsity (the share of entries NOT updated) is for --optimizer aspg and "
-                                   "does not combine with --optimizer aspg_plan or --aspg_update_fraction: aspg_plan "
-                                   "takes --aspg_update_fraction (the share updated)")
-        if not plan and self.aspg_update_fraction is not None:
-            raise SubnetscopeError("--aspg_update_fraction (the share of entries updated) is for --optimizer aspg_plan "
-                                   f"and does not combine with --optimizer {self.optimizer} or --aspg_sparsity (the "
-                                   "share NOT updated): pass --optimizer aspg_plan without --aspg_sparsity")
-        if plan and not 0.0 < self.aspg_update_fraction <= 1.0:
-            raise SubnetscopeError(f"--aspg_update_fraction must be in (0, 1] (got {self.aspg_update_fraction})")
-        if not plan and not 0.0 <= self.aspg_sparsity < 1.0:
-            raise SubnetscopeError(f"--aspg_sparsity must be in [0, 1) (got {self.aspg_sparsity})")
-        if self.aspg_warmup < 0:
-            raise SubnetscopeError(f"--aspg_warmup must be >= 0 (got {self.aspg_warmup})")
-
-    def validate(self) -> None:
-        self.require_counts("batch_size", "max_steps", "save_every", "max_prompt_tokens", "max_new_tokens", "topk")
-        if self.save_total_limit is not None:
-            self.require_counts("save_total_limit")
-        self.require_numbers("lr", "temperature", positive=True)
-        ChangeRules(self.atol, self.eta)
-        if self.optimizer not in OPTIMIZERS:
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
-        self.check_aspg()
-        if self.precision not in PRECISIONS:
-            raise SubnetscopeError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
-        if self.view_dtype is not None and self.view_dtype not in VIEW_DTYPES:
-            raise SubnetscopeError(f"--view_dtype {self.view_dtype!r}: use {', '.join(VIEW_DTYPES)}")
-        if self.precision == "bf16" and self.view_dtype not in (None, "bfloat16"):
-            raise SubnetscopeError("--precision bf16 stores bf16 weights: --view_dtype must be bfloat16 (or left out)")
-
-
-@dataclass
-class RLConfig(RunConfig):
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    reward_device: str = "auto"
-    ref_device: str = "auto"
-    eval_every: int = 10
-    full_checkpoints: bool = False
-    update_mask: str | None = None
-    # --update_mask: also train the tensors the mask does not cover (by default they stay at θ0)
-    train_unmasked: bool = False
-    log_localization: bool = True
-    no_tqdm: bool = False
-    # several processes (torchrun / accelerate launch): each sends only this share of its gradient entries
-    # per DDP bucket (top-k by |grad + residual|, error feedback per bucket); None: DDP's dense all-reduce
-    ddp_topk_density: float | None = None
-
-    def validate(self) -> None:
-        super().validate()
-        self.require_counts("eval_every")
-        self.require_numbers("weight_decay", "max_grad_norm")
-        if self.optimizer == "aspg_plan" and self.weight_decay:
-            raise SubnetscopeError("--optimizer aspg_plan is the research plan's plain top-k step, without weight "
-                                   "decay: leave --weight_decay out, or use --optimizer aspg (AdamW's decoupled decay)")
-        if self.ddp_topk_density is not None and not 0.0 < self.ddp_topk_density <= 1.0:
-            raise SubnetscopeError(f"--ddp_topk_density must be in (0, 1] (got {self.ddp_topk_density})")
-        if self.update_mask and not Path(self.update_mask).is_file():
-            raise SubnetscopeError(f"--update_mask {self.update_mask} does not exist: pass a mask file written by "
-                                   "compute_masks.py")
-        if self.train_unmasked and not self.update_mask:
-            raise SubnetscopeError("--train_unmasked only applies with --update_mask: pass a mask or leave it out")
 
 
 @dataclass
@@ -527,8 +379,12 @@ class RLTrainer:
             return list(EVAL_PROMPTS)
         if self.config.dataset == "easy":
             return self.prompts[:8]
-        held_out = self.prompts[-16:]
-        self.prompts = self.prompts[:-16] or held_out
+        held_out = self.prompts[-EVAL_HOLDOUT:]
+        if len(self.prompts) <= EVAL_HOLDOUT:
+            warn(f"--dataset {self.config.dataset} has {len(self.prompts)} prompts, no more than the {EVAL_HOLDOUT} "
+                 "held out for evaluation: training uses them too, so eval/* measures training prompts")
+            return held_out
+        self.prompts = self.prompts[:-EVAL_HOLDOUT]
         return held_out
 
     def _theta0(self) -> dict[str, torch.Tensor] | None:
@@ -568,7 +424,8 @@ class RLTrainer:
         n = len(self.prompts)
         start = (step - 1) * cfg.batch_size
         epoch = start // n
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch)).tolist()
+        seed = stream_seed(cfg.seed, epoch, SHORT_STRIDE)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         global_idx = [order[(start + i) % n] for i in range(cfg.batch_size)]
         per_rank = cfg.batch_size // self.accelerator.num_processes
         lo = self.accelerator.process_index * per_rank
@@ -664,7 +521,7 @@ class RLTrainer:
         out = {}
         rows = torch.arange(len(self.eval_prompts))
         for mode, greedy in (("greedy", True), ("sampled", False)):
-            rollout = self._generate(self.eval_prompts, rows, EVAL_SEED_STEP, greedy=greedy)
+            rollout = self._generate(self.eval_prompts, rows, EVAL_SAMPLING_STEP, greedy=greedy)
             rewards = self._rewards(self.eval_prompts, rollout, training=False)
             out[f"eval/{mode}/reward"] = float(torch.nanmean(rewards))
             if self.ref is not None:

@@ -80,18 +80,23 @@ class Rollout:
 
 def completion_mask_after_eos(completion_ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     is_eos = completion_ids == eos_id
-    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], completion_ids.shape[1], dtype=torch.long))
+    none = torch.full_like(is_eos[:, 0], completion_ids.shape[1], dtype=torch.long)  # no EOS: keep every token
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), none)
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None, :]
     return (positions <= first[:, None]).long()
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], row_ids: torch.Tensor, *, seed: int, step: int,
-             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False, static_cache: bool = False) -> Rollout:
-    """Sample (or greedily decode) one completion per prompt; prompts repeat for a group."""
+             max_new_tokens: int, temperature: float = 1.0, greedy: bool = False,
+             static_cache: bool = False) -> Rollout:
+    """Sample (or greedily decode) one completion per prompt; prompts repeat for a group.
+
+    Prompts are left-padded for this call only: the tokenizer is shared (reward, classifier, saved with
+    the model), so its own `padding_side` is left as it was."""
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False).to(device)
     prompt_len = enc["input_ids"].shape[1]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, num_beams=1)
@@ -104,7 +109,8 @@ def generate(model, tokenizer, prompts: list[str], row_ids: torch.Tensor, *, see
     model.train(was_training)
     completion_ids = out[:, prompt_len:]
     if completion_ids.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
-        pad = completion_ids.new_full((completion_ids.shape[0], max_new_tokens - completion_ids.shape[1]), tokenizer.pad_token_id)
+        missing = max_new_tokens - completion_ids.shape[1]
+        pad = completion_ids.new_full((completion_ids.shape[0], missing), tokenizer.pad_token_id)
         completion_ids = torch.cat([completion_ids, pad], dim=1)
     completion_mask = completion_mask_after_eos(completion_ids, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(completion_ids * completion_mask + tokenizer.pad_token_id * (1 - completion_mask),

@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .changes import (
+    RULES,
     ChangeRules,
     DiffStats,
     apply_rules,
@@ -33,6 +34,7 @@ from .changes import (
     diff_stats,
     rule_code,
     rule_counts_along,
+    thresholded_rules,
 )
 from .checkpoint import TensorSource, pread_exact
 from .metrics import update_rank
@@ -292,24 +294,27 @@ def segment_stats(a: torch.Tensor, b: torch.Tensor, seg: Segment, rules: ChangeR
     runs = torch.searchsorted(idx, bounds)  # member j's changed entries are idx[runs[j]:runs[j + 1]]
     va, vb = a.gather(0, idx).to(calc), b.gather(0, idx).to(calc)
     masks, absd = apply_rules(torch.ones(idx.shape, dtype=torch.bool, device=dev), va, vb, rules)
-    absd64 = absd.double()
-    summary = torch.empty(7, T, dtype=torch.float64, device=dev)  # one copy to the host for all of it
-    summary[0].copy_(runs[1:] - runs[:-1])
-    summary[1].copy_(_per_member(masks["atol"].double(), runs))
-    summary[2].copy_(_per_member(masks["relative"].double(), runs))
-    summary[3].copy_(_per_member(absd, runs, "max"))
-    summary[4].copy_(_per_member(absd64, runs))
-    summary[5].copy_(_per_member(absd64 * absd64, runs))
-    summary[6].copy_(_per_member(a.double() * a.double(), bounds))
+    absd64, thresholded = absd.double(), thresholded_rules()
+    per_member = {  # one copy to the host for all of it
+        **{r: _per_member(masks[r].double(), runs) if r in thresholded else runs[1:] - runs[:-1]
+           for r in RULES},  # every entry listed is changed under a rule without a threshold (`exact`)
+        "abs_max": _per_member(absd, runs, "max"),
+        "abs_sum": _per_member(absd64, runs),
+        "abs_sq_sum": _per_member(absd64 * absd64, runs),
+        "base_sq_sum": _per_member(a.double() * a.double(), bounds),
+    }
+    summary = torch.empty(len(per_member), T, dtype=torch.float64, device=dev)
+    for row, values in zip(summary, per_member.values()):
+        row.copy_(values)
     along = _counts_along_neurons(seg, idx, rule_code(masks)) if any(m.axis is not None for m in seg.members) else {}
-    for j, (m, row) in enumerate(zip(seg.members, summary.cpu().T.tolist())):
-        exact, atol, relative, abs_max, abs_sum, abs_sq, base_sq = row
-        if not (math.isfinite(abs_sum) and math.isfinite(base_sq)):
+    for j, (m, column) in enumerate(zip(seg.members, summary.cpu().T.tolist())):
+        got = dict(zip(per_member, column))
+        if not (math.isfinite(got["abs_sum"]) and math.isfinite(got["base_sq_sum"])):
             stats = diff_stats(a[m.start:m.start + m.numel].view(m.shape), b[m.start:m.start + m.numel].view(m.shape),
                                rules, per_row_col=m.axis is not None, device=str(dev))
         else:
-            stats = DiffStats(numel=m.numel, changed={"exact": int(exact), "atol": int(atol), "relative": int(relative)},
-                              abs_max=abs_max, abs_sum=abs_sum, abs_sq_sum=abs_sq, base_sq_sum=base_sq,
+            stats = DiffStats(numel=m.numel, changed={r: int(got[r]) for r in RULES}, abs_max=got["abs_max"],
+                              abs_sum=got["abs_sum"], abs_sq_sum=got["abs_sq_sum"], base_sq_sum=got["base_sq_sum"],
                               finite_count=m.numel)
             if j in along:
                 stats.row_changed, stats.col_changed = along[j]

@@ -38,6 +38,7 @@ from .outputs import check_output_dir
 from .precision import PRECISIONS, VIEW_DTYPES, resolve_precision
 from .report import write_json
 from .runstate import rng_state, save_model, set_rng_state
+from .seeds import STEP_STRIDE, stream_seed
 from .sparse_lora import LORA_MODES, add_sparse_lora, merge_sparse_lora
 from .task_metrics import task_score
 
@@ -250,7 +251,7 @@ class SparseFTTrainer:
         t_start, n_samples = time.perf_counter(), 0
         for step in bar:
             inputs, targets = sample_windows(self.train_tokens, cfg.batch_size, cfg.seq_len,
-                                             seed=cfg.seed * 1_000_003 + step)
+                                             seed=stream_seed(cfg.seed, step, STEP_STRIDE))
             loss = self._loss(inputs, targets)
             loss.backward()
             if self.confined:

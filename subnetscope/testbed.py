@@ -28,8 +28,11 @@ from .devices import resolve_device
 from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
 from .models import tokenizer_from
+from .seeds import SHORT_STRIDE, stream_seed
 
 CARD = "testbed_card.json"
+# the held-out windows of the policy's loss: fixed, so every build and --seed is scored on the same text
+HELDOUT_SEED = 31_337
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 
 
@@ -103,7 +106,8 @@ def pretrain_policy(cfg: TestbedConfig, tokenizer, train_texts: list[str], heldo
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, cfg.lm_steps, max(1, cfg.lm_steps // 20)))
     t0 = time.perf_counter()
     for step in tqdm(range(cfg.lm_steps), desc="pretrain policy", mininterval=5):
-        inputs, targets = sample_windows(train_tokens, cfg.lm_batch_size, cfg.block_size, seed=cfg.seed * 7_919 + step)
+        inputs, targets = sample_windows(train_tokens, cfg.lm_batch_size, cfg.block_size,
+                                         seed=stream_seed(cfg.seed, step, SHORT_STRIDE))
         loss = lm_loss(model, inputs, targets, device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -112,7 +116,7 @@ def pretrain_policy(cfg: TestbedConfig, tokenizer, train_texts: list[str], heldo
         optimizer.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - t0
     batches = max(1, min(20, len(heldout_tokens) // (cfg.lm_batch_size * cfg.block_size)))
-    loss = heldout_loss(model, heldout_tokens, cfg.lm_batch_size, cfg.block_size, batches, device, seed=31_337)
+    loss = heldout_loss(model, heldout_tokens, cfg.lm_batch_size, cfg.block_size, batches, device, seed=HELDOUT_SEED)
     samples = sample_continuations(model, tokenizer)
     card = {"kind": "policy", "data": cfg.data, "steps": cfg.lm_steps, "seed": cfg.seed, "seconds": seconds,
             "parameters": model.num_parameters(), "train_tokens": len(train_tokens),
@@ -147,6 +151,7 @@ def train_classifier(cfg: TestbedConfig, tokenizer, policy_dir: Path, texts: lis
     from transformers import GPT2ForSequenceClassification
 
     tokenizer.truncation_side = "left"  # a review's verdict tends to come at its end
+    tokenizer.padding_side = "left"  # as before generate stopped setting it on the shared tokenizer
     torch.manual_seed(cfg.seed)
     model = GPT2ForSequenceClassification.from_pretrained(policy_dir, num_labels=2, id2label=LABELS,
                                                           label2id={v: k for k, v in LABELS.items()}).to(device)

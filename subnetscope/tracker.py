@@ -53,12 +53,22 @@ class StepCounts:
         return sum(getattr(self, which)[rule])
 
 
+FLOAT_STATS = ("abs_sum", "abs_sq_sum", "abs_max")  # |Δ| vs θ0, after the counts in `_FlatGroup.update`'s rows
+
+
+def count_names() -> list[str]:
+    """The rows of `track_flat`'s counts, by name: each rule vs θ0 (`vs_initial/<rule>`), each vs the
+    previous step (`vs_previous/<rule>`), `ever_changed` and `nonfinite`."""
+    return ([f"vs_initial/{r}" for r in RULES] + [f"vs_previous/{r}" for r in RULES]
+            + ["ever_changed", "nonfinite"])
+
+
 def track_flat(initial: torch.Tensor, previous: torch.Tensor, current: torch.Tensor, first_changed: torch.Tensor,
                step: torch.Tensor, atol: float, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One group's step on flat buffers: per-CHUNK counts (8, n/CHUNK) of the 3 rules vs θ0, the 3
-    vs the previous step, "ever changed" and the changed entries whose |Δ| vs θ0 is NaN or inf; and
-    per-CHUNK Σ|Δ|, Σ|Δ|² and max |Δ| vs θ0 over the finite |Δ| (3, n/CHUNK, in the compute dtype).
-    In place, first_changed and previous are updated."""
+    """One group's step on flat buffers: per-CHUNK counts (len(count_names()), n/CHUNK) of the rules vs
+    θ0, the rules vs the previous step, "ever changed" and the changed entries whose |Δ| vs θ0 is NaN
+    or inf; and per-CHUNK FLOAT_STATS (3, n/CHUNK, in the compute dtype): Σ|Δ|, Σ|Δ|² and max |Δ| vs θ0
+    over the finite |Δ|. In place, first_changed and previous are updated."""
     rules = ChangeRules(atol, eta)
     calc = compute_dtype(initial.dtype)
     # changes.changed_masks, keeping the |Δ| it computes anyway: the statistics cost no second difference
@@ -68,8 +78,9 @@ def track_flat(initial: torch.Tensor, previous: torch.Tensor, current: torch.Ten
     first_changed.copy_(first)
     as_bits(previous).copy_(as_bits(current))  # bit for bit: a NaN's payload is a stored change too
     finite = torch.isfinite(absd)
-    masks = [vs_init[r] for r in RULES] + [vs_prev[r] for r in RULES] + [first >= 0, vs_init["exact"] & negate(finite)]
-    counts = torch.stack([m.view(-1, CHUNK).sum(dim=1, dtype=torch.int32) for m in masks])
+    masks = {**{f"vs_initial/{r}": vs_init[r] for r in RULES}, **{f"vs_previous/{r}": vs_prev[r] for r in RULES},
+             "ever_changed": first >= 0, "nonfinite": vs_init["exact"] & negate(finite)}
+    counts = torch.stack([masks[name].view(-1, CHUNK).sum(dim=1, dtype=torch.int32) for name in count_names()])
     absd = torch.where(finite, absd, torch.zeros((), dtype=calc, device=absd.device)).view(-1, CHUNK)
     return counts, torch.stack([absd.sum(dim=1), absd.square().sum(dim=1), absd.amax(dim=1)])
 
@@ -122,8 +133,8 @@ class _FlatGroup:
         return flat[self.offsets[i]:self.offsets[i] + self.params[i].numel()].view(self.params[i].shape)
 
     def update(self, step: int, atol: float, eta: float) -> torch.Tensor:
-        """Per tensor, still on the device, float64 (len(names), 11): the 8 counts of `track_flat`, then
-        Σ|Δ|, Σ|Δ|² and max |Δ| vs θ0 (counts stay exact in float64: one tensor, one host sync)."""
+        """Per tensor, still on the device, float64 (len(names), len(count_names()) + 3): the counts of
+        `track_flat`, then FLOAT_STATS (counts stay exact in float64: one tensor, one host sync)."""
         if self.rounds:  # round to nearest even, as .to(dtype) and a published checkpoint do
             torch._foreach_copy_(self._current_views, [p.detach() for p in self.params])
         else:
@@ -180,14 +191,15 @@ class UpdateTracker:
     def update(self, step: int) -> StepCounts:
         """Call right after optimizer.step(); `step` is the number of optimizer steps taken so far."""
         per_group = [g.update(step, self.rules.atol, self.rules.eta) for g in self.groups]
-        rows = torch.cat([c.to(per_group[0].device) for c in per_group]).cpu().tolist() if per_group else []
-        counts = [[int(v) for v in row[:8]] for row in rows]
+        table = torch.cat([c.to(per_group[0].device) for c in per_group]).cpu().tolist() if per_group else []
+        rows = [dict(zip(count_names() + list(FLOAT_STATS), values)) for values in table]
+        counts = {name: [int(row[name]) for row in rows] for name in count_names()}
         record = StepCounts(
             step=step, names=self.names, numel=[self.params[n].numel() for n in self.names],
-            vs_initial={r: [c[i] for c in counts] for i, r in enumerate(RULES)},
-            vs_previous={r: [c[3 + i] for c in counts] for i, r in enumerate(RULES)},
-            ever_changed=[c[6] for c in counts], nonfinite=[c[7] for c in counts],
-            abs_sum=[row[8] for row in rows], abs_sq_sum=[row[9] for row in rows], abs_max=[row[10] for row in rows],
+            vs_initial={r: counts[f"vs_initial/{r}"] for r in RULES},
+            vs_previous={r: counts[f"vs_previous/{r}"] for r in RULES},
+            ever_changed=counts["ever_changed"], nonfinite=counts["nonfinite"],
+            **{name: [row[name] for row in rows] for name in FLOAT_STATS},
         )
         self.history.append(record)
         return record

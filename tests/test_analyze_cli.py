@@ -259,7 +259,6 @@ def test_per_block_legend_covers_no_bar(tmp_path):
     assert not any(legend.overlaps(bar) for bar in bars)
     assert not legend.overlaps(ax.title.get_window_extent(renderer))
     assert fig.bbox.contains(legend.x0, legend.y0) and fig.bbox.contains(legend.x1, legend.y1)
-    plots.plt.close(fig)
 
 
 def visible_ticks(axis, limits) -> list[float]:
@@ -283,5 +282,3 @@ def test_count_axes_have_whole_number_ticks(tmp_path):
         ticks = visible_ticks(ax.xaxis, ax.get_xlim())
         assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
     assert visible_ticks(hot.axes[0].xaxis, hot.axes[0].get_xlim()) == [0, 1, 2, 3]
-    plots.plt.close(hot)
-    plots.plt.close(curves)

@@ -6,6 +6,7 @@ to bf16 (round to nearest even on the bits) and applies the three rules of chang
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -287,8 +288,13 @@ def test_wandb_offline_run_has_the_subnet_series(tmp_path, monkeypatch):
     assert logged == expected and len(expected) == 3
     from subnetscope.wandb_runs import offline_runs
 
-    (run,) = offline_runs(tmp_path / "wandb")
-    rows = [r for r in run["records"] if "train/subnet/changed/exact" in r]
+    deadline = time.monotonic() + 60  # wandb's service process may still be writing the file under load
+    while True:
+        (run,) = offline_runs(tmp_path / "wandb")
+        rows = [r for r in run["records"] if "train/subnet/changed/exact" in r]
+        if len(rows) >= len(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert {r["train/global_step"]: r["train/subnet/changed/exact"] for r in rows} == pytest.approx(expected)
 
 

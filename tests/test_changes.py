@@ -1,5 +1,6 @@
 """The three rules of "changed" on planted deltas, and the chunked kernel against float64 numpy."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -237,3 +238,136 @@ def test_change_rules_take_zero_and_small_thresholds():
     assert ChangeRules(atol=1e-5, eta=1e-5) == ChangeRules(1e-5, 1e-5)
     zero = changed_masks(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0 + 2**-20]), ChangeRules(0, 0))
     assert [zero[r].tolist() for r in changes.RULES] == [[False, True]] * 3  # 0 makes both rules `exact`
+
+
+# ---- the fast paths against the reference definition (changes.reference_masks / reference_stats) ----
+
+SUBNORMAL_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}  # mantissa bits
+
+
+def edge_pair(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`planted_pair` (NaN/±inf on either or both sides, ±0) plus subnormals on both sides (the same,
+    moved, or a normal weight becoming one) and pairs of huge opposite values, whose |Δ| overflows
+    the compute dtype in float32, bf16 and float64."""
+    a, b = (x.reshape(-1).clone() for x in planted_pair(shape, dtype, seed))
+    gen = torch.Generator().manual_seed(seed + 100)
+    n, mant = a.numel(), SUBNORMAL_BITS[dtype]
+    view = _INT_VIEW[dtype.itemsize]
+
+    def subnormals() -> torch.Tensor:
+        bits = torch.randint(1, 2**mant, (n,), generator=gen, dtype=torch.int64)
+        sign = torch.randint(0, 2, (n,), generator=gen, dtype=torch.int64) << (8 * dtype.itemsize - 1)
+        return (bits | sign).to(view).view(dtype) if dtype != torch.float64 else (bits | sign).view(dtype)
+
+    where = torch.rand(n, generator=gen)
+    first, second = subnormals(), subnormals()
+    a = torch.where(where < 0.05, first, a)
+    b = torch.where(where < 0.03, second, torch.where(where < 0.05, first, b))  # moved or kept subnormals
+    b = torch.where((where >= 0.05) & (where < 0.07), second, b)  # a weight becoming subnormal
+    huge = torch.finfo(dtype).max * 0.9
+    a = torch.where((where >= 0.07) & (where < 0.08), torch.tensor(huge, dtype=dtype), a)
+    b = torch.where((where >= 0.07) & (where < 0.08), torch.tensor(-huge, dtype=dtype), b)
+    return a.view(shape), b.view(shape)
+
+
+EDGE_RULES = [ChangeRules(), ChangeRules(0, 0), ChangeRules(atol=1e-2, eta=10.0)]  # η·huge overflows to inf
+
+
+def assert_stats_equal(got: changes.DiffStats, want: changes.DiffStats) -> None:
+    """Counts and |Δ| maxima identical, float64 sums equal up to the order they were added in."""
+    assert got.changed == want.changed
+    assert (got.numel, got.nonfinite_base, got.nonfinite_tuned, got.finite_count, got.abs_max) == \
+           (want.numel, want.nonfinite_base, want.nonfinite_tuned, want.finite_count, want.abs_max)
+    for name in ("abs_sum", "abs_sq_sum", "base_sq_sum"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-10, abs=1e-300), name
+    for along in ("row_changed", "col_changed"):
+        g, w = getattr(got, along), getattr(want, along)
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert {r: g[r].tolist() for r in changes.RULES} == {r: w[r].tolist() for r in changes.RULES}
+
+
+def test_reference_agrees_with_numpy_and_hand_values():
+    """The reference itself, against the independent float64 numpy rules and the overflow case."""
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        a, b = planted_pair((40, 30), dtype, seed=5)
+        want = numpy_rules(a, b, 1e-5, 1e-3)
+        got = changes.reference_masks(a, b, ChangeRules())
+        assert {r: got[r].reshape(-1).tolist() for r in changes.RULES} == {r: want[r].tolist() for r in changes.RULES}
+    # |Δ| = 6e38 overflows float32 while η·max(|w|,|w'|) = inf: still changed; -0.0 for 0.0: bits only
+    a, b = torch.tensor([3e38, 0.0, 1.0]), torch.tensor([-3e38, -0.0, 1.0])
+    got = changes.reference_masks(a, b, ChangeRules(atol=1e-2, eta=10.0))
+    assert {r: m.tolist() for r, m in got.items()} == {"exact": [True, True, False], "atol": [True, False, False],
+                                                         "relative": [True, False, False]}
+
+
+@pytest.mark.parametrize("rules", EDGE_RULES, ids=["default", "zero", "big_eta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_fast_paths_equal_the_reference(dtype, rules):
+    """changed_masks and diff_stats (per-row/column counts included) give exactly the reference's
+    masks and counts on NaN/±inf, ±0, subnormals and overflowing |Δ|, for contiguous tensors and views."""
+    a, b = edge_pair((64, 50), dtype, seed=1)
+    want = changes.reference_masks(a, b, rules)
+    assert all(want["exact"].sum() > want[r].sum() > 0 for r in changes.RULES[1:])  # the data tells rules apart
+    for x, y in [(a, b), (a.t(), b.t()), (a[::3, 1:], b[::3, 1:]), (a.reshape(-1)[7:], b.reshape(-1)[7:])]:
+        masks = changed_masks(x, y, rules)
+        reference = changes.reference_masks(x, y, rules)
+        assert {r: masks[r].tolist() for r in changes.RULES} == {r: reference[r].tolist() for r in changes.RULES}
+        assert_stats_equal(diff_stats(x, y, rules, per_row_col=x.dim() == 2),
+                           changes.reference_stats(x.contiguous(), y.contiguous(), rules, per_row_col=x.dim() == 2))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float16), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float64)])
+def test_fast_paths_equal_the_reference_across_dtypes(dtypes):
+    a, b = edge_pair((30, 20), torch.float16, seed=2)
+    a, b = a.to(dtypes[0]), b.to(dtypes[1])
+    for rules in EDGE_RULES:
+        masks, reference = changed_masks(a, b, rules), changes.reference_masks(a, b, rules)
+        assert {r: masks[r].tolist() for r in changes.RULES} == {r: reference[r].tolist() for r in changes.RULES}
+        assert_stats_equal(diff_stats(a, b, rules, per_row_col=True), changes.reference_stats(a, b, rules, True))
+
+
+def test_fast_rules_are_the_reference_rules():
+    """Every fast expression stands for a rule of the reference that has a threshold, and every
+    count the fast paths report is keyed by the reference's RULES, in its order."""
+    assert changes.RULES == tuple(changes.TOLERANCE)
+    assert set(changes.FAST_WITHIN) <= set(changes.thresholded_rules())
+    assert changes.thresholded_rules() == [r for r in changes.RULES if changes.TOLERANCE[r] is not None]
+    a, b = edge_pair((8, 6), torch.bfloat16, seed=3)
+    stats = diff_stats(a, b, ChangeRules(), per_row_col=True)
+    assert list(stats.changed) == list(stats.row_changed) == list(stats.col_changed) == list(changes.RULES)
+
+
+def add_rule(monkeypatch: pytest.MonkeyPatch, name: str, tolerance) -> None:
+    """Add a rule as a researcher would, with one line in changes.TOLERANCE: every subnetscope module
+    that imported RULES sees the longer tuple, as it would after that edit."""
+    table = {**changes.TOLERANCE, name: tolerance}
+    for module in [m for key, m in sys.modules.items() if key.startswith("subnetscope")]:
+        if getattr(module, "RULES", None) is changes.RULES and module is not changes:
+            monkeypatch.setattr(module, "RULES", tuple(table))
+    monkeypatch.setattr(changes, "RULES", tuple(table))
+    monkeypatch.setattr(changes, "TOLERANCE", table)
+
+
+def loose(w: torch.Tensor, w2: torch.Tensor, rules: ChangeRules) -> float:
+    """A test-only fourth rule: |Δ| > 100·atol (so numpy_rules' atol rule at 100·atol is its answer)."""
+    return 100 * rules.atol
+
+
+def test_a_new_rule_is_one_edit(monkeypatch):
+    """A rule added only to TOLERANCE is counted by changed_masks and diff_stats, per row and column
+    too (the packed rule code grows with it), equal to the reference and to numpy."""
+    add_rule(monkeypatch, "loose", loose)
+    rules = ChangeRules(atol=1e-4, eta=1e-3)
+    a, b = planted_pair((40, 30), torch.bfloat16, seed=4)
+    want = numpy_rules(a, b, 100 * rules.atol, rules.eta)["atol"].reshape(40, 30)
+    assert 0 < want.sum() < numpy_rules(a, b, rules.atol, rules.eta)["atol"].sum()  # differs from every other rule
+    masks = changed_masks(a, b, rules)
+    assert list(masks) == ["exact", "atol", "relative", "loose"]
+    assert masks["loose"].tolist() == want.tolist()
+    stats = diff_stats(a, b, rules, per_row_col=True)
+    assert_stats_equal(stats, changes.reference_stats(a, b, rules, per_row_col=True))
+    assert stats.changed["loose"] == int(want.sum())
+    assert stats.row_changed["loose"].tolist() == want.sum(1).tolist()
+    assert stats.col_changed["loose"].tolist() == want.sum(0).tolist()

@@ -3,7 +3,9 @@ import csv
 import dataclasses
 import json
 
+import numpy as np
 import pytest
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from subnetscope.cli import compare
@@ -11,6 +13,22 @@ from subnetscope.cli import ppo as ppo_cli
 from subnetscope.cli.compare import main
 from subnetscope.cli.training import config_from_args
 from subnetscope.ppo import PPOConfig
+
+
+def recount_overlap(run_a, run_b, step: int) -> tuple[int, int, int, int]:
+    """n1, n2, |I1 ∩ I2| and the weights counted, from the changed-vs-θ0 masks the two runs saved at `step`,
+    unpacked with numpy (first weight in the high bit), over the tensors the base and both runs hold."""
+    with safe_open(str(run_a / "base" / "model.safetensors"), "numpy") as fh:
+        names = set(fh.keys())
+    masks = []
+    for run in (run_a, run_b):
+        with safe_open(str(run / f"step_{step}" / "subnet.safetensors"), "numpy") as fh:
+            shapes = json.loads(fh.metadata()["shapes"])
+            masks.append({n: np.unpackbits(fh.get_tensor(f"{n}::mask"))[:int(np.prod(s))].astype(bool)
+                          for n, s in shapes.items()})
+    names &= set(masks[0]) & set(masks[1])
+    m1, m2 = (np.concatenate([m[n] for n in sorted(names)]) for m in masks)
+    return int(m1.sum()), int(m2.sum()), int((m1 & m2).sum()), m1.size
 
 
 @pytest.mark.slow
@@ -23,8 +41,13 @@ def test_comparison_end_to_end(tmp_path, capsys):
     with open(out / "seed_overlap.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["model"] for r in rows} == {"tiny-gpt2", "tiny-gemma3n"} and len(rows) == 2 * 3
-    for r in rows:  # the overlap and its baseline come from the same two runs
-        assert 0 <= float(r["o1"]) <= 1 and float(r["o1_random"]) == float(r["density_2"])
+    for r in rows:
+        n1, n2, n12, numel = recount_overlap(tmp_path / "runs" / r["run_a"], tmp_path / "runs" / r["run_b"], step=2)
+        if r["rule"] == "exact":  # the saved masks are the exact rule's: recounted, o1 and its chance baseline
+            assert float(r["o1"]) == pytest.approx(n12 / n1) and float(r["o1_random"]) == pytest.approx(n2 / numel)
+            assert float(r["density_1"]) == pytest.approx(n1 / numel)
+        else:  # a weight over a tolerance also differs in bits: never denser than the exact rule
+            assert float(r["density_2"]) <= n2 / numel and 0 <= float(r["o1"]) <= 1
     assert (out / "tiny-gemma3n" / "shells.csv").exists() and (out / "localization_stats.csv").exists()
     comparison = json.loads((out / "comparison.json").read_text())
     # the settings every run used, in the JSON and the CSV: main_grpo.py's defaults and the flags given

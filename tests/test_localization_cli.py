@@ -114,4 +114,3 @@ def test_density_curves_have_a_title_and_whole_steps():
     low, high = ax.get_xlim()
     ticks = [t for t in ax.get_xticks() if low <= t <= high]
     assert ticks == [1, 2, 3]
-    plots.plt.close(fig)

@@ -1,4 +1,5 @@
 """PPO: GAE and rewards by hand, the value head's input, learning, checkpoints and resume."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -62,6 +63,22 @@ def test_whitening_and_kl_controller():
     assert fixed.value == 0.2
 
 
+@pytest.mark.parametrize("init", [0.05, 5.0])
+def test_kl_controller_settles_where_the_kl_meets_its_target(init):
+    """A policy whose KL falls as its penalty rises (kl = 3 / coefficient, so kl = 6 needs 0.5): from far below
+    or far above, the controller walks the KL to the target without overshooting, and the coefficient to 0.5."""
+    target = 6.0
+    ctl = AdaptiveKLController(init, target=target, horizon=1000)
+    gaps = []
+    for _ in range(400):
+        kl = 3.0 / ctl.value
+        gaps.append(kl - target)
+        ctl.update(kl, n_samples=64)
+    assert abs(gaps[0]) > 5  # it started far from the target
+    assert all(abs(b) <= abs(a) and a * b >= 0 for a, b in zip(gaps, gaps[1:]))  # closer every update, same side
+    assert abs(gaps[-1]) < 0.01 * target and ctl.value == pytest.approx(0.5, rel=0.01)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "gemma3n"])
 def test_value_head_reads_the_final_normalized_hidden_state(arch):
     tok = word_tokenizer()
@@ -100,6 +117,20 @@ def test_ppo_learns_a_simple_reward_and_tracker_equals_offline_diff(tmp_path):
             assert record.vs_initial[rule][i] == offline[name][rule]
 
 
+def test_each_ppo_epoch_uses_every_rollout_row_once_in_minibatches(tmp_path):
+    """8 rows, minibatches of 2, 3 epochs: 12 optimizer steps, and each epoch's minibatches together are the batch."""
+    trainer = PPOTrainer(ppo_config(tmp_path, batch_size=8, mini_batch_size=2, ppo_epochs=3, max_steps=1))
+    forwards, updates = [], []
+    forward, update = trainer._logps_values, trainer._optimizer_step
+    trainer._logps_values = lambda ids, mask, n: forwards.append(ids.tolist()) or forward(ids, mask, n)
+    trainer._optimizer_step = lambda loss: updates.append(1) or update(loss)
+    trainer.train_step(1)
+    batch, minibatches = forwards[0], forwards[1:]  # the first forward scores the whole rollout batch
+    assert len(batch) == 8 and [len(m) for m in minibatches] == [2] * 12 and len(updates) == 12
+    for epoch in range(3):
+        assert sorted(row for m in minibatches[4 * epoch:4 * epoch + 4] for row in m) == sorted(batch)
+
+
 def test_resume_restores_value_head_and_kl_coefficient(tmp_path):
     first = PPOTrainer(ppo_config(tmp_path, max_steps=2, save_every=1, target_kl=1.0, init_kl_coef=0.2))
     first.train()
@@ -112,16 +143,17 @@ def test_resume_restores_value_head_and_kl_coefficient(tmp_path):
         assert torch.equal(v, head[k])
 
 
-def test_original_experiment_defaults_and_flag_overrides():
+def test_main_ppo_runs_the_configs_defaults_and_flags_override_them():
+    """No flag: exactly PPOConfig() (the parser adds no default of its own); each flag changes its field only."""
     from subnetscope.cli import ppo as ppo_cli
     from subnetscope.cli.training import config_from_args
 
-    d = PPOConfig()
-    assert (d.policy, d.batch_size, d.max_steps, d.save_every, d.atol, d.log_localization, d.topk) == \
-        ("gpt2-medium", 32, 600, 20, 1e-5, True, 3)
-    args = ppo_cli.build_parser().parse_args(["--policy", "google/gemma-3n-E2B-it", "--fixed_kl", "--no_localization"])
-    cfg = config_from_args(PPOConfig, args)
-    assert cfg.policy == "google/gemma-3n-E2B-it" and cfg.target_kl is None and not cfg.log_localization
+    parse = ppo_cli.build_parser().parse_args
+    assert config_from_args(PPOConfig, parse([])) == PPOConfig()
+    cfg = config_from_args(PPOConfig, parse(["--policy", "google/gemma-3n-E2B-it", "--fixed_kl", "--no_localization",
+                                             "--ppo_epochs", "3"]))
+    assert cfg == dataclasses.replace(PPOConfig(), policy="google/gemma-3n-E2B-it", target_kl=None,
+                                      log_localization=False, ppo_epochs=3)
 
 
 @pytest.mark.slow
@@ -130,8 +162,9 @@ def test_smoke_and_bad_minibatch(tmp_path):
                          "--no_tqdm"], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert "changed exact" in ok.stdout and (tmp_path / "s" / "step_1" / "extra.safetensors").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "main_ppo.py"), "--easy", "--policy", "tiny-gpt2", "--device", "cpu",
-                          "--batch_size", "6", "--mini_batch_size", "4", "--output_dir", str(tmp_path / "b")],
+    bad = subprocess.run([sys.executable, str(ROOT / "main_ppo.py"), "--easy", "--policy", "tiny-gpt2",
+                          "--device", "cpu", "--batch_size", "6", "--mini_batch_size", "4",
+                          "--output_dir", str(tmp_path / "b")],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--mini_batch_size 4 does not divide" in bad.stderr
     assert json.loads((tmp_path / "s" / "run_config.json").read_text())["settings"]["policy"] == "tiny-gemma3n"

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from subnetscope.changes import RULES, ChangeRules, diff_stats
+from subnetscope.changes import RULES, ChangeRules, diff_stats, reference_stats
 from subnetscope.checkpoint import open_checkpoint
 from subnetscope.errors import SubnetscopeError
 from subnetscope.metrics import update_rank
@@ -15,7 +15,17 @@ from subnetscope.naming import neuron_axis
 from subnetscope.segments import batchable, compare_segments, plan_segments
 
 from .conftest import DEVICES, plant, save_state
-from .test_changes import REPRO_BASE, REPRO_TUNED, numpy_rules, planted_pair
+from .test_changes import (
+    EDGE_RULES,
+    REPRO_BASE,
+    REPRO_TUNED,
+    add_rule,
+    assert_stats_equal,
+    edge_pair,
+    loose,
+    numpy_rules,
+    planted_pair,
+)
 
 
 def _odd_pair(tmp_path):
@@ -227,3 +237,62 @@ def test_engine_reports_an_infinite_relative_norm_for_an_all_zero_base(tmp_path)
                           open_checkpoint(str(save_state(tmp_path / "zt", tuned))), progress=False, workers=1)
     got = {t.name: t.relative_norm for t in result.tensors}
     assert got == {"zero": math.inf, "still": 0.0, "w": pytest.approx(0.2)}
+
+
+def _edge_state(finite: bool) -> tuple[dict, dict]:
+    """FFN matrices (per-neuron counts), a norm and an attention matrix in bf16, fp16 and fp32, from
+    test_changes.edge_pair (NaN/±inf, ±0, subnormals, overflowing |Δ|); `finite`: only ±0 and the
+    subnormals, so every member takes the segment path, none the recomputation by diff_stats."""
+    shapes = {"mlp.up_proj.weight": (24, 10), "mlp.down_proj.weight": (10, 24), "input_layernorm.weight": (50,),
+              "self_attn.q_proj.weight": (12, 10)}
+    base, tuned = {}, {}
+    for layer, dtype in enumerate((torch.float32, torch.bfloat16, torch.float16)):  # a layer per dtype
+        for i, (module, shape) in enumerate(shapes.items()):
+            a, b = edge_pair(shape, dtype, seed=i)
+            if finite:
+                odd = ~(torch.isfinite(a) & torch.isfinite(b)) | (a.float().abs() > 1e4) | (b.float().abs() > 1e4)
+                a, b = torch.where(odd, 0.5, a.float()).to(dtype), torch.where(odd, 0.5, b.float()).to(dtype)
+            base[f"model.layers.{layer}.{module}"], tuned[f"model.layers.{layer}.{module}"] = a, b
+    return base, tuned
+
+
+def _assert_segments_equal_reference(tmp_path, finite: bool, rules: ChangeRules, target_bytes: int, device: str):
+    base, tuned = _edge_state(finite)
+    folder = tmp_path / f"edge_{finite}_{target_bytes}"
+    base_src = open_checkpoint(str(save_state(folder / "base", base)))
+    tuned_src = open_checkpoint(str(save_state(folder / "tuned", tuned)))
+    seen = []
+    for name, stats, _ in compare_segments(base_src, tuned_src, base_src.names(), rules, device,
+                                           target_bytes=target_bytes):
+        axis = neuron_axis(name, tuple(base[name].shape))
+        assert_stats_equal(stats, reference_stats(base[name], tuned[name], rules, per_row_col=axis is not None))
+        seen.append(name)
+    assert sorted(seen) == sorted(base)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("finite", [True, False], ids=["segment_path", "with_nonfinite"])
+@pytest.mark.parametrize("target_bytes", [300, 1 << 30])
+def test_batched_pass_equals_the_reference(tmp_path, finite, target_bytes, device):
+    """Every statistic of the batched pass, per-neuron counts included, is the reference's, whole or
+    cut into pieces, under thresholds that make |Δ| and η·max|w| overflow."""
+    for rules in EDGE_RULES:
+        _assert_segments_equal_reference(tmp_path, finite, rules, target_bytes, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_pass_counts_a_new_rule(tmp_path, monkeypatch, device):
+    """A rule added only to changes.TOLERANCE is counted per tensor and per neuron by the segments."""
+    add_rule(monkeypatch, "loose", loose)
+    rules = ChangeRules(atol=1e-4, eta=1e-3)
+    _assert_segments_equal_reference(tmp_path, True, rules, 1 << 30, device)
+    base, tuned = _edge_state(True)
+    base_src = open_checkpoint(str(save_state(tmp_path / "loose_base", base)))
+    tuned_src = open_checkpoint(str(save_state(tmp_path / "loose_tuned", tuned)))
+    for name, stats, _ in compare_segments(base_src, tuned_src, base_src.names(), rules, device):
+        want = numpy_rules(base[name], tuned[name], 100 * rules.atol, rules.eta)["atol"]
+        assert list(stats.changed) == ["exact", "atol", "relative", "loose"]
+        assert stats.changed["loose"] == int(want.sum()), name
+        if "mlp" in name:  # FFN matrices: per-neuron counts
+            assert stats.row_changed["loose"].tolist() == want.reshape(base[name].shape).sum(1).tolist(), name
+            assert stats.col_changed["loose"].tolist() == want.reshape(base[name].shape).sum(0).tolist(), name

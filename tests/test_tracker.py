@@ -3,14 +3,18 @@ import numpy as np
 import pytest
 import torch
 
-from subnetscope.changes import RULES, ChangeRules, as_bits, changed_masks
+from subnetscope.changes import RULES, ChangeRules, as_bits, changed_masks, reference_stats
 from subnetscope.errors import SubnetscopeError
 from subnetscope.tracker import CHUNK, UpdateTracker, track_flat
 
 from .conftest import DEVICES
 from .test_changes import (
+    EDGE_RULES,
     REPRO_BASE,
     REPRO_TUNED,
+    add_rule,
+    edge_pair,
+    loose,
     numpy_rules,
     planted_pair,
     special_values,
@@ -258,3 +262,57 @@ def test_tracker_reports_each_tower_of_a_multimodal_model():
     assert "abs_delta/layer_0/max" in metrics and metrics["abs_delta/outside/mean"] == pytest.approx(3 / 60)
     plain = UpdateTracker({"h.0.attn.c_attn.weight": torch.zeros(3)})  # a text-only model: no tower keys
     assert not any(k.startswith("tower/") for k in plain.metrics(plain.update(1)))
+
+
+def _edge_params(device: str) -> tuple[dict, dict]:
+    """θ0 and θ1 from test_changes.edge_pair (NaN/±inf, ±0, subnormals, overflowing |Δ|), one ragged
+    tensor per dtype, so every dtype is a group of its own."""
+    shapes = {torch.bfloat16: (37, 11), torch.float16: (CHUNK + 3,), torch.float32: (9, 5), torch.float64: (70,)}
+    theta0, theta1 = {}, {}
+    for i, (dtype, shape) in enumerate(shapes.items()):
+        theta0[f"transformer.h.{i}.mlp.c_fc.weight"], theta1[f"transformer.h.{i}.mlp.c_fc.weight"] = \
+            edge_pair(shape, dtype, seed=i)
+    return {n: t.to(device) for n, t in theta0.items()}, {n: t.to(device) for n, t in theta1.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rules", EDGE_RULES, ids=["default", "zero", "big_eta"])
+def test_tracker_equals_the_reference(rules, device):
+    """Counts vs θ0 and vs the previous step, NaN/inf |Δ| and the |Δ| statistics of the tracker are the
+    reference's, step after step (step 2 moves back to θ0: every change vs θ0 is one vs step 1)."""
+    theta0, theta1 = _edge_params(device)
+    params = {n: t.clone() for n, t in theta0.items()}
+    tracker = UpdateTracker(params, rules)
+    for step, (before, now) in enumerate([(theta0, theta1), (theta1, theta0)], start=1):
+        for name, p in params.items():
+            as_bits(p).copy_(as_bits(now[name]))
+        record = tracker.update(step)
+        for i, name in enumerate(record.names):
+            vs0 = reference_stats(theta0[name].cpu(), now[name].cpu(), rules)
+            vs1 = reference_stats(before[name].cpu(), now[name].cpu(), rules)
+            assert {r: record.vs_initial[r][i] for r in RULES} == vs0.changed, (step, name)
+            assert {r: record.vs_previous[r][i] for r in RULES} == vs1.changed, (step, name)
+            assert record.nonfinite[i] == vs0.numel - vs0.finite_count, (step, name)
+            ever = reference_stats(theta0[name].cpu(), theta1[name].cpu(), rules).changed["exact"]
+            assert record.ever_changed[i] == ever, (step, name)
+            assert record.abs_max[i] == vs0.abs_max, (step, name)
+            assert record.abs_sum[i] == pytest.approx(vs0.abs_sum, rel=1e-5, abs=1e-300), (step, name)
+            assert record.abs_sq_sum[i] == pytest.approx(vs0.abs_sq_sum, rel=1e-5, abs=1e-300), (step, name)
+    assert sum(record.total("vs_previous", r) for r in RULES) > 0
+
+
+def test_tracker_counts_a_new_rule(monkeypatch):
+    """A rule added only to changes.TOLERANCE is counted vs θ0 and vs the previous step, and logged."""
+    add_rule(monkeypatch, "loose", loose)
+    rules = ChangeRules(atol=1e-4, eta=1e-3)
+    theta0, theta1 = _edge_params("cpu")
+    params = {n: t.clone() for n, t in theta0.items()}
+    tracker = UpdateTracker(params, rules)
+    for name, p in params.items():
+        as_bits(p).copy_(as_bits(theta1[name]))
+    record = tracker.update(1)
+    want = [int(numpy_rules(theta0[n], theta1[n], 100 * rules.atol, rules.eta)["atol"].sum()) for n in record.names]
+    assert record.vs_initial["loose"] == record.vs_previous["loose"] == want and all(want)
+    for r in ("exact", "atol", "relative"):  # the other rules keep their own counts
+        assert record.vs_initial[r] == [reference_stats(theta0[n], theta1[n], rules).changed[r] for n in record.names]
+    assert tracker.metrics(record)["changed/loose"] == pytest.approx(sum(want) / sum(record.numel))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import GRPOConfig
 from ..errors import cli_main
-from ..grpo import GRPOConfig, GRPOTrainer
 from .training import config_from_args, new_parser, quiet_transformers, run
 
 DESCRIPTION = """\
@@ -20,6 +20,15 @@ word-level tokenizer). Many GPUs: accelerate launch --num_processes N main_grpo.
 many CPU processes: torchrun --nproc_per_node N main_grpo.py --device cpu ...
 """
 PRESET_EXTRA = {"smoke": {"group_size": 2, "output_dir": "checkpoints/smoke"}}
+
+
+def __getattr__(name: str):
+    """`GRPOTrainer` imported on first use: it loads torch and transformers, which parsing does not need."""
+    if name == "GRPOTrainer":
+        from ..grpo import GRPOTrainer
+
+        return GRPOTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +53,7 @@ def grpo_config(args: argparse.Namespace) -> GRPOConfig:
 
 def run_demo(args: argparse.Namespace) -> None:
     """Short GRPO runs of tiny GPT-2 and tiny Gemma-3n, then both analyses, figures in plots/demo/."""
+    from ..grpo import GRPOTrainer
     from . import analyze, localize
 
     root = Path(getattr(args, "output_dir", "checkpoints/demo"))
@@ -70,5 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "demo", False):
         run_demo(args)
         return 0
+    from ..grpo import GRPOTrainer
+
     run(GRPOTrainer, grpo_config(args))
     return 0

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import PPOConfig
 from ..errors import cli_main
-from ..ppo import PPOConfig, PPOTrainer
 from .training import config_from_args, new_parser, quiet_transformers, run
 
 DESCRIPTION = """\
@@ -46,5 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_transformers()
+    from ..ppo import PPOTrainer
+
     run(PPOTrainer, config_from_args(PPOConfig, args, PRESET_EXTRA))
     return 0

@@ -4,18 +4,15 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-import torch
-
-from ..baselines import (
-    METRICS_FILE,
+from ..config import (
+    RANDOM_SHAPED,
     SFT_DATA,
+    TINY_MODELS,
+    TRL_OPTIMIZERS,
     BaselineConfig,
-    baseline_start,
-    train_baseline,
+    add_precision_args,
 )
 from ..errors import SubnetscopeError, cli_main
-from ..models import RANDOM_SHAPED, TINY_MODELS
-from ..precision import add_precision_args
 from ..rewards import REWARDS, reward_from_flags
 from .training import finished_line, quiet_transformers, reward_spec
 
@@ -54,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, help=f"examples per device per step (default {d.batch_size})")
     p.add_argument("--max_steps", type=int, help=f"optimizer steps (default {d.max_steps})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
-    p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), help=f"(default {d.optimizer})")
+    p.add_argument("--optimizer", choices=tuple(TRL_OPTIMIZERS), help=f"(default {d.optimizer})")
     p.add_argument("--dpo_beta", type=float, help=f"DPO's beta (default {d.dpo_beta})")
     p.add_argument("--sft_data", choices=SFT_DATA,
                    help="SFT targets: the best of --candidates samples (samples), real positive reviews of a labelled "
@@ -91,6 +88,10 @@ def config_from_args(args: argparse.Namespace) -> BaselineConfig:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    from ..baselines import METRICS_FILE, baseline_start, train_baseline
+
     quiet_transformers()
     config = config_from_args(args)
     start = baseline_start(config)

@@ -6,17 +6,25 @@ import math
 import os
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import transformers
-
-from ..aspg import ASPG_SPARSITY, ASPG_WARMUP, PLAN_UPDATE_FRACTION, PLAN_WARMUP
+from ..config import (
+    ASPG_SPARSITY,
+    ASPG_WARMUP,
+    OPTIMIZERS,
+    PLAN_UPDATE_FRACTION,
+    PLAN_WARMUP,
+    RANDOM_SHAPED,
+    TINY_MODELS,
+    RLConfig,
+    add_precision_args,
+)
 from ..errors import SubnetscopeError
 from ..launch import warn_launch_mismatch
-from ..models import RANDOM_SHAPED, TINY_MODELS
-from ..precision import add_precision_args
 from ..rewards import REWARDS, reward_from_flags
-from ..rl import OPTIMIZERS, RLConfig, RLTrainer, RunStart, check_run_start, last_record
+
+if TYPE_CHECKING:  # torch and transformers load after the flags are parsed: --help stays fast
+    from ..rl import RLTrainer, RunStart
 
 PRESETS = {
     "smoke": dict(device="cpu", policy="tiny-gemma3n", dataset="builtin", reward="vader", max_steps=1,
@@ -187,6 +195,8 @@ def trl_batch_size(per_device: int, config_cls: type[RLConfig], values: dict, ou
 
 
 def quiet_transformers() -> None:
+    import transformers
+
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
 
@@ -206,9 +216,11 @@ def config_from_args(config_cls: type[RLConfig], args: argparse.Namespace, prese
 
 
 def summary_line(metrics: dict, total: int, run_dir: str | Path, trainable: int | None = None) -> str:
-    """One line: the last step's changed fractions under the three rules, the weights that could change
+    """One line: the last step's changed fractions under each rule, the weights that could change
     (when not all could: --update_mask), and its reward."""
-    changed = ", ".join(f"{rule} {metrics[f'changed/{rule}']:.2%}" for rule in ("exact", "atol", "relative")
+    from ..changes import RULES
+
+    changed = ", ".join(f"{rule} {metrics[f'changed/{rule}']:.2%}" for rule in RULES
                         if isinstance(metrics.get(f"changed/{rule}"), float))
     reward = metrics.get("reward/mean")
     reward_text = f"reward {reward:.3f}; " if isinstance(reward, float) else ""
@@ -219,6 +231,8 @@ def summary_line(metrics: dict, total: int, run_dir: str | Path, trainable: int 
 
 def finished_line(start: RunStart, max_steps: int, metrics_file: str = "metrics.jsonl") -> str:
     """A --resume of a finished run: what it ended with, from its run_config.json and metrics.jsonl."""
+    from ..rl import last_record
+
     total = sum(math.prod(shape) for shape in (start.saved or {}).get("parameters", {}).values())
     metrics = {"step": start.point.step, **last_record(start.run_dir / metrics_file, start.point.step)}
     trainable = (start.saved or {}).get("settings", {}).get("trainable_weights")
@@ -229,6 +243,10 @@ def finished_line(start: RunStart, max_steps: int, metrics_file: str = "metrics.
 def run(trainer_cls: type[RLTrainer], config: RLConfig) -> dict:
     """Train, turning CUDA running out of memory into a one-line error that names the remedies; a
     --resume of a finished run reports it and trains nothing. Returns the last step's metrics."""
+    import torch
+
+    from ..rl import check_run_start, last_record
+
     start = check_run_start(config, trainer_cls.name)
     warn_launch_mismatch(int(os.environ.get("WORLD_SIZE", "1")))
     if start.finished(config.max_steps):

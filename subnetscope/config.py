@@ -1,0 +1,284 @@
+"""The settings of every fine-tuning run (RL and baseline) and the names their flags choose from.
+
+Torch-free on purpose: the training commands build their parsers (and answer `--help`) from these
+dataclasses before anything heavy is imported; torch, transformers and TRL load after parsing. The
+trainers' modules re-export what they used to define (`from subnetscope.rl import RLConfig` works).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SubnetscopeError
+
+# --optimizer of the RL loops; TRL's trainers (SFT, DPO) take the TRL_OPTIMIZERS keys
+OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg", "aspg_plan")
+TRL_OPTIMIZERS = {"adamw": "adamw_torch", "adafactor": "adafactor", "sgd": "sgd"}  # ours -> TRL's `optim`
+# ASPG's defaults: aspg's share of entries NOT updated and dense warm-up; aspg_plan's share updated and warm-up
+ASPG_SPARSITY = 0.9
+ASPG_WARMUP = 10
+PLAN_UPDATE_FRACTION = 0.01
+PLAN_WARMUP = 100
+PRECISIONS = ("auto", "mixed", "bf16", "fp32")  # subnetscope.precision explains each
+VIEW_DTYPE_NAMES = ("bfloat16", "float16", "float32")  # --view_dtype; precision.VIEW_DTYPES maps them to dtypes
+TINY_MODELS = ("tiny-gpt2", "tiny-gemma3n")
+# Random weights in real shapes, for speed and memory runs without the Hub; vocabulary = the tokenizer's.
+RANDOM_SHAPED = ("random-gpt2-medium", "random-gemma3n-e2b")
+SFT_DATA = ("samples", "positive_reviews", "completions")
+
+
+@dataclass
+class RunConfig:
+    """Settings of every fine-tuning run here, RL or baseline."""
+
+    # Hub id, local folder, a TINY_MODELS name (random, offline) or a RANDOM_SHAPED one
+    policy: str = "tiny-gpt2"
+    # tokenizer for policies that have none (random-*); None: the policy's own
+    tokenizer: str | None = None
+    # a subnetscope.rewards.REWARDS name or a TRL-style reward callable named module:function
+    reward: str = "vader"
+    # the sequence classifier of --reward model (score = POSITIVE logit)
+    reward_model: str = "lvwerra/distilbert-imdb"
+    # prompts: builtin, easy, imdb, or a local .json/.jsonl/.csv/.txt[.gz] file
+    dataset: str = "builtin"
+    # RL: prompts per step over all processes; SFT/DPO: examples per device per step
+    batch_size: int = 8
+    max_steps: int = 20  # optimizer updates
+    lr: float = 1e-5  # learning rate
+    optimizer: str = "adamw"  # one of OPTIMIZERS (RL) or TRL_OPTIMIZERS (SFT/DPO)
+    temperature: float = 1.0  # sampling temperature
+    max_prompt_tokens: int = 32  # prompts are cut to this many tokens
+    max_new_tokens: int = 32  # completion length
+    # mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as bf16 roundings;
+    # bf16: bf16 weights (update sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU
+    # with bf16, fp32 elsewhere (subnetscope.precision)
+    precision: str = "auto"
+    # the dtype at which changes are judged and checkpoints stored; None: bfloat16 for mixed and bf16,
+    # float32 for fp32
+    view_dtype: str | None = None
+    # instruct models: prompts become a user turn of the tokenizer's chat template (when it has one)
+    chat_template: bool = True
+    device: str = "auto"  # training device: auto (accelerate's choice), cpu, cuda
+    gradient_checkpointing: bool = False  # recompute activations to save memory
+    save_every: int = 10  # checkpoint every N steps
+    # keep only the newest N step checkpoints, deleting older ones once a newer one is written (TRL's
+    # name and meaning); None keeps all. The tracker's metrics.jsonl keeps the whole density curve either way
+    save_total_limit: int | None = None
+    output_dir: str = "checkpoints/run"  # the run folder
+    resume: bool = False  # continue the run in output_dir from its last checkpoint
+    wandb: str | None = None  # also log to this Weights & Biases project
+    seed: int = 0  # seed of prompt order, sampling and new heads
+    atol: float = 1e-5  # tracker's absolute rule: changed if |Δ| > atol
+    eta: float = 1e-3  # tracker's relative rule: changed if |Δ| > eta·max(|w|, |w'|)
+    topk: int = 3  # k of the top-k block concentration
+    # --optimizer aspg (AdamW + error feedback): the share of entries NOT updated per step (None: 0.9);
+    # --optimizer aspg_plan (the research plan's plain top-k step): the share updated (None: 0.01); never both
+    aspg_sparsity: float | None = None
+    aspg_update_fraction: float | None = None
+    # dense steps before the sparse ones (None: 10 for aspg, 100 for aspg_plan)
+    aspg_warmup: int | None = None
+    # with resume: accept settings that differ from the run's; each change is recorded in run_config.json
+    allow_changed_settings: bool = False
+
+    def __post_init__(self) -> None:
+        """The chosen ASPG variant's defaults filled in (runs recorded before aspg_plan existed hold
+        aspg_sparsity 0.9 and aspg_warmup 10 whatever their optimizer: so does every non-plan run)."""
+        plan = self.optimizer == "aspg_plan"
+        if self.aspg_warmup is None:
+            self.aspg_warmup = PLAN_WARMUP if plan else ASPG_WARMUP
+        if self.aspg_sparsity is None and not plan:
+            self.aspg_sparsity = ASPG_SPARSITY
+        if self.aspg_update_fraction is None and plan:
+            self.aspg_update_fraction = PLAN_UPDATE_FRACTION
+
+    def require_counts(self, *flags: str) -> None:
+        """Each named setting must be a count of at least 1."""
+        if any(getattr(self, f) < 1 for f in flags):
+            raise SubnetscopeError(", ".join(f"--{f}" for f in flags) + " must be at least 1")
+
+    def require_numbers(self, *flags: str, positive: bool = False) -> None:
+        """Each named setting must be a finite number >= 0 (> 0 with `positive`)."""
+        for flag in flags:
+            value = getattr(self, flag)
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                kind = "positive" if positive else "non-negative"
+                raise SubnetscopeError(f"--{flag} must be a {kind} number (got {value})")
+
+    def check_aspg(self) -> None:
+        """Each ASPG variant takes its own share (never the other's: one counts entries NOT updated, the
+        other entries updated), in range."""
+        plan = self.optimizer == "aspg_plan"
+        if plan and self.aspg_sparsity is not None:
+            raise SubnetscopeError("--aspg_sparsity (the share of entries NOT updated) is for --optimizer aspg and "
+                                   "does not combine with --optimizer aspg_plan or --aspg_update_fraction: aspg_plan "
+                                   "takes --aspg_update_fraction (the share updated)")
+        if not plan and self.aspg_update_fraction is not None:
+            raise SubnetscopeError("--aspg_update_fraction (the share of entries updated) is for --optimizer aspg_plan "
+                                   f"and does not combine with --optimizer {self.optimizer} or --aspg_sparsity (the "
+                                   "share NOT updated): pass --optimizer aspg_plan without --aspg_sparsity")
+        if plan and not 0.0 < self.aspg_update_fraction <= 1.0:
+            raise SubnetscopeError(f"--aspg_update_fraction must be in (0, 1] (got {self.aspg_update_fraction})")
+        if not plan and not 0.0 <= self.aspg_sparsity < 1.0:
+            raise SubnetscopeError(f"--aspg_sparsity must be in [0, 1) (got {self.aspg_sparsity})")
+        if self.aspg_warmup < 0:
+            raise SubnetscopeError(f"--aspg_warmup must be >= 0 (got {self.aspg_warmup})")
+
+    def validate(self) -> None:
+        # changes.py loads torch: imported when a run is checked, not when its flags are parsed
+        from .changes import ChangeRules
+
+        self.require_counts("batch_size", "max_steps", "save_every", "max_prompt_tokens", "max_new_tokens", "topk")
+        if self.save_total_limit is not None:
+            self.require_counts("save_total_limit")
+        self.require_numbers("lr", "temperature", positive=True)
+        ChangeRules(self.atol, self.eta)
+        if self.optimizer not in OPTIMIZERS:
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: use {', '.join(OPTIMIZERS)}")
+        self.check_aspg()
+        if self.precision not in PRECISIONS:
+            raise SubnetscopeError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.view_dtype is not None and self.view_dtype not in VIEW_DTYPE_NAMES:
+            raise SubnetscopeError(f"--view_dtype {self.view_dtype!r}: use {', '.join(VIEW_DTYPE_NAMES)}")
+        if self.precision == "bf16" and self.view_dtype not in (None, "bfloat16"):
+            raise SubnetscopeError("--precision bf16 stores bf16 weights: --view_dtype must be bfloat16 (or left out)")
+
+
+@dataclass
+class RLConfig(RunConfig):
+    """Settings of the RL loops (GRPO, PPO) beyond every run's."""
+
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD, Adafactor) weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    reward_device: str = "auto"  # reward model's device (auto = the training device)
+    ref_device: str = "auto"  # reference model's device (auto = the training device); cpu saves GPU memory
+    eval_every: int = 10  # held-out reward and KL every N steps
+    full_checkpoints: bool = False  # full safetensors per step instead of compact ones
+    # fine-tune only the subnetwork in this mask file (compute_masks.py): gradients masked, the rest at θ0
+    update_mask: str | None = None
+    # --update_mask: also train the tensors the mask does not cover (by default they stay at θ0)
+    train_unmasked: bool = False
+    log_localization: bool = True  # log per-block Gini / entropy / top-k every step
+    no_tqdm: bool = False  # no progress bar
+    # several processes (torchrun / accelerate launch): each sends only this share of its gradient entries
+    # per DDP bucket (top-k by |grad + residual|, error feedback per bucket); None: DDP's dense all-reduce
+    ddp_topk_density: float | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_counts("eval_every")
+        self.require_numbers("weight_decay", "max_grad_norm")
+        if self.optimizer == "aspg_plan" and self.weight_decay:
+            raise SubnetscopeError("--optimizer aspg_plan is the research plan's plain top-k step, without weight "
+                                   "decay: leave --weight_decay out, or use --optimizer aspg (AdamW's decoupled decay)")
+        if self.ddp_topk_density is not None and not 0.0 < self.ddp_topk_density <= 1.0:
+            raise SubnetscopeError(f"--ddp_topk_density must be in (0, 1] (got {self.ddp_topk_density})")
+        if self.update_mask and not Path(self.update_mask).is_file():
+            raise SubnetscopeError(f"--update_mask {self.update_mask} does not exist: pass a mask file written by "
+                                   "compute_masks.py")
+        if self.train_unmasked and not self.update_mask:
+            raise SubnetscopeError("--train_unmasked only applies with --update_mask: pass a mask or leave it out")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO's settings (subnetscope.grpo; TRL's loss_type="grpo")."""
+
+    group_size: int = 4  # completions per prompt, at least 2 (TRL's num_generations)
+    inner_epochs: int = 1  # optimizer steps per rollout batch (TRL's num_iterations)
+    beta: float = 0.04  # KL penalty weight, k3 estimator; 0 = no reference model
+    epsilon: float = 0.2  # ratio clipping range
+    # weight the k3 KL by the importance ratio (TRL's use_bias_correction_kl)
+    kl_correction: bool = True
+    adv_clip: float = 5.0  # advantages are clipped to ±this
+    output_dir: str = "checkpoints/grpo"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.group_size < 2:
+            raise SubnetscopeError("--group_size must be at least 2: GRPO compares completions within a group")
+        self.require_counts("inner_epochs")
+        self.require_numbers("beta", "epsilon", "adv_clip")
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO's settings (subnetscope.ppo)."""
+
+    # defaults of the original experiment config (subnetscope.ppo's docstring)
+    policy: str = "gpt2-medium"
+    batch_size: int = 32
+    max_steps: int = 600
+    save_every: int = 20
+    eval_every: int = 20
+    topk: int = 3
+    log_localization: bool = True
+    lr: float = 1.41e-5
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clipping
+    cliprange_value: float = 0.2  # value clipping around the rollout's values
+    vf_coef: float = 0.1  # weight of the value loss
+    init_kl_coef: float = 0.2  # KL penalty coefficient at the start
+    target_kl: float | None = 6.0  # adaptive KL controller's target; None keeps init_kl_coef fixed
+    horizon: int = 10000  # adaptive controller's horizon in samples
+    ppo_epochs: int = 4  # passes over each rollout batch
+    mini_batch_size: int = 8  # prompts per optimizer step, per process
+    whiten_advantages: bool = True  # whiten the GAE advantages
+    output_dir: str = "checkpoints/ppo"
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_counts("ppo_epochs", "mini_batch_size", "horizon")
+        for flag in ("gamma", "lam"):
+            if not 0 <= getattr(self, flag) <= 1:
+                raise SubnetscopeError(f"--{flag} must lie in [0, 1]")
+        self.require_numbers("cliprange", "cliprange_value", "vf_coef", "init_kl_coef")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise SubnetscopeError("--target_kl must be positive (leave it out for a fixed KL coefficient)")
+
+
+@dataclass
+class BaselineConfig(RunConfig):
+    """The SFT and DPO baselines' settings (subnetscope.baselines, TRL's trainers)."""
+
+    task: str = "sft"  # sft or dpo
+    candidates: int = 4  # samples of the initial policy per prompt, ranked by the reward
+    max_prompts: int = 256  # prompts used to build the data set
+    dpo_beta: float = 0.1  # DPO's beta
+    # samples: the best of --candidates samples of the initial policy per prompt; positive_reviews: real
+    # positive reviews of --dataset; completions: the prompt/completion pairs of --dataset (reference answers)
+    sft_data: str = "samples"
+    # samples only: drop prompts whose best sample scores below this (rejection-sampling fine-tuning keeps
+    # only reward-passing samples); None keeps every prompt's best
+    min_reward: float | None = None
+    output_dir: str = "checkpoints/sft"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.task not in ("sft", "dpo"):
+            raise SubnetscopeError(f"--task {self.task!r}: use sft or dpo")
+        if self.optimizer not in TRL_OPTIMIZERS:
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take "
+                                   f"{', '.join(TRL_OPTIMIZERS)}")
+        if self.sft_data not in SFT_DATA:
+            raise SubnetscopeError(f"--sft_data {self.sft_data!r}: use {' or '.join(SFT_DATA)}")
+        if self.candidates < 2:
+            raise SubnetscopeError("--candidates must be at least 2: the best (and worst) of them are kept")
+        self.require_counts("max_prompts")
+        if self.min_reward is not None and (self.task != "sft" or self.sft_data != "samples"):
+            raise SubnetscopeError("--min_reward filters the policy's own samples: use it with --task sft and "
+                                   "--sft_data samples")
+
+
+def add_precision_args(group: argparse._ActionsContainer, default: str) -> None:
+    """`--precision` and `--view_dtype`, spelled and explained once for every training command."""
+    group.add_argument("--precision", choices=PRECISIONS,
+                       help="mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as "
+                            "bf16 roundings (what recipes publish); bf16: bf16 weights (Adam steps below half a bf16 "
+                            "step are lost: sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU "
+                            f"with bf16, else fp32 (default {default})")
+    group.add_argument("--view_dtype", choices=VIEW_DTYPE_NAMES,
+                       help="dtype at which changes are judged and base/, checkpoints and final/ stored (default "
+                            "bfloat16 for mixed and bf16, float32 for fp32)")
