@@ -198,7 +198,7 @@ def write_tables(results_dir: str | Path) -> Path:
         rows, overlaps = read_csv(folder / "results.csv"), read_csv(folder / "overlap.csv")
         per_group_layers[folder.name] = read_csv(folder / "layers.csv")
         cfg = group["config"]
-        lines += [f"## {cfg['policy']} on {cfg['task']}", "",
+        lines += [f"## {Path(cfg['policy']).name} on {cfg['task']}", "",
                   f"{cfg['max_steps']} updates per run, batch {cfg['batch_size']}, seeds {cfg['seeds']}, device "
                   f"{group['device']}; command: `{group.get('command', 'python real_study.py run ...')}`.", ""]
         lines += main_table(rows) + [""] + [f"- {c}" for c in claims(rows, overlaps, group)]
