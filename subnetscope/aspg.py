@@ -95,6 +95,24 @@ class _TopKImportance(torch.optim.Optimizer):
             for key, value in values.items():
                 self.state[params[i]][key] = value.to(params[i].device, copy=True)
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        entries, selection = self._begin()
+        updated = 0
+        for i, (p, group) in enumerate(entries):
+            updated = updated + self._update(p, group, None if selection is None else selection[i])
+        if entries:
+            self._count(entries, updated)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict, chosen: torch.Tensor | None):
+        """Step one parameter (all of it when `chosen` is None: warm-up); returns how many entries moved."""
+        raise NotImplementedError
+
     def _begin(self) -> tuple[list[tuple[torch.Tensor, dict]], dict[int, torch.Tensor] | None]:
         """(parameter, group) of every entry with a gradient, their importance advanced, and this step's
         selection per parameter position (None: all, the warm-up)."""
@@ -150,36 +168,25 @@ class ASPG(_TopKImportance):
     def _keep(self, total: int) -> int:
         return max(1, round((1.0 - self.sparsity) * total))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        entries, selection = self._begin()
-        updated = 0
-        for i, (p, group) in enumerate(entries):
-            state = self.state[p]
-            grad = p.grad.float() + state["residual"]
-            beta1, beta2 = group["betas"]
-            chosen = torch.ones_like(p, dtype=torch.bool) if selection is None else selection[i]
-            state["residual"] = torch.where(chosen, torch.zeros_like(grad), grad)
-            state["updates"] += chosen.to(torch.int32)
-            exp_avg = torch.where(chosen, torch.lerp(state["exp_avg"], grad, 1 - beta1), state["exp_avg"])
-            exp_avg_sq = torch.where(chosen, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad,
-                                     state["exp_avg_sq"])
-            state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
-            count = state["updates"].clamp(min=1).to(torch.float32)
-            bias1 = 1 - torch.pow(beta1, count)
-            bias2 = 1 - torch.pow(beta2, count)
-            denom = exp_avg_sq.sqrt() / bias2.sqrt() + group["eps"]
-            weights = p.float()
-            new = weights * (1 - group["lr"] * group["weight_decay"]) - group["lr"] / bias1 * exp_avg / denom
-            p.copy_(torch.where(chosen, new, weights))
-            updated = updated + chosen.sum()
-        if entries:
-            self._count(entries, updated)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict, chosen: torch.Tensor | None):
+        chosen = torch.ones_like(p, dtype=torch.bool) if chosen is None else chosen
+        state = self.state[p]
+        grad = p.grad.float() + state["residual"]
+        beta1, beta2 = group["betas"]
+        state["residual"] = torch.where(chosen, torch.zeros_like(grad), grad)
+        state["updates"] += chosen.to(torch.int32)
+        exp_avg = torch.where(chosen, torch.lerp(state["exp_avg"], grad, 1 - beta1), state["exp_avg"])
+        exp_avg_sq = torch.where(chosen, state["exp_avg_sq"] * beta2 + (1 - beta2) * grad * grad,
+                                 state["exp_avg_sq"])
+        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
+        count = state["updates"].clamp(min=1).to(torch.float32)
+        bias1 = 1 - torch.pow(beta1, count)
+        bias2 = 1 - torch.pow(beta2, count)
+        denom = exp_avg_sq.sqrt() / bias2.sqrt() + group["eps"]
+        weights = p.float()
+        new = weights * (1 - group["lr"] * group["weight_decay"]) - group["lr"] / bias1 * exp_avg / denom
+        p.copy_(torch.where(chosen, new, weights))
+        return chosen.sum()
 
 
 class PlanASPG(_TopKImportance):
@@ -198,26 +205,14 @@ class PlanASPG(_TopKImportance):
     def _keep(self, total: int) -> int:
         return max(1, int(self.update_fraction * total))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        entries, selection = self._begin()
-        updated = 0
-        for i, (p, group) in enumerate(entries):
-            weights = p.float()
-            new = weights - group["lr"] * p.grad.float()
-            if selection is None:
-                p.copy_(new)
-                updated = updated + p.numel()
-            else:
-                p.copy_(torch.where(selection[i], new, weights))
-                updated = updated + selection[i].sum()
-        if entries:
-            self._count(entries, updated)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict, chosen: torch.Tensor | None):
+        weights = p.float()
+        new = weights - group["lr"] * p.grad.float()
+        if chosen is None:
+            p.copy_(new)
+            return p.numel()
+        p.copy_(torch.where(chosen, new, weights))
+        return chosen.sum()
 
 
 class TopKHookState:

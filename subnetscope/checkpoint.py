@@ -675,3 +675,14 @@ def read_ever_changed(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]
 def default_base_for_run(run_dir: str) -> str | None:
     base = Path(run_dir) / BASE_DIR
     return str(base) if base.is_dir() else None
+
+
+def bases_for_runs(run_dirs: list[str], models: list[str] | None) -> list[str]:
+    """Each run's θ0: the given --models, else the run folder's base/ (refused in one line when absent)."""
+    bases = []
+    for i, run_dir in enumerate(run_dirs):
+        model = models[i] if models else default_base_for_run(run_dir)
+        if model is None:
+            raise SubnetscopeError(f"{run_dir}/base does not exist: pass --models with each run's θ0")
+        bases.append(model)
+    return bases

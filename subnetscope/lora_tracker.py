@@ -139,7 +139,7 @@ class LoraTracker(UpdateTracker):
 
     @torch.no_grad()
     def update(self, step: int) -> StepCounts:
-        zero = {n: [0] * (2 * len(RULES) + 1) for n in self.names}
+        rows: dict[str, torch.Tensor] = {}
         for name, matrix in self.adapted.items():
             a, b = matrix.current()
             current = self._view(matrix.merged(a, b))
@@ -148,10 +148,11 @@ class LoraTracker(UpdateTracker):
             first = matrix.first_changed
             first.copy_(torch.where(vs_init["exact"] & (first < 0), torch.tensor(step, dtype=first.dtype), first))
             counts = [vs_init[r].sum() for r in RULES] + [vs_prev[r].sum() for r in RULES] + [(first >= 0).sum()]
-            zero[name] = torch.stack(counts).tolist()
+            rows[name] = torch.stack(counts)
             for old, new in zip(matrix.previous, (a, b)):
                 old.copy_(new)
-        counts = [zero[n] for n in self.names]
+        table = dict(zip(rows, torch.stack(list(rows.values())).cpu().tolist())) if rows else {}  # one host sync
+        counts = [table.get(n, [0] * (2 * len(RULES) + 1)) for n in self.names]
         record = StepCounts(
             step=step, names=self.names, numel=[self.params[n].numel() for n in self.names],
             vs_initial={r: [c[i] for c in counts] for i, r in enumerate(RULES)},

@@ -474,17 +474,3 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as err:
         raise _unreadable(path, err) from None
-
-
-def ever_changed_masks(run_dir: Path) -> tuple[int, dict[str, torch.Tensor], dict]:
-    """(step, masks of the weights that changed at any step up to the newest checkpoint, the run's
-    config): the subnetwork a full run used, for `--update_mask`."""
-    folder = latest_step(run_dir)
-    if folder is None or not (folder / TRACKER_STATE).is_file():
-        raise SubnetscopeError(f"{run_dir} has no step checkpoint with tracker state: pass a main_grpo.py / "
-                               "main_ppo.py run folder that has saved at least one step")
-    state = _load_tensors(folder / TRACKER_STATE)
-    masks = {k.split("::", 1)[1]: v >= 0 for k, v in state.items() if k.startswith("first_changed::")}
-    config = read_run_config(run_dir)
-    step = int(folder.name.split("_")[-1])
-    return step, masks, config

@@ -25,7 +25,7 @@ import torch
 
 from . import plots
 from .changes import RULES, ChangeRules
-from .checkpoint import find_step_checkpoints, open_checkpoint
+from .checkpoint import find_step_checkpoints, open_checkpoint, read_ever_changed
 from .engine import analyze_overlap
 from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
@@ -33,7 +33,7 @@ from .logger import read_metrics
 from .masks import MaskSet, model_fingerprint, save_masks
 from .matrix import _run_name, eval_reward, run_runs, run_view
 from .report import write_csv, write_json
-from .runstate import RUN_CONFIG, ever_changed_masks, read_run_config
+from .runstate import RUN_CONFIG, read_run_config
 from .stats import mean_and_sd
 
 ALGOS = {"grpo": "rl-grpo", "ppo": "rl-ppo", "sft": "sft", "dpo": "dpo"}
@@ -115,7 +115,8 @@ def overlap_rows(algo: str, folders: dict[int, Path], device: str, view_dtype: s
 
 def subnetwork_run(cfg: StudyConfig, full_run: Path, out: Path) -> dict:
     """GRPO again, confined to the weights the full run ever changed; its comparison with the full run."""
-    step, masks, config = ever_changed_masks(full_run)
+    step, masks = read_ever_changed(full_run)
+    config = read_run_config(full_run)
     mask_path = save_masks(out / "mask_ever_changed.safetensors", MaskSet(
         masks, {"method": "ever_changed", "source_run": str(full_run.resolve()), "step": step},
         model_fingerprint(config["parameters"])))

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .. import plots
-from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
+from ..checkpoint import bases_for_runs, find_step_checkpoints, open_checkpoint
 from ..engine import analyze_pair, analyze_series
 from ..errors import SubnetscopeError, cli_main
 from ..naming import TEXT_TOWER
@@ -93,12 +93,7 @@ def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str], list
     if args.n_boot < 1:
         raise SubnetscopeError(f"--n_boot {args.n_boot}: needs at least 1 resample (default 2000)")
     labels, folders = run_labels(args)
-    models = []
-    for i, run_dir in enumerate(args.ckpt_dirs):
-        model = args.models[i] if args.models else default_base_for_run(run_dir)
-        if model is None:
-            raise SubnetscopeError(f"{run_dir}/base does not exist: pass --models with each run's θ0")
-        models.append(model)
+    models = bases_for_runs(args.ckpt_dirs, args.models)
     return labels, folders, models
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import plots
 from ..changes import ChangeRules
-from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
+from ..checkpoint import bases_for_runs, find_step_checkpoints, open_checkpoint
 from ..devices import resolve_device
 from ..engine import PairResult, analyze_pair, view_of
 from ..errors import SubnetscopeError, cli_main
@@ -58,12 +58,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str], Path, str]:
     view_of(args.view_dtype)
     out = check_output_dir(args.output_dir)
     device = resolve_device(args.device)
-    models = []
-    for i, run_dir in enumerate(args.ckpt_dirs):
-        model = args.models[i] if args.models else default_base_for_run(run_dir)
-        if model is None:
-            raise SubnetscopeError(f"{run_dir}/base does not exist: pass --models with each run's θ0")
-        models.append(model)
+    models = bases_for_runs(args.ckpt_dirs, args.models)
     return labels, models, out, device
 
 
