@@ -334,17 +334,25 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
                 spec = queue.pop(0)
                 spec_file = runs / f"{spec.name}.spec.json"
                 write_json(spec_file, {**asdict(spec), "heldout": str(heldout), "device": device})
-                log_file = open(runs / f"{spec.name}.log", "a")
-                active.append((spec, subprocess.Popen([sys.executable, "-m", "subnetscope.real_study", str(spec_file)],
-                                                      stdout=log_file, stderr=subprocess.STDOUT,
-                                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})))
+                with open(runs / f"{spec.name}.log", "a") as log_file:  # the child keeps its own descriptor
+                    active.append((spec, subprocess.Popen(
+                        [sys.executable, "-m", "subnetscope.real_study", str(spec_file)],
+                        stdout=log_file, stderr=subprocess.STDOUT, env=_child_env())))
                 log(f"{spec.name}: started")
             time.sleep(2)
             for item in [a for a in active if a[1].poll() is not None]:
                 active.remove(item)
-                log(f"{item[0].name}: {'done' if item[1].returncode == 0 else 'FAILED, see runs/' + item[0].name + '.log'}")
+                outcome = "done" if item[1].returncode == 0 else f"FAILED, see runs/{item[0].name}.log"
+                log(f"{item[0].name}: {outcome}")
     return {s.name: json.loads((runs / s.name / SUMMARY).read_text()) for s in specs
             if (runs / s.name / SUMMARY).is_file()}
+
+
+def _child_env() -> dict[str, str]:
+    """A run process's environment: this package importable from any folder, installed or not."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
 
 
 def _run_from_file(path: str) -> int:

@@ -151,3 +151,17 @@ def test_a_tiny_group_end_to_end_matches_an_independent_diff(tmp_path):
                  if CHECKPOINT_DIR.match(p.parent.name) and p.name in RESUME_ONLY]
     assert leftovers == []  # a finished run keeps no resume-only state
     assert (results / "table.md").read_text().count("## tiny-gpt2 on imdb") == 1
+
+
+def test_run_processes_import_this_checkout_from_any_folder(tmp_path):
+    """--jobs runs start `python -m subnetscope.real_study` from wherever the study was called; the
+    child must import this package even when it is not installed."""
+    import subprocess
+    import sys
+
+    from subnetscope.real_study import _child_env
+
+    env = {k: v for k, v in _child_env().items() if k != "PYTHONHOME"}
+    out = subprocess.run([sys.executable, "-S", "-c", "import subnetscope; print(subnetscope.__file__)"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(out).resolve().parent == Path(__file__).resolve().parents[1] / "subnetscope"
