@@ -176,11 +176,14 @@ def main() -> None:
     if "usual" in results:
         u = results["usual"]
         assert u["exact_changed"] == e["exact_changed"], "the two approaches disagree"
-        print(f"usual approach        : {u['seconds']:.3f} s  speed-up = {u['seconds'] / e['seconds']:.1f}x (target >= 5x)")
+        print(f"usual approach        : {u['seconds']:.3f} s  "
+              f"speed-up = {u['seconds'] / e['seconds']:.1f}x (target >= 5x)")
         print(f"peak RSS usual        : {u['peak_rss_mb']:.0f} MB")
-    print(f"peak RSS engine       : {e['peak_rss_mb']:.0f} MB, {e['peak_rss_mb'] - e['rss_before_work_mb']:.0f} MB above "
+    print(f"peak RSS engine       : {e['peak_rss_mb']:.0f} MB, "
+          f"{e['peak_rss_mb'] - e['rss_before_work_mb']:.0f} MB above "
           f"the process before the work; largest tensor pair {largest_pair_mb:.0f} MB; "
-          f"excess over the pair = {e['peak_rss_mb'] - e['rss_before_work_mb'] - largest_pair_mb:.0f} MB (target <= 1024)")
+          f"excess over the pair = {e['peak_rss_mb'] - e['rss_before_work_mb'] - largest_pair_mb:.0f} MB "
+          f"(target <= 1024)")
 
 
 def _status_mb(field: str) -> float:

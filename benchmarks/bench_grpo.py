@@ -3,6 +3,8 @@
   ours    : subnetscope's GRPO loop with its trackers (compiled on CUDA)
   naive   : the same loop with the naive tracker (clone every parameter every step, .item() per tensor)
   trl     : TRL's GRPOTrainer with the same model, prompts, batch, group size, lengths and loss, no vLLM
+  trl_tracked: the same TRL run with SubnetTrackerCallback (judged at bf16 under mixed); its hooks are
+            timed inside the step, so its overhead is a share of the same run's step (target <= 2%)
 
 --precision (default mixed) is ours' --precision; TRL gets its equivalent: mixed = an fp32-loaded model
 with bf16=True (autocast), bf16 = a bf16 model with bf16=True, fp32 = fp32 throughout. Under mixed ours
@@ -39,6 +41,7 @@ class Shape:
     new_tokens: int
 
 
+CONFIGURATIONS = ("ours", "naive", "trl", "trl_tracked")
 GPU_SHAPE = Shape(batch=16, group=4, prompt_tokens=32, new_tokens=64)
 TINY_SHAPE = Shape(batch=2, group=2, prompt_tokens=8, new_tokens=8)
 
@@ -145,12 +148,34 @@ def trl_dtype_and_bf16(precision: str):
     return {"mixed": (torch.float32, True), "bf16": (torch.bfloat16, True), "fp32": (torch.float32, False)}[precision]
 
 
-def run_trl(model: str, tokenizer: str | None, steps: int, precision: str, device: str, shape: Shape) -> dict:
+def run_trl(model: str, tokenizer: str | None, steps: int, precision: str, device: str, shape: Shape,
+            tracked: bool = False) -> dict:
     import datasets
+    import torch
     from transformers import AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from subnetscope.callback import SubnetTrackerCallback
     from subnetscope.data import BUILTIN_PROMPTS
+
+    class TimedTracker(SubnetTrackerCallback):
+        """The callback with its per-step work (on_optimizer_step) timed, synchronized before and after."""
+
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.seconds: list[float] = []
+
+        def _timed(self, hook, *args, **kw):
+            synchronize(device)
+            t0 = time.perf_counter()
+            out = hook(*args, **kw)
+            synchronize(device)
+            self.seconds[-1] += time.perf_counter() - t0
+            return out
+
+        def on_optimizer_step(self, *args, **kw):
+            self.seconds.append(0.0)
+            return self._timed(super().on_optimizer_step, *args, **kw)
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -172,13 +197,16 @@ def run_trl(model: str, tokenizer: str | None, steps: int, precision: str, devic
 
     dtype, bf16 = trl_dtype_and_bf16(precision)
     args = GRPOConfig(output_dir=f"/tmp/bench-trl-{time.time_ns()}",
-                      per_device_train_batch_size=shape.batch * shape.group, num_generations=shape.group, max_completion_length=shape.new_tokens, max_steps=steps,
+                      per_device_train_batch_size=shape.batch * shape.group, num_generations=shape.group,
+                      max_completion_length=shape.new_tokens, max_steps=steps,
                       learning_rate=1e-6, beta=0.04, epsilon=0.2, loss_type="grpo", temperature=1.0, bf16=bf16,
                       report_to="none", save_strategy="no", logging_steps=10**6, gradient_checkpointing=False,
                       disable_dropout=True, use_cpu=device == "cpu", model_init_kwargs={"dtype": dtype})
     prompts = [p for p in BUILTIN_PROMPTS] * 20
     timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, callbacks=[timer],
+    tracker = TimedTracker(view_dtype=torch.bfloat16 if precision == "mixed" else None) if tracked else None
+    callbacks = [timer, *([tracker] if tracker else [])]
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, callbacks=callbacks,
                           processing_class=AutoTokenizer.from_pretrained(tokenizer or model),
                           train_dataset=datasets.Dataset.from_dict({"prompt": prompts}))
     reset_peak(device)
@@ -187,6 +215,7 @@ def run_trl(model: str, tokenizer: str | None, steps: int, precision: str, devic
     step_time = statistics.median(timer.times[warm])
     return {"step_s": step_time, "tokens_per_s": statistics.mean(lengths[warm]) / step_time,
             "steps_per_s": 1 / step_time, "peak_gpu_gb": peak_gb(device),
+            "tracker_s": statistics.median(tracker.seconds[warm]) if tracker else None,
             "all_step_s": [round(t, 3) for t in timer.times]}
 
 
@@ -218,13 +247,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="GRPO steps per configuration (first 2 are warm-up)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, 3 steps: checks that the benchmark runs")
     p.add_argument("--workdir", default="/tmp/subnetscope-bench")
-    p.add_argument("--only", choices=("ours", "naive", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--configs", nargs="+", choices=CONFIGURATIONS, default=list(CONFIGURATIONS),
+                   help="configurations to run, each in its own process (default all)")
+    p.add_argument("--only", choices=CONFIGURATIONS, help=argparse.SUPPRESS)
     args = p.parse_args()
     device, shape = ("cpu", TINY_SHAPE) if args.tiny else ("cuda", GPU_SHAPE)
     steps = 3 if args.tiny else args.steps
     if args.only:
-        if args.only == "trl":
-            result = run_trl(args.model, args.tokenizer, steps, args.precision, device, shape)
+        if args.only.startswith("trl"):
+            result = run_trl(args.model, args.tokenizer, steps, args.precision, device, shape,
+                             tracked=args.only == "trl_tracked")
         else:
             result = run_ours(args.model, args.tokenizer, steps, args.only == "naive", args.precision, device, shape)
         print(json.dumps(result))
@@ -235,7 +267,7 @@ def main() -> None:
     if device == "cuda":
         print(check_compiled_tracker_equals_eager())
     results = {}
-    for which in ("ours", "naive", "trl"):
+    for which in args.configs:
         command = [sys.executable, __file__, "--model", model, "--steps", str(steps), "--precision", args.precision,
                    "--only", which, *(["--tiny"] if args.tiny else []),
                    *(["--tokenizer", args.tokenizer] if args.tokenizer and args.model else [])]
@@ -245,17 +277,30 @@ def main() -> None:
             raise SystemExit(f"{which} failed")
         results[which] = json.loads(out.stdout.strip().splitlines()[-1])
         print(which, json.dumps(results[which]))
-    o, n, t = results["ours"], results["naive"], results["trl"]
-    print(f"\n{Path(model).name}, --precision {args.precision} (ours ran {o['precision']}), {shape.batch} prompts x "
-          f"{shape.group} completions, {shape.new_tokens} new tokens, on {device}")
-    print(f"tracker overhead, ours : {o['tracker_s'] * 1e3:.1f} ms of a {o['step_s']:.3f} s step = "
-          f"{100 * o['tracker_s'] / o['step_s']:.2f}% (target <= 2%)")
-    print(f"tracker overhead, naive: {n['tracker_s'] * 1e3:.1f} ms of a {n['step_s']:.3f} s step = "
-          f"{100 * n['tracker_s'] / n['step_s']:.2f}%")
-    for label, r in (("ours", o), ("TRL ", t)):
-        print(f"throughput {label}: {r['tokens_per_s']:.0f} tokens/s, {r['steps_per_s']:.3f} steps/s, "
-              f"peak {r['peak_gpu_gb']:.1f} GB")
-    print(f"ours / TRL     : {o['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s (target >= 1.5x)")
+    print(f"\n{Path(model).name}, --precision {args.precision}, {shape.batch} prompts x {shape.group} completions, "
+          f"{shape.new_tokens} new tokens, on {device}")
+    report(results)
+
+
+def report(results: dict[str, dict]) -> None:
+    """One line per figure the configurations that ran allow."""
+    for which in ("ours", "naive"):
+        if which in results:
+            r = results[which]
+            print(f"tracker overhead, {which:5s}: {r['tracker_s'] * 1e3:.1f} ms of a {r['step_s']:.3f} s step = "
+                  f"{100 * r['tracker_s'] / r['step_s']:.2f}%" + (" (target <= 2%)" if which == "ours" else ""))
+    if "trl_tracked" in results:
+        r = results["trl_tracked"]
+        print(f"SubnetTrackerCallback on TRL: {r['tracker_s'] * 1e3:.1f} ms of a {r['step_s']:.3f} s step = "
+              f"{100 * r['tracker_s'] / r['step_s']:.2f}% (target <= 2%)")
+    for label, which in (("ours", "ours"), ("TRL ", "trl"), ("TRL + callback", "trl_tracked")):
+        if which in results:
+            r = results[which]
+            print(f"throughput {label}: {r['tokens_per_s']:.0f} tokens/s, {r['steps_per_s']:.3f} steps/s, "
+                  f"peak {r['peak_gpu_gb']:.1f} GB")
+    if "ours" in results and "trl" in results:
+        print(f"ours / TRL     : {results['ours']['tokens_per_s'] / results['trl']['tokens_per_s']:.2f}x tokens/s "
+              "(target >= 1.5x)")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def main() -> int:
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[32, 64, 128, 256, 512], help="(default 32 ... 512)")
     p.add_argument("--seq_len", type=int, default=128, help="tokens per sample (default 128)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per point (default 5)")
-    p.add_argument("--micro_batch", type=int, default=128, help="largest forward/backward; bigger batches accumulate (default 128)")
+    p.add_argument("--micro_batch", type=int, default=128,
+                   help="largest forward/backward; bigger batches accumulate (default 128)")
     p.add_argument("--output_dir", default="plots/throughput", help="CSV and figure (default plots/throughput)")
     args = p.parse_args()
     rows = []
@@ -97,7 +98,8 @@ def main() -> int:
             model, confined, optimizer = build(method, sparsity, args.device)
             for batch in args.batch_sizes:
                 try:
-                    rate = time_steps(model, confined, optimizer, batch, args.micro_batch, args.seq_len, args.steps, args.device)
+                    rate = time_steps(model, confined, optimizer, batch, args.micro_batch, args.seq_len, args.steps,
+                                      args.device)
                 except torch.cuda.OutOfMemoryError:
                     rate = None
                     optimizer.zero_grad(set_to_none=True)

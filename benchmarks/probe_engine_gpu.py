@@ -48,10 +48,12 @@ def check(base: Path, tuned: Path) -> None:
     gpu, last = timed_pair(base, tuned, "cuda")
     cpu, cpu_s = timed_pair(base, tuned, "cpu")
     differing = [g.name for g, c in zip(gpu.tensors, cpu.tensors)
-                 if g.changed != c.changed or (g.nonfinite_base, g.nonfinite_tuned) != (c.nonfinite_base, c.nonfinite_tuned)
+                 if g.changed != c.changed
+                 or (g.nonfinite_base, g.nonfinite_tuned) != (c.nonfinite_base, c.nonfinite_tuned)
                  or any(abs(getattr(g, f) - getattr(c, f)) > 1e-5 * max(abs(getattr(c, f)), 1e-12) for f in FIELDS)]
     print(f"in-process cuda calls: {[round(t, 3) for t in times + [last]]} s; cpu {cpu_s:.3f} s")
-    print(f"tensors {len(gpu.tensors)}, differing {len(differing)} {differing[:3]}; shells equal: {gpu.shells == cpu.shells}; "
+    print(f"tensors {len(gpu.tensors)}, differing {len(differing)} {differing[:3]}; "
+          f"shells equal: {gpu.shells == cpu.shells}; "
           f"exact {gpu.changed('exact')} vs {cpu.changed('exact')}")
 
 
@@ -98,7 +100,8 @@ def modules() -> None:
     probes = {
         "xor int16": lambda: ai ^ ai, "xor bool": lambda: m ^ m, "or bool": lambda: m | m,
         "nonzero int16": lambda: ai.nonzero(), "nonzero bool": lambda: m.nonzero(),
-        "ne int16": lambda: ai != ai, "eq float32": lambda: f == f, "le float32": lambda: f <= f, "le float64": lambda: d <= 0.5,
+        "ne int16": lambda: ai != ai, "eq float32": lambda: f == f, "le float32": lambda: f <= f,
+        "le float64": lambda: d <= 0.5,
         "cast bf16 to float32": lambda: a.float(), "cast bool to float64": lambda: m.double(),
         "abs float32": lambda: f.abs(), "sub float32": lambda: f - f, "add int64": lambda: idx + 3,
         "mul float32": lambda: f * f, "mul float64": lambda: d * d, "isfinite": lambda: torch.isfinite(f),

@@ -27,23 +27,12 @@ from .changes import ChangeRules
 from .config import SFT_DATA, TRL_OPTIMIZERS, BaselineConfig  # noqa: F401 (SFT_DATA re-exported)
 from .data import chat_prompts, load_prompts
 from .errors import SubnetscopeError
-from .models import load_causal_lm, load_tokenizer, model_signature
+from .models import load_causal_lm, load_tokenizer
 from .precision import Precision, resolve_precision
 from .rewards import build_reward, score_rollout
 from .rl import RunStart, check_run_start, precision_settings
-from .runstate import (
-    FINAL_DIR,
-    HEADER_BYTES,
-    check_resumable,
-    clean_stale_temps,
-    describe_changes,
-    record_resume,
-    save_model,
-    settings_changes,
-    tensor_bytes,
-    write_dir_checked,
-    write_run_config,
-)
+from .rundir import HEADER_BYTES, TRL_PREFIX, RunDir, save_model, tensor_bytes
+from .runstate import describe_changes, record_resume, settings_changes, write_new_run_config
 from .sampling import generate
 
 METRICS_FILE = "subnet_metrics.jsonl"
@@ -159,15 +148,14 @@ def prepare_run_dir(config: BaselineConfig, start: RunStart, model: torch.nn.Mod
     """As RLTrainer's: killed writes' leftovers go, and run_config.json is written (a new run) or
     brought up to date (a resumed one)."""
     run_dir = Path(config.output_dir)
-    removed = clean_stale_temps(run_dir)
+    removed = RunDir(run_dir, TRL_PREFIX).clean_stale_temps()
     if removed:
         print(f"removed what killed writes left in {run_dir}: {', '.join(removed)}")
     for note in start.point.notes():
         print(f"note: {note}")
     if start.saved is None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_config(run_dir, {"algorithm": config.task.upper(), "settings": settings,
-                                   "parameters": model_signature(model)})
+        write_new_run_config(run_dir, config.task.upper(), settings, model)
     else:
         record_resume(run_dir, start.saved, settings, start.point.step)
 
@@ -213,7 +201,7 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     tokenizer = load_tokenizer(config.policy, config.tokenizer)
     model = load_causal_lm(config.policy, precision.weights, vocab_size=len(tokenizer)).to(device)
     if start.saved is not None:
-        check_resumable(Path(config.output_dir), model, start.saved)
+        RunDir(config.output_dir, TRL_PREFIX).check_resumable(model, start.saved)
     templated = config.chat_template and bool(getattr(tokenizer, "chat_template", None))
     data = datasets.Dataset.from_dict(build_records(config, model, tokenizer, precision, device, templated))
     # TRL's bf16 flag is autocast: on for mixed (fp32 weights); bf16 weights are updated directly without it
@@ -251,4 +239,4 @@ def train_and_write_final(trainer, start: RunStart, model: torch.nn.Module, toke
         save_model(model, tmp, precision.view)
         tokenizer.save_pretrained(tmp)
 
-    write_dir_checked(Path(output_dir) / FINAL_DIR, write_final, tensor_bytes(model.parameters()) + HEADER_BYTES)
+    RunDir(output_dir, TRL_PREFIX).finalize(write_final, tensor_bytes(model.parameters()) + HEADER_BYTES)

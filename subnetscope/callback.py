@@ -14,6 +14,12 @@ the user's callbacks last. Each checkpoint gets the tracker's state, so
 base/ of another model beside this run's checkpoints, or not the one a checkpoint was tracked
 against, is refused in one line instead of being reused.
 
+Under FSDP2 (`fully_shard`: each parameter a DTensor sharded over one mesh of all processes) each
+process tracks its own shard and the per-tensor counts and sums are all-reduced (maxima by MAX), so every
+process holds the model's counts; θ0 for base/, the tracker's state and the compact checkpoint are
+gathered to process 0, which writes them. FSDP1's flat parameters and DeepSpeed ZeRO-3's partitions are
+refused in one line, as are LoRA, `reference` and meshes other than one dimension under FSDP2.
+
 With a `view_dtype` other than the weights' own (fp32 weights trained with `bf16=True`, judged as
 the bf16 model a recipe publishes), base/ holds θ0 at the view, each checkpoint-N gets a compact
 `subnet.safetensors` of its weights at the view (which the analysis reads in preference to the
@@ -40,6 +46,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
@@ -62,7 +69,7 @@ from .launch import warn_launch_mismatch
 from .logger import MetricsLogger
 from .lora_tracker import LoraTracker, base_parameters, base_state, is_lora_model
 from .rl import MASTER_PREFIX
-from .runstate import HEADER_BYTES, fsync_path, save_model, tensor_bytes, write_dir_checked
+from .rundir import HEADER_BYTES, TRL_PREFIX, RunDir, fsync_path, save_model, tensor_bytes
 from .tracker import StepCounts, UpdateTracker
 
 TRACKER_FILE = TRL_TRACKER_STATE
@@ -70,7 +77,7 @@ MASTER_BASE_FILE = "subnet_master_base.safetensors"  # θ0 of the fp32 weights, 
 FINGERPRINT_KEY = "theta0_fingerprint"  # tracker files' metadata: θ0 they were tracked against
 LOGGED = ("changed/", "changed_master/", "sparsity/", "time/")  # what goes to the trainer's logs as subnet/*
 _CHECKPOINT = re.compile(r"^checkpoint-\d+$")
-SHARDED = {"DTensor", "FlatParameter"}
+FSDP1_PREFIX = "_fsdp_wrapped_module"  # FSDP1 with use_orig_params: plain tensors under its wrapper's names
 
 
 def _strip_wrapper(name: str) -> str:
@@ -109,14 +116,136 @@ def _base_mismatch(base_dir: Path, params: dict[str, torch.Tensor], expected: di
         expected, source_fingerprint(open_checkpoint(str(base_dir)), list(params)))
 
 
-def _refuse_sharded(params: dict[str, torch.Tensor]) -> None:
-    """FSDP and DeepSpeed ZeRO-3 hand each process a shard: counts of shards are not the model's."""
+def _refuse_sharded(params: dict[str, torch.Tensor], lora: bool = False) -> None:
+    """FSDP1's flat parameters and DeepSpeed ZeRO-3's partitions do not say which entries a process holds;
+    FSDP2's DTensors do (`_Shards`), except under LoRA, whose tracker reads the modules' whole weights."""
     for name, p in params.items():
-        if type(p).__name__ in SHARDED or hasattr(p, "ds_id") or getattr(p, "_is_flat_param", False):
-            raise SubnetscopeError(f"the model's parameters are sharded ({name}: FSDP or DeepSpeed ZeRO-3): "
-                                   "SubnetTrackerCallback needs whole parameters on each process; train under DDP "
-                                   "(or one process), or compare saved full checkpoints with "
-                                   "analyze_sparse_subnetwork.py")
+        if lora and type(p).__name__ == "DTensor":
+            raise SubnetscopeError(f"the LoRA run's base weights are sharded by FSDP2 ({name}): SubnetTrackerCallback "
+                                   "tracks LoRA under DDP or one process; or train the full model under FSDP2")
+        if (type(p).__name__ == "FlatParameter" or hasattr(p, "ds_id") or getattr(p, "_is_flat_param", False)
+                or FSDP1_PREFIX in name):
+            raise SubnetscopeError(f"the model's parameters are sharded ({name}: FSDP or DeepSpeed ZeRO-3) as flat or "
+                                   "partitioned parameters: SubnetTrackerCallback counts FSDP2's shards (fully_shard, "
+                                   "accelerate's fsdp_version: 2), DDP or one process; or compare saved full "
+                                   "checkpoints with analyze_sparse_subnetwork.py")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The entries of a parameter this process holds: an FSDP2 DTensor's shard, a plain tensor itself."""
+    return p.to_local().detach() if type(p).__name__ == "DTensor" else p
+
+
+class _Shards:
+    """FSDP2's parameters: DTensors sharded over a one-dimensional mesh of all processes. Each process
+    tracks its shard; counts and sums add up across shards exactly, maxima by MAX; per-entry tensors
+    (θ0, the tracker's state, masks) are gathered to write and sliced back on resume. Collectives:
+    every process calls every method."""
+
+    def __init__(self, params: dict[str, torch.Tensor]):
+        from torch.distributed.tensor import Shard
+
+        sharded = next(n for n, p in params.items() if type(p).__name__ == "DTensor")
+        self.mesh = params[sharded].device_mesh
+        for name, p in params.items():
+            if type(p).__name__ != "DTensor":
+                raise SubnetscopeError(f"{name} is a whole tensor beside FSDP2 shards ({sharded}): "
+                                       "SubnetTrackerCallback counts a model sharded throughout; fully_shard the root")
+            if (p.device_mesh != self.mesh or self.mesh.ndim != 1 or self.mesh.size() != dist.get_world_size()
+                    or len(p.placements) != 1 or not isinstance(p.placements[0], Shard)):
+                raise SubnetscopeError(f"{name} is laid out as {p.placements} over {p.device_mesh}: "
+                                       "SubnetTrackerCallback counts FSDP2 shards over one mesh dimension of all "
+                                       "processes (not HSDP or tensor parallel); track under plain FSDP2 or DDP")
+        self.params = params
+        self.local = {n: _local(p) for n, p in params.items()}
+        self.group = self.mesh.get_group()
+        self.device = torch.device(self.mesh.device_type)
+        self.writer = dist.get_rank() == 0
+
+    @staticmethod
+    def of(params: dict[str, torch.Tensor]) -> _Shards | None:
+        """The shards when FSDP2 shards the parameters, None when each process holds them whole."""
+        return _Shards(params) if any(type(p).__name__ == "DTensor" for p in params.values()) else None
+
+    @torch.no_grad()
+    def full(self, name: str, local: torch.Tensor) -> torch.Tensor | None:
+        """A per-entry tensor laid out like parameter `name`'s shard, whole, on CPU in process 0 (None elsewhere)."""
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[name]
+        narrow = local.element_size() == 2  # gloo gathers no 16-bit integers: their bits travel as int32
+        sent = local.view(torch.int16).to(torch.int32) if narrow else local
+        whole = DTensor.from_local(sent, self.mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+        if not self.writer:
+            return None
+        return whole.to(torch.int16).view(local.dtype).cpu() if narrow else whole.cpu()
+
+    def shard(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """This process's part of a whole tensor shaped like parameter `name` (no communication)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        p = self.params[name]
+        return distribute_tensor(whole, self.mesh, p.placements, src_data_rank=None).to_local()
+
+    @torch.no_grad()
+    def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The model's state dict with its shards gathered, on CPU in process 0 (empty elsewhere); tied weights
+        stay one tensor, as save_pretrained expects (keyed by the module's own objects: the same on every process)."""
+        owner = {n: id(t) for n, t in model.named_parameters(remove_duplicate=False)}
+        owner.update({n: id(t) for n, t in model.named_buffers(remove_duplicate=False)})
+        gathered: dict[int | str, torch.Tensor | None] = {}
+        state = {}
+        for name, t in model.state_dict().items():
+            key = owner.get(name, name)
+            if key not in gathered:
+                whole = t.full_tensor() if type(t).__name__ == "DTensor" else t.detach()
+                gathered[key] = whole.cpu() if self.writer else None
+            if self.writer:
+                state[name] = gathered[key]
+        return state
+
+    def from_writer(self, obj):
+        """Process 0's `obj` on every process."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def reduce(self, record: StepCounts) -> StepCounts:
+        """The model's counts from each process's counts of its shard, in place (and in the tracker's history):
+        counts, Σ|Δ| and Σ|Δ|² summed, max |Δ| the largest, sizes the whole tensors'."""
+        sums = [*(record.vs_initial[r] for r in RULES), *(record.vs_previous[r] for r in RULES),
+                record.ever_changed, record.nonfinite, record.abs_sum, record.abs_sq_sum]
+        table = torch.tensor(sums, dtype=torch.float64, device=self.device)  # counts stay exact below 2**53
+        maxima = torch.tensor(record.abs_max, dtype=torch.float64, device=self.device)
+        dist.all_reduce(table, group=self.group)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=self.group)
+        rows = table.cpu().tolist()
+        ints = [[int(v) for v in row] for row in rows[:2 * len(RULES) + 2]]
+        record.vs_initial = dict(zip(RULES, ints[:len(RULES)]))
+        record.vs_previous = dict(zip(RULES, ints[len(RULES):2 * len(RULES)]))
+        record.ever_changed, record.nonfinite = ints[2 * len(RULES):]
+        record.abs_sum, record.abs_sq_sum = rows[2 * len(RULES) + 2:]
+        record.abs_max = maxima.cpu().tolist()
+        record.numel = [self.params[n].numel() for n in record.names]
+        return record
+
+
+def _save_gathered(model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
+                   dtype: torch.dtype | None) -> None:
+    """runstate.save_model for a gathered state dict (a sharded model's own holds shards): floating-point
+    tensors rounded to `dtype` when given, tied ones once, config.json's dtype saying so."""
+    rounded: dict[int, torch.Tensor] = {}
+    if dtype is not None:
+        for t in state.values():
+            if id(t) not in rounded:
+                rounded[id(t)] = t.to(dtype) if t.is_floating_point() else t
+        state = {n: rounded[id(t)] for n, t in state.items()}
+    model.save_pretrained(folder, state_dict=state)
+    if dtype is not None:
+        config_file = Path(folder) / "config.json"
+        config = json.loads(config_file.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _size(nbytes: float) -> str:
@@ -171,6 +300,7 @@ class SubnetTrackerCallback(TrainerCallback):
         self._theta0: dict[str, str] = {}  # θ0's fingerprint, as judged
         self._sources: dict[str, torch.Tensor] = {}  # with offload: the trained parameters the mirror copies
         self._mirror: dict[str, torch.Tensor] = {}
+        self._shards: _Shards | None = None  # under FSDP2
 
     @property
     def history(self) -> list[StepCounts]:
@@ -199,31 +329,44 @@ class SubnetTrackerCallback(TrainerCallback):
         out = Path(args.output_dir)
         if is_lora_model(model):
             params = base_parameters(model)
-            _refuse_sharded(params)
+            _refuse_sharded(params, lora=True)
             self._start_lora(out, model, processing_class, params, state)
         else:
             params = {_strip_wrapper(n): p for n, p in model.named_parameters() if p.requires_grad}
             _refuse_sharded(params)
+            self._shards = _Shards.of(params)
+            if self._shards is not None and self.reference is not None:
+                raise SubnetscopeError("under FSDP2 the reference model cannot share θ0 (the tracker holds shards of "
+                                       "it): leave reference out")
             self._start_full(out, model, processing_class, params, state)
-        saved = out / f"checkpoint-{state.global_step}" / TRACKER_FILE
+        saved = RunDir(out, TRL_PREFIX).step_dir(state.global_step) / TRACKER_FILE
         if state.global_step > 0 and saved.is_file():
             self._load_state(saved)
         self.logger = MetricsLogger(out, None, {}, resume_step=state.global_step,
                                     enabled=state.is_world_process_zero, filename="subnet_metrics.jsonl")
-        self._report_overhead(params, [model, self.reference], state.is_world_process_zero)
+        tracked = self._shards.local if self._shards is not None else params
+        self._report_overhead(tracked, [model, self.reference], state.is_world_process_zero)
 
     def _start_full(self, out: Path, model, processing_class, params: dict[str, torch.Tensor], state) -> None:
         rounds = self.view_dtype is not None and any(p.dtype != self.view_dtype for p in params.values())
         view = self.view_dtype if rounds else None
-        tracked = self._make_mirror(params) if self.offload else params
+        local = self._shards.local if self._shards is not None else params
+        tracked = self._make_mirror(local) if self.offload else local
         initial = master_initial = None
         if state.global_step > 0:  # θ0 is the saved base, not the weights the trainer just restored
-            initial, master_initial = self._saved_theta0(out, tracked, rounds, state.global_step)
-        else:
+            initial, master_initial = self._saved_theta0(out, params, tracked, rounds, state.global_step)
+        elif self._shards is None:
             self._theta0 = fingerprint(params, self._judged_dtype(params))
             self._check_stale_base(out, params)
             if state.is_world_process_zero:
                 self._write_base(out, model, processing_class, params, rounds)
+        else:
+            whole = self._shards.full_state(model)
+            theta0 = {n: whole[n] for n in params} if self._shards.writer else {}
+            self._theta0 = self._shards.from_writer(fingerprint(theta0, self._judged_dtype(params)))
+            self._check_stale_base(out, params)
+            if state.is_world_process_zero:
+                self._write_base(out, model, processing_class, theta0, rounds, whole)
         if self.reference is not None:
             initial = self._reference_theta0(params)
         steps = max(state.max_steps, 1)
@@ -289,9 +432,14 @@ class SubnetTrackerCallback(TrainerCallback):
     def _judged_dtype(self, params: dict[str, torch.Tensor]) -> torch.dtype:
         return self.view_dtype or next(iter(params.values())).dtype
 
-    def _saved_theta0(self, out: Path, params: dict[str, torch.Tensor], rounds: bool,
+    def _part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """What this process tracks of a whole tensor shaped like parameter `name`: all of it, or its shard."""
+        return self._shards.shard(name, whole) if self._shards is not None else whole
+
+    def _saved_theta0(self, out: Path, params: dict[str, torch.Tensor], tracked: dict[str, torch.Tensor], rounds: bool,
                       step: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """θ0 of a resumed run (at the view) from base/, and of the fp32 weights when the view rounds them."""
+        """θ0 of a resumed run (at the view) from base/, and of the fp32 weights when the view rounds them,
+        as the tracker holds the weights (`tracked`: on its device, a shard under FSDP2)."""
         base_dir = out / BASE_DIR
         if not base_dir.is_dir():
             raise SubnetscopeError(f"resuming at step {step}, but {base_dir} (θ0, written when the run started) is "
@@ -308,7 +456,7 @@ class SubnetTrackerCallback(TrainerCallback):
                                    f"in {str(judged).removeprefix('torch.')}: resume with the view_dtype the run "
                                    "started with")
         self._theta0 = source_fingerprint(base, list(params))
-        initial = {n: base.get(n).to(p.device, judged) for n, p in params.items()}
+        initial = {n: self._part(n, base.get(n)).to(p.device, judged) for n, p in tracked.items()}
         if not rounds:
             return initial, None
         masters = out / MASTER_BASE_FILE
@@ -316,7 +464,7 @@ class SubnetTrackerCallback(TrainerCallback):
             raise SubnetscopeError(f"{masters} (θ0 of the fp32 weights) is missing: the run did not start judging at "
                                    "a rounding; resume with the view_dtype it started with")
         master = load_file(str(masters))
-        return initial, {n: master[n].to(p.device, p.dtype) for n, p in params.items()}
+        return initial, {n: self._part(n, master[n]).to(p.device, p.dtype) for n, p in tracked.items()}
 
     def _check_stale_base(self, out: Path, params: dict[str, torch.Tensor]) -> None:
         """A fresh start rewrites base/ from its own weights; beside the trainer's checkpoints of another
@@ -336,9 +484,10 @@ class SubnetTrackerCallback(TrainerCallback):
             raise SubnetscopeError(f"{base_dir} is not this model's θ0 ({problem}) and save_base=False keeps it: "
                                    "write the model's θ0 there, or pass a new output_dir")
 
-    def _write_base(self, out: Path, model, processing_class, params: dict[str, torch.Tensor], rounds: bool) -> None:
+    def _write_base(self, out: Path, model, processing_class, params: dict[str, torch.Tensor], rounds: bool,
+                    whole: dict[str, torch.Tensor] | None = None) -> None:
         """θ0 at the view dtype as base/ (what would be published), and the fp32 θ0 beside it when the view
-        rounds; both replace what a killed start left."""
+        rounds; both replace what a killed start left. `whole`: a sharded model's gathered state dict."""
         out.mkdir(parents=True, exist_ok=True)
         if rounds:
             _write_tensors(out / MASTER_BASE_FILE, params)
@@ -348,13 +497,16 @@ class SubnetTrackerCallback(TrainerCallback):
             return
 
         def write(tmp: Path) -> None:
-            save_model(model, tmp, self.view_dtype)
+            if whole is None:
+                save_model(model, tmp, self.view_dtype)
+            else:
+                _save_gathered(model, tmp, whole, self.view_dtype if rounds else None)
             if processing_class is not None:
                 processing_class.save_pretrained(tmp)
 
         view_size = torch.empty((), dtype=self._judged_dtype(params)).element_size()
         need = sum(p.numel() for p in params.values()) * view_size + HEADER_BYTES
-        write_dir_checked(out / BASE_DIR, write, need)
+        RunDir(out, TRL_PREFIX).write_base(write, need)
 
     @staticmethod
     def _write_lora_base(out: Path, model, processing_class) -> None:
@@ -368,12 +520,12 @@ class SubnetTrackerCallback(TrainerCallback):
             if processing_class is not None:
                 processing_class.save_pretrained(tmp)
 
-        write_dir_checked(out / BASE_DIR, write, tensor_bytes(state.values()) + HEADER_BYTES)
+        RunDir(out, TRL_PREFIX).write_base(write, tensor_bytes(state.values()) + HEADER_BYTES)
 
     def _report_overhead(self, params: dict[str, torch.Tensor], models: list, show: bool) -> None:
         """The bytes of the tracker's own buffers per device (storages of the models' parameters, a shared θ0
         included, are not counted), printed once against the tracked weights' bytes."""
-        owned = {p.untyped_storage().data_ptr() for m in models if m is not None for p in m.parameters()}
+        owned = {_local(p).untyped_storage().data_ptr() for m in models if m is not None for p in m.parameters()}
         seen_ids: set[int] = set()
         storages: dict[int, tuple[str, int]] = {}
         for tensor in _tensors_in([self.tracker, self.master, self._mirror], seen_ids):
@@ -399,8 +551,8 @@ class SubnetTrackerCallback(TrainerCallback):
                                    f"({problem}): restore the run's base/, or start afresh in a new output_dir")
         state = load_file(str(path))
         firsts = self.tracker.first_changed
-        on_device = {k: v.to(firsts[k.split("::")[-1]].device) if k.split("::")[-1] in firsts else v
-                     for k, v in state.items()}
+        on_device = {k: self._part(k.split("::")[-1], v).to(firsts[k.split("::")[-1]].device)
+                     if k.split("::")[-1] in firsts else v for k, v in state.items()}
         self.tracker.load_state_dict({k: v for k, v in on_device.items() if not k.startswith(MASTER_PREFIX)})
         if self.master is not None:
             master = {k.removeprefix(MASTER_PREFIX): v for k, v in on_device.items() if k.startswith(MASTER_PREFIX)}
@@ -415,27 +567,45 @@ class SubnetTrackerCallback(TrainerCallback):
             state.update({f"{MASTER_PREFIX}{k}": v for k, v in self.master.state_dict().items()})
         return state
 
+    def _whole(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-entry tensors keyed `...::<parameter>` (or by the parameter), whole: gathered under FSDP2."""
+        if self._shards is None:
+            return tensors
+        return {k: self._shards.full(k.split("::")[-1], v) for k, v in tensors.items()}
+
     def on_save(self, args, state, control, **kwargs):
         """Keep the tracker's state beside the trainer's checkpoint, for resume_from_checkpoint (written
-        last: it marks the checkpoint complete); with a rounding view, the published weights first."""
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not (state.is_world_process_zero and folder.is_dir()):
+        last: it marks the checkpoint complete); with a rounding view, the published weights first. Under
+        FSDP2 every process gathers its shards, process 0 writes."""
+        folder = RunDir(args.output_dir, TRL_PREFIX).step_dir(state.global_step)
+        writes = state.is_world_process_zero and folder.is_dir()
+        if not (writes or self._shards is not None):
             return
         if self.master is not None:
-            masks = self.tracker.exact_masks()
-            tensors = {n: (self.tracker.published(n), masks[n]) for n in self.tracker.params}
+            masks = self._whole(self.tracker.exact_masks())
+            published = self._whole({n: self.tracker.published(n) for n in self.tracker.params})
+            tensors = {n: (published[n], masks[n]) for n in self.tracker.params}
+        tracker_state = self._whole(self._state())
+        if not writes:
+            return
+        if self.master is not None:
             _durable_file(folder / COMPACT_FILE, lambda tmp: save_compact(tmp, state.global_step, f"../{BASE_DIR}",
                                                                            tensors))
-        _write_tensors(folder / TRACKER_FILE, self._state(), {FINGERPRINT_KEY: json.dumps(self._theta0)})
+        _write_tensors(folder / TRACKER_FILE, tracker_state, {FINGERPRINT_KEY: json.dumps(self._theta0)})
+
+    def _counts(self, tracker: UpdateTracker, step: int) -> StepCounts:
+        """The tracker's step: the model's counts, summed over the processes' shards under FSDP2."""
+        record = tracker.update(step)
+        return self._shards.reduce(record) if self._shards is not None else record
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         started = time.perf_counter()
         if self._mirror:
             self._refresh_mirror()
-        record = self.tracker.update(state.global_step + 1)
+        record = self._counts(self.tracker, state.global_step + 1)
         pending = self.tracker.metrics(record)
         if self.master is not None:
-            master = self.master.update(record.step)
+            master = self._counts(self.master, record.step)
             total = sum(master.numel)
             pending.update({f"changed_master/{r}": master.total("vs_initial", r) / total for r in RULES})
         pending["time/tracker_s"] = time.perf_counter() - started

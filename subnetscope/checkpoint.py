@@ -428,15 +428,6 @@ def atomic_write_file(path: Path, write) -> Path:
     return path
 
 
-def latest_resumable(run_dir: Path, state_file: str) -> Path | None:
-    """The newest complete checkpoint-N of a run that holds `state_file` (a trainer's state), if any."""
-    try:
-        done = [c.path for c in find_step_checkpoints(str(run_dir)) if (c.path / state_file).is_file()]
-    except SubnetscopeError:
-        return None
-    return done[-1] if done else None
-
-
 def _looks_like_hub_id(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?", spec)) and not spec.startswith(".")
 
@@ -646,25 +637,16 @@ def tracker_state_file(folder: Path) -> Path | None:
     return next((Path(folder) / n for n in TRACKER_STATE_FILES if (Path(folder) / n).is_file()), None)
 
 
-def latest_tracker_state(run_dir: str | Path) -> tuple[int, Path] | None:
-    """(step, file) of the newest step folder holding a tracker state (written last: its step is complete)."""
-    try:
-        steps = find_step_checkpoints(str(run_dir))
-    except SubnetscopeError:
-        return None
-    found = [(c.step, tracker_state_file(c.path)) for c in steps]
-    found = [(step, f) for step, f in found if f is not None]
-    return found[-1] if found else None
-
-
 def read_ever_changed(run_dir: str | Path) -> tuple[int, dict[str, torch.Tensor]]:
     """(step, masks of the weights that changed at any step up to the newest tracked one) of any run folder:
     main_grpo.py / main_ppo.py (step_N/) or a TRL trainer with SubnetTrackerCallback (checkpoint-N/)."""
-    latest = latest_tracker_state(run_dir)
-    if latest is None:
+    from .rundir import RunDir
+
+    latest = RunDir(run_dir).latest(required=(), one_of=TRACKER_STATE_FILES)
+    if latest.folder is None:
         raise SubnetscopeError(f"{run_dir} has no step checkpoint with tracker state (step_N/{TRACKER_STATE} or "
                                f"checkpoint-N/{TRL_TRACKER_STATE}): pass a run folder that has saved at least one step")
-    step, path = latest
+    step, path = latest.step, tracker_state_file(latest.folder)
     read_safetensors_offsets(path, STEP_REMEDY)
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         masks = {k.split("::", 1)[1]: handle.get_tensor(k) >= 0 for k in handle.keys()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import SubnetscopeError
+from .rewards import REWARDS
 
 # --optimizer of the RL loops; TRL's trainers (SFT, DPO) take the TRL_OPTIMIZERS keys
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "aspg", "aspg_plan")
@@ -29,58 +31,90 @@ RANDOM_SHAPED = ("random-gpt2-medium", "random-gemma3n-e2b")
 SFT_DATA = ("samples", "positive_reviews", "completions")
 
 
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A field and its flag in one place: `help` and the flag's other metadata (subnetscope.cli.dataclass_args)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def reward_spec(value: str) -> str:
+    """--reward: a reward's name, or module:function, imported now so that a bad one is refused before any work."""
+    if value in REWARDS:
+        return value
+    if ":" not in value:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(REWARDS)}, "
+                                         "or module:function)")
+    from .reward_import import import_reward
+
+    import_reward(value)
+    return value
+
+
 @dataclass
 class RunConfig:
-    """Settings of every fine-tuning run here, RL or baseline."""
+    """Settings of every fine-tuning run here, RL or baseline. Each field is a flag and a --config key; its
+    metadata's help is the flag's help (subnetscope.cli.dataclass_args appends the default)."""
 
-    # Hub id, local folder, a TINY_MODELS name (random, offline) or a RANDOM_SHAPED one
-    policy: str = "tiny-gpt2"
-    # tokenizer for policies that have none (random-*); None: the policy's own
-    tokenizer: str | None = None
-    # a subnetscope.rewards.REWARDS name or a TRL-style reward callable named module:function
-    reward: str = "vader"
-    # the sequence classifier of --reward model (score = POSITIVE logit)
-    reward_model: str = "lvwerra/distilbert-imdb"
-    # prompts: builtin, easy, imdb, or a local .json/.jsonl/.csv/.txt[.gz] file
-    dataset: str = "builtin"
-    # RL: prompts per step over all processes; SFT/DPO: examples per device per step
-    batch_size: int = 8
-    max_steps: int = 20  # optimizer updates
-    lr: float = 1e-5  # learning rate
-    optimizer: str = "adamw"  # one of OPTIMIZERS (RL) or TRL_OPTIMIZERS (SFT/DPO)
-    temperature: float = 1.0  # sampling temperature
-    max_prompt_tokens: int = 32  # prompts are cut to this many tokens
-    max_new_tokens: int = 32  # completion length
-    # mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as bf16 roundings;
-    # bf16: bf16 weights (update sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU
-    # with bf16, fp32 elsewhere (subnetscope.precision)
-    precision: str = "auto"
-    # the dtype at which changes are judged and checkpoints stored; None: bfloat16 for mixed and bf16,
-    # float32 for fp32
-    view_dtype: str | None = None
-    # instruct models: prompts become a user turn of the tokenizer's chat template (when it has one)
-    chat_template: bool = True
-    device: str = "auto"  # training device: auto (accelerate's choice), cpu, cuda
-    gradient_checkpointing: bool = False  # recompute activations to save memory
-    save_every: int = 10  # checkpoint every N steps
-    # keep only the newest N step checkpoints, deleting older ones once a newer one is written (TRL's
-    # name and meaning); None keeps all. The tracker's metrics.jsonl keeps the whole density curve either way
-    save_total_limit: int | None = None
-    output_dir: str = "checkpoints/run"  # the run folder
-    resume: bool = False  # continue the run in output_dir from its last checkpoint
-    wandb: str | None = None  # also log to this Weights & Biases project
-    seed: int = 0  # seed of prompt order, sampling and new heads
-    atol: float = 1e-5  # tracker's absolute rule: changed if |Δ| > atol
-    eta: float = 1e-3  # tracker's relative rule: changed if |Δ| > eta·max(|w|, |w'|)
-    topk: int = 3  # k of the top-k block concentration
-    # --optimizer aspg (AdamW + error feedback): the share of entries NOT updated per step (None: 0.9);
-    # --optimizer aspg_plan (the research plan's plain top-k step): the share updated (None: 0.01); never both
-    aspg_sparsity: float | None = None
-    aspg_update_fraction: float | None = None
-    # dense steps before the sparse ones (None: 10 for aspg, 100 for aspg_plan)
-    aspg_warmup: int | None = None
-    # with resume: accept settings that differ from the run's; each change is recorded in run_config.json
-    allow_changed_settings: bool = False
+    policy: str = setting("tiny-gpt2", f"policy to fine-tune: Hub id, folder, {' / '.join(TINY_MODELS)} (random, "
+                          f"offline), or {' / '.join(RANDOM_SHAPED)} (random weights in real shapes)")
+    tokenizer: str | None = setting(None, "tokenizer for policies that have none (random-gpt2-medium, "
+                                          "random-gemma3n-e2b: gpt2 from the Hub; offline ../shared/models/tiny-gpt2); "
+                                          "none: the policy's own")
+    reward: str = setting("vader", "reward: VADER lexicon, a classifier (--reward_model), the toy reward, exact match "
+                                   "of the final number, or a TRL-style reward callable f(completions, **kwargs) named "
+                                   "module:function (a module or .py file); naming --reward_model selects model",
+                          type=reward_spec, metavar="{" + ",".join(REWARDS) + ",module:function}")
+    reward_model: str = setting("lvwerra/distilbert-imdb", "sequence classifier of --reward model; naming one selects "
+                                                          "--reward model; score = POSITIVE logit")
+    dataset: str = setting("builtin", "prompts: builtin, easy, imdb (through datasets), or a "
+                                      ".json/.jsonl/.csv/.txt[.gz] file such as ../shared/data/imdb/train.jsonl.gz")
+    batch_size: int = setting(8, "RL: prompts per step, over all processes; SFT/DPO: examples per device per "
+                                 "step")
+    max_steps: int = setting(20, "optimizer updates")
+    lr: float = setting(1e-5, "learning rate", aliases=("learning_rate",))
+    optimizer: str = setting("adamw", "aspg = adaptive sparse policy gradients: AdamW updating only the most important "
+                                      "entries (EMA of |grad|) after a dense warm-up, with error feedback; aspg_plan = "
+                                      "ASPG as the research plan writes it: a plain step w -= lr*grad on the most "
+                                      "important entries, the other gradients dropped, no weight decay",
+                             choices=OPTIMIZERS)
+    temperature: float = setting(1.0, "sampling temperature")
+    max_prompt_tokens: int = setting(32, "prompts are cut to this many tokens")
+    max_new_tokens: int = setting(32, "completion length")
+    precision: str = setting("auto", "mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed "
+                                     "as bf16 roundings (what recipes publish); bf16: bf16 weights (Adam steps below "
+                                     "half a bf16 step are lost: sparsity then measures bf16 stagnation); fp32; auto: "
+                                     "mixed on a CUDA GPU with bf16, else fp32 (subnetscope.precision)",
+                             choices=PRECISIONS)
+    view_dtype: str | None = setting(None, "dtype at which changes are judged and base/, checkpoints and final/ "
+                                           "stored; none: bfloat16 for mixed and bf16, float32 for fp32",
+                                     choices=VIEW_DTYPE_NAMES)
+    chat_template: bool = setting(True, "instruct models: each prompt becomes a user turn of the tokenizer's chat "
+                                        "template (when it has one; rewards always see the plain text); "
+                                        "else the prompts go in as plain text",
+                                  switches={"no_chat_template": False})
+    device: str = setting("auto", "training device: auto (accelerate's choice), cpu, cuda")
+    gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
+    save_every: int = setting(10, "checkpoint every N steps")
+    save_total_limit: int | None = setting(None, "keep only the newest N step checkpoints, deleting older ones once a "
+                                                 "newer one is written (TRL's name and meaning); none keeps all; the "
+                                                 "tracker's metrics keep the whole density curve either way")
+    output_dir: str = setting("checkpoints/run", "the run folder")
+    resume: bool = setting(False, "continue the run in --output_dir from its newest checkpoint")
+    wandb: str | None = setting(None, "also log to this Weights & Biases project (works with WANDB_MODE=offline)",
+                                metavar="PROJECT")
+    seed: int = setting(0, "seed of prompt order, sampling and new heads; tiny models keep one init")
+    atol: float = setting(1e-5, "tracker's absolute rule: changed if |Δ| > atol")
+    eta: float = setting(1e-3, "tracker's relative rule: changed if |Δ| > eta·max(|w|, |w'|)")
+    topk: int = setting(3, "k of the top-k block concentration")
+    aspg_sparsity: float | None = setting(None, "--optimizer aspg: share of entries NOT updated at each step after the "
+                                                f"warm-up, the global top 1 - this are; none: {ASPG_SPARSITY} (never "
+                                                "with aspg_plan)")
+    aspg_update_fraction: float | None = setting(None, "--optimizer aspg_plan: share of entries updated at each step "
+                                                       "after the warm-up, the plan's 'sparsity'; none: "
+                                                       f"{PLAN_UPDATE_FRACTION} (never with aspg)")
+    aspg_warmup: int | None = setting(None, f"ASPG: dense steps before the sparse ones; none: {ASPG_WARMUP} for aspg, "
+                                            f"{PLAN_WARMUP} for aspg_plan")
+    allow_changed_settings: bool = setting(False, "with --resume: accept settings that differ from the run's (lr, "
+                                                  "batch, seed, ...); each change is recorded in its run_config.json")
 
     def __post_init__(self) -> None:
         """The chosen ASPG variant's defaults filled in (runs recorded before aspg_plan existed hold
@@ -149,21 +183,26 @@ class RunConfig:
 class RLConfig(RunConfig):
     """Settings of the RL loops (GRPO, PPO) beyond every run's."""
 
-    weight_decay: float = 0.0  # decoupled (AdamW) or L2 (SGD, Adafactor) weight decay
-    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
-    reward_device: str = "auto"  # reward model's device (auto = the training device)
-    ref_device: str = "auto"  # reference model's device (auto = the training device); cpu saves GPU memory
-    eval_every: int = 10  # held-out reward and KL every N steps
-    full_checkpoints: bool = False  # full safetensors per step instead of compact ones
-    # fine-tune only the subnetwork in this mask file (compute_masks.py): gradients masked, the rest at θ0
-    update_mask: str | None = None
-    # --update_mask: also train the tensors the mask does not cover (by default they stay at θ0)
-    train_unmasked: bool = False
-    log_localization: bool = True  # log per-block Gini / entropy / top-k every step
-    no_tqdm: bool = False  # no progress bar
-    # several processes (torchrun / accelerate launch): each sends only this share of its gradient entries
-    # per DDP bucket (top-k by |grad + residual|, error feedback per bucket); None: DDP's dense all-reduce
-    ddp_topk_density: float | None = None
+    weight_decay: float = setting(0.0, "decoupled (AdamW) or L2 (SGD, Adafactor) weight decay")
+    max_grad_norm: float = setting(1.0, "gradient clipping; 0 = off")
+    reward_device: str = setting("auto", "reward model's device (auto = the training device)")
+    ref_device: str = setting("auto", "reference model's device (auto = the training device); cpu saves GPU memory")
+    eval_every: int = setting(10, "held-out reward and KL every N steps")
+    full_checkpoints: bool = setting(False, "write full safetensors per step instead of compact ones")
+    update_mask: str | None = setting(
+        None, "fine-tune only the subnetwork in this mask file (compute_masks.py; --from_run RUN gives a run's 'ever "
+              "changed' mask): gradients masked, weights outside it held at θ0. A mask made from a run also writes "
+              "subnetwork_comparison.json (identical weights vs that run, both final rewards). Tensors the mask does "
+              "not cover stay at θ0 too", metavar="PATH")
+    train_unmasked: bool = setting(False, "with --update_mask: also train the tensors the mask does not cover "
+                                          "(embeddings, norms, biases of a compute_masks.py mask)")
+    log_localization: bool = setting(True, "log per-block Gini / entropy / top-k every step",
+                                  switches={"no_localization": False})
+    no_tqdm: bool = setting(False, "no progress bar (for logs)")
+    ddp_topk_density: float | None = setting(
+        None, "several processes (torchrun / accelerate launch, DDP): each sends only this share of its gradient "
+              "entries per bucket, the largest |grad + residual| as int32 index + value, the rest carried to the "
+              "next step; logs comm/topk_bytes beside comm/dense_bytes; none: DDP's dense all-reduce")
 
     def validate(self) -> None:
         super().validate()
@@ -185,13 +224,15 @@ class RLConfig(RunConfig):
 class GRPOConfig(RLConfig):
     """GRPO's settings (subnetscope.grpo; TRL's loss_type="grpo")."""
 
-    group_size: int = 4  # completions per prompt, at least 2 (TRL's num_generations)
-    inner_epochs: int = 1  # optimizer steps per rollout batch (TRL's num_iterations)
-    beta: float = 0.04  # KL penalty weight, k3 estimator; 0 = no reference model
-    epsilon: float = 0.2  # ratio clipping range
-    # weight the k3 KL by the importance ratio (TRL's use_bias_correction_kl)
-    kl_correction: bool = True
-    adv_clip: float = 5.0  # advantages are clipped to ±this
+    group_size: int = setting(4, "completions per prompt, at least 2 (TRL's num_generations)",
+                              aliases=("num_generations",))
+    inner_epochs: int = setting(1, "optimizer steps per rollout batch (TRL's num_iterations)",
+                                aliases=("num_iterations",))
+    beta: float = setting(0.04, "KL penalty weight, k3 estimator; 0 = no reference model")
+    epsilon: float = setting(0.2, "ratio clipping range")
+    kl_correction: bool = setting(True, "weight the k3 KL by the importance ratio, as TRL's use_bias_correction_kl; "
+                                        "else plain k3", switches={"no_kl_correction": False})
+    adv_clip: float = setting(5.0, "advantages are clipped to ±this")
     output_dir: str = "checkpoints/grpo"
 
     def validate(self) -> None:
@@ -215,17 +256,19 @@ class PPOConfig(RLConfig):
     topk: int = 3
     log_localization: bool = True
     lr: float = 1.41e-5
-    gamma: float = 1.0  # discount
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clipping
-    cliprange_value: float = 0.2  # value clipping around the rollout's values
-    vf_coef: float = 0.1  # weight of the value loss
-    init_kl_coef: float = 0.2  # KL penalty coefficient at the start
-    target_kl: float | None = 6.0  # adaptive KL controller's target; None keeps init_kl_coef fixed
-    horizon: int = 10000  # adaptive controller's horizon in samples
-    ppo_epochs: int = 4  # passes over each rollout batch
-    mini_batch_size: int = 8  # prompts per optimizer step, per process
-    whiten_advantages: bool = True  # whiten the GAE advantages
+    gamma: float = setting(1.0, "discount")
+    lam: float = setting(0.95, "GAE lambda")
+    cliprange: float = setting(0.2, "policy ratio clipping")
+    cliprange_value: float = setting(0.2, "value clipping around the rollout's values")
+    vf_coef: float = setting(0.1, "weight of the value loss")
+    init_kl_coef: float = setting(0.2, "KL penalty coefficient at the start")
+    target_kl: float | None = setting(6.0, "adaptive KL controller's target; none keeps the KL coefficient at "
+                                           "--init_kl_coef", switches={"fixed_kl": None})
+    horizon: int = setting(10000, "adaptive controller's horizon in samples")
+    ppo_epochs: int = setting(4, "passes over each rollout batch")
+    mini_batch_size: int = setting(8, "prompts per optimizer step, per process")
+    whiten_advantages: bool = setting(True, "whiten the GAE advantages (else the raw ones)",
+                                      switches={"no_whiten": False})
     output_dir: str = "checkpoints/ppo"
 
     def validate(self) -> None:
@@ -243,16 +286,18 @@ class PPOConfig(RLConfig):
 class BaselineConfig(RunConfig):
     """The SFT and DPO baselines' settings (subnetscope.baselines, TRL's trainers)."""
 
-    task: str = "sft"  # sft or dpo
-    candidates: int = 4  # samples of the initial policy per prompt, ranked by the reward
-    max_prompts: int = 256  # prompts used to build the data set
-    dpo_beta: float = 0.1  # DPO's beta
-    # samples: the best of --candidates samples of the initial policy per prompt; positive_reviews: real
-    # positive reviews of --dataset; completions: the prompt/completion pairs of --dataset (reference answers)
-    sft_data: str = "samples"
-    # samples only: drop prompts whose best sample scores below this (rejection-sampling fine-tuning keeps
-    # only reward-passing samples); None keeps every prompt's best
-    min_reward: float | None = None
+    task: str = setting("sft", "which baseline: SFTTrainer on the best samples, or DPOTrainer on best vs worst",
+                        choices=("sft", "dpo"))
+    candidates: int = setting(4, "samples of the initial policy per prompt, ranked by the reward")
+    max_prompts: int = setting(256, "prompts used to build the data set")
+    dpo_beta: float = setting(0.1, "DPO's beta")
+    sft_data: str = setting("samples", "SFT targets: the best of --candidates samples (samples), real positive "
+                                       "reviews of a labelled --dataset (positive_reviews: opening = prompt, what "
+                                       "follows = completion), or the prompt/completion pairs of a local --dataset "
+                                       "file (completions)", choices=SFT_DATA)
+    min_reward: float | None = setting(None, "--sft_data samples: keep only prompts whose best sample scores at least "
+                                             "this (rejection-sampling fine-tuning); none keeps every prompt's best")
+    optimizer: str = setting("adamw", "TRL's optimizer (its `optim`)", choices=tuple(TRL_OPTIMIZERS))
     output_dir: str = "checkpoints/sft"
 
     def validate(self) -> None:
@@ -273,12 +318,9 @@ class BaselineConfig(RunConfig):
 
 
 def add_precision_args(group: argparse._ActionsContainer, default: str) -> None:
-    """`--precision` and `--view_dtype`, spelled and explained once for every training command."""
+    """`--precision` and `--view_dtype` for commands whose settings are not a RunConfig, explained by
+    RunConfig's fields."""
+    meta = RunConfig.__dataclass_fields__
     group.add_argument("--precision", choices=PRECISIONS,
-                       help="mixed: fp32 master weights and optimizer, bf16 autocast, judged and checkpointed as "
-                            "bf16 roundings (what recipes publish); bf16: bf16 weights (Adam steps below half a bf16 "
-                            "step are lost: sparsity then measures bf16 stagnation); fp32; auto: mixed on a CUDA GPU "
-                            f"with bf16, else fp32 (default {default})")
-    group.add_argument("--view_dtype", choices=VIEW_DTYPE_NAMES,
-                       help="dtype at which changes are judged and base/, checkpoints and final/ stored (default "
-                            "bfloat16 for mixed and bf16, float32 for fp32)")
+                       help=f"{meta['precision'].metadata['help']} (default {default})")
+    group.add_argument("--view_dtype", choices=VIEW_DTYPE_NAMES, help=f"{meta['view_dtype'].metadata['help']}")

@@ -177,10 +177,12 @@ def _load_pair(base: TensorSource, tuned: TensorSource, name: str, notes: list[s
     a, b = at_view(a, view), at_view(b, view)
     note = []
     if a.dim() != b.dim():
-        raise SubnetscopeError(f"{name}: {tuple(a.shape)} vs {tuple(b.shape)} have different ranks and cannot be compared")
+        raise SubnetscopeError(f"{name}: {tuple(a.shape)} vs {tuple(b.shape)} have different ranks "
+                               f"and cannot be compared")
     if a.shape != b.shape:
         a, b = _common_region(a, b)
-        note.append(f"shape {tuple(base.shape(name))} vs {tuple(tuned.shape(name))}: compared the common {tuple(a.shape)}")
+        note.append(f"shape {tuple(base.shape(name))} vs {tuple(tuned.shape(name))}: "
+                    f"compared the common {tuple(a.shape)}")
     if a.dtype != b.dtype:
         note.append(f"dtype {a.dtype} vs {b.dtype}: compared in {wider_dtype(a.dtype, b.dtype)}")
     if note:
@@ -328,7 +330,8 @@ def _accumulate_shells(acc: dict, tr: TensorResult, stats, axis: int, boundaries
     for rule in RULES:
         rows = shell_density(counts_by_rule[rule].numpy(), per_neuron, edges)
         for row in rows:
-            slot = acc.setdefault((rule, row["shell"]), {"rule": rule, "shell": row["shell"], "weights": 0, "changed": 0, "matrices": 0})
+            slot = acc.setdefault((rule, row["shell"]),
+                                  {"rule": rule, "shell": row["shell"], "weights": 0, "changed": 0, "matrices": 0})
             slot["weights"] += row["weights"]
             slot["changed"] += row["changed"]
             slot["matrices"] += 1
@@ -343,7 +346,8 @@ def _finish_shells(acc: dict, boundaries: Sequence[int]) -> list[dict]:
         for s in slots:
             density = s["changed"] / s["weights"] if s["weights"] else 0.0
             rows.append({
-                **s, "changed": int(s["changed"]), "boundary": boundaries[s["shell"]] if s["shell"] < len(boundaries) else None,
+                **s, "changed": int(s["changed"]),
+                "boundary": boundaries[s["shell"]] if s["shell"] < len(boundaries) else None,
                 "density": density, "expected_uniform": overall,
                 "ratio_to_uniform": density / overall if overall > 0 else None,
             })

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 
-def sample_windows(tokens: torch.Tensor, batch_size: int, block_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_windows(tokens: torch.Tensor, batch_size: int, block_size: int,
+                   seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, next-token targets) from random windows; the seed fixes them, so a resumed run sees
     the same batches."""
     gen = torch.Generator().manual_seed(seed)

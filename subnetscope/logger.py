@@ -77,7 +77,7 @@ class MetricsLogger:
         a kill cut short), through a fsync'd temporary file and a rename."""
         if not self.path.exists():
             return
-        from .runstate import durable_write_text
+        from .rundir import durable_write_text
 
         records = read_metrics(self.path, note=True)
         keep = [r for r in records if r.get("step", 0) <= step]

@@ -27,7 +27,6 @@ import itertools
 import json
 import re
 import traceback
-import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from . import plots
 from .baselines import BaselineConfig, train_baseline
 from .changes import RULES, ChangeRules
 from .checkpoint import atomic_write_file, find_step_checkpoints, open_checkpoint
+from .cli.dataclass_args import check_value
 from .data import EVAL_PROMPTS
 from .engine import analyze_pair
 from .errors import SubnetscopeError
@@ -94,27 +94,17 @@ def load_matrix(path: str) -> dict:
 
 
 def _check_value(task: str, key: str, value, config_cls) -> object:
-    """The value converted to the field's type, or an error naming the key and the value."""
-    field = {f.name: f for f in fields(config_cls)}.get(key)
-    if field is None and key in REPLACED:
+    """The value converted to the field's type and checked as its flag is (dataclass_args.check_value), or
+    an error naming the key and the value."""
+    known = {f.name for f in fields(config_cls)}
+    if key not in known and key in REPLACED:
         raise SubnetscopeError(f"matrix: {key!r} was replaced by {REPLACED[key]}")
-    if field is None or key in MANAGED:
+    if key not in known or key in MANAGED:
         raise SubnetscopeError(f"matrix: {key!r} is not a setting of {task} runs")
-    hints = typing.get_type_hints(config_cls)
-    kind = hints[key]
-    allowed = [t for t in typing.get_args(kind)] or [kind]
-    if value is None and type(None) in allowed:
-        return None
-    for t in allowed:
-        if t is bool and isinstance(value, bool):
-            return value
-        if t in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-            if t is int and float(value) != int(value):
-                continue
-            return t(value)
-        if t is str and isinstance(value, str):
-            return value
-    raise SubnetscopeError(f"matrix: {key}={value!r} is not a valid value for {task} runs (expected {kind})")
+    try:
+        return check_value(config_cls, key, value, f" for {task} runs")
+    except SubnetscopeError as err:
+        raise SubnetscopeError(f"matrix: {err}") from None
 
 
 def expand(matrix: dict) -> list[dict]:
@@ -145,7 +135,7 @@ def expand(matrix: dict) -> list[dict]:
                 if config_cls is BaselineConfig:
                     settings["task"] = task
                 config_cls(**settings).validate()
-                runs.append({"task": task, "name": _run_name(task, run_axes), "settings": settings, "axes": run_axes,
+                runs.append({"task": task, "name": run_name(task, run_axes), "settings": settings, "axes": run_axes,
                              "factor": factor})
     names = [r["name"] for r in runs]
     if len(set(names)) != len(names):
@@ -171,7 +161,8 @@ def _one_factor_variants(vary, base: dict, axes: dict) -> list[tuple[str | None,
     return variants
 
 
-def _run_name(task: str, axes: dict) -> str:
+def run_name(task: str, axes: dict) -> str:
+    """A run's folder name: its task and the values of the matrix's axes (the study finds runs by it too)."""
     parts = [task] + [f"{k}={v}" for k, v in axes.items()]
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(parts))
 

@@ -25,7 +25,8 @@ def check_output_dir(path: str | Path, flag: str = "--output_dir") -> Path:
         raise SubnetscopeError(f"{flag} {path} is an existing file, not a folder: pass a folder path")
     anchor = nearest_existing(path)
     if not anchor.is_dir():
-        raise SubnetscopeError(f"{flag} {path}: {anchor} is a file, so no folder can be made below it: pass another path")
+        raise SubnetscopeError(f"{flag} {path}: {anchor} is a file, so no folder can be made below it: "
+                               f"pass another path")
     try:
         fd, probe = tempfile.mkstemp(prefix=".subnetscope-write-check.", dir=anchor)
         os.close(fd)

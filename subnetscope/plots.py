@@ -586,9 +586,9 @@ def real_study_group_figures(curves: list[dict], layers: list[dict], out: Path) 
 
 
 def real_study_depth_profiles(profiles: dict[str, list[float]], path: Path) -> Path:
-    """GRPO's per-block share changed of each group on a common relative-depth axis, each profile divided
-    by its mean so models that change different amounts compare by shape."""
-    fig, ax = _axes("Where GRPO's changes sit, by relative depth", "relative depth (0 = first block)",
+    """Each group's per-block share changed (one line per group and RL algorithm) on a common relative-depth
+    axis, each profile divided by its mean so models that change different amounts compare by shape."""
+    fig, ax = _axes("Where RL's changes sit, by relative depth", "relative depth (0 = first block)",
                     "share changed / model mean")
     for name, profile in sorted(profiles.items()):
         if len(profile) < 2 or not sum(profile):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .checkpoint import atomic_save_dir, latest_resumable, open_checkpoint
+from .checkpoint import open_checkpoint
 from .devices import resolve_device
 from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
@@ -37,6 +37,7 @@ from .pruning import (
     zeroed_grad_norms,
 )
 from .report import write_json
+from .rundir import TRL_PREFIX, RunDir
 from .seeds import STEP_STRIDE, stream_seed
 
 DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
@@ -136,6 +137,7 @@ class PruneTrainer:
         self.weights = prunable_weights(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.run_dir = Path(config.output_dir)
+        self.run = RunDir(self.run_dir, TRL_PREFIX)
         self.masks: dict[str, torch.Tensor] = {}
         self.state = {"step": 0, "level": 0.0, "elapsed": 0.0, "revival_history": [], "sparsity_history": []}
         if config.resume:
@@ -250,20 +252,20 @@ class PruneTrainer:
             save_file({n: m.cpu() for n, m in self.masks.items()}, str(tmp / MASKS_FILE))
             torch.save({"optimizer": self.optimizer.state_dict(), "state": json.dumps(self.state)}, tmp / TRAINER_STATE)
 
-        atomic_save_dir(self.run_dir / f"checkpoint-{step}", write)
+        self.run.save_step(step, write)
 
     def _save_final(self) -> None:
         def write(tmp: Path) -> None:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
 
-        atomic_save_dir(self.run_dir / "final", write)
+        self.run.finalize(write)
 
     def _load_latest(self) -> None:
         """Weights, optimizer, masks and counters from the newest complete checkpoint-N, if any."""
         if not self.run_dir.is_dir():
             raise SubnetscopeError(f"--resume: {self.run_dir} does not exist: drop --resume to start a run")
-        folder = latest_resumable(self.run_dir, TRAINER_STATE)
+        folder = self.run.latest(required=(TRAINER_STATE,), one_of=()).folder
         if folder is None:
             return
         source = open_checkpoint(str(folder))

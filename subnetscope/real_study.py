@@ -81,6 +81,9 @@ class RealStudyConfig:
     rft_min_reward: float | None = None
     contrast: bool = True  # GRPO seed 0 with pure bf16 weights: bf16 stagnation, for contrast
     subnetwork: bool = True  # GRPO seed 0 again, confined to the weights its full run changed
+    # False: start no run; write the group's results from the runs finished so far (a study its GPU time cut short)
+    train: bool = True
+    note: str = ""  # a sentence the table prints under the group (e.g. why runs are missing)
     output_dir: str = "checkpoints/real_study"
     results_dir: str = "results/real_study"
 
@@ -277,7 +280,8 @@ def measure(spec: RunSpec, folder: Path, heldout: Path, device: str) -> dict:
     modules = [{k: v for k, v in row.items() if k in ("module", "numel", *RULES) or k.endswith("_fraction")}
                for row in module_rows(pair)]
     return {"run": spec.name, "algo": spec.algo, "lr": spec.lr, "seed": spec.seed, "precision": spec.precision,
-            "numel": pair.numel, **{f"changed_{r}": pair.fraction(r) for r in RULES},
+            "device_name": device_name(device), "numel": pair.numel,
+            **{f"changed_{r}": pair.fraction(r) for r in RULES},
             "rank_percent_mean": ranks.get("mean_percent"), "rank_percent_min": ranks.get("min_percent"),
             "heldout_after": heldout_score(str(folder / "final"), read_prompts(heldout), spec.settings["reward"],
                                            spec.settings["max_new_tokens"], device,
@@ -311,13 +315,17 @@ def drop_resume_state(folder: Path) -> int:
     return freed
 
 
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+
+
 def _resolved_device(device: str) -> str:
     return "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
 def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig, log=print) -> dict[str, dict]:
-    """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0); a failed run is
-    logged with its error file and the others go on."""
+    """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
+    visible GPUs (each process sees one); a failed run is logged with its error file and the others go on."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     pending = [s for s in specs if not (runs / s.name / SUMMARY).is_file()]
@@ -327,25 +335,40 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
             log(f"{spec.name}: running")
             run_and_measure(spec, runs / spec.name, heldout, device)
     else:
-        active: list[tuple[RunSpec, subprocess.Popen]] = []
+        gpus = visible_gpus() if device == "cuda" else []
+        active: list[tuple[RunSpec, subprocess.Popen, str | None]] = []
         queue = list(pending)
         while queue or active:
             while queue and len(active) < cfg.jobs:
                 spec = queue.pop(0)
                 spec_file = runs / f"{spec.name}.spec.json"
                 write_json(spec_file, {**asdict(spec), "heldout": str(heldout), "device": device})
+                gpu = least_busy(gpus, [a[2] for a in active]) if len(gpus) > 1 else None
+                env = {**_child_env(), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
                 with open(runs / f"{spec.name}.log", "a") as log_file:  # the child keeps its own descriptor
                     active.append((spec, subprocess.Popen(
                         [sys.executable, "-m", "subnetscope.real_study", str(spec_file)],
-                        stdout=log_file, stderr=subprocess.STDOUT, env=_child_env())))
-                log(f"{spec.name}: started")
+                        stdout=log_file, stderr=subprocess.STDOUT, env=env), gpu))
+                log(f"{spec.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             time.sleep(2)
             for item in [a for a in active if a[1].poll() is not None]:
                 active.remove(item)
                 outcome = "done" if item[1].returncode == 0 else f"FAILED, see runs/{item[0].name}.log"
                 log(f"{item[0].name}: {outcome}")
-    return {s.name: json.loads((runs / s.name / SUMMARY).read_text()) for s in specs
-            if (runs / s.name / SUMMARY).is_file()}
+    return finished_summaries(specs, out)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs run processes may use: CUDA_VISIBLE_DEVICES's entries when it is set, else every GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def least_busy(gpus: list[str], busy: list[str | None]) -> str:
+    """The GPU running the fewest of `busy` (the first such in `gpus`): runs spread evenly over the GPUs."""
+    return min(gpus, key=lambda g: (busy.count(g), gpus.index(g)))
 
 
 def _child_env() -> dict[str, str]:
@@ -353,6 +376,13 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def finished_summaries(specs: list[RunSpec], out: Path) -> dict[str, dict]:
+    """The summaries of the runs of `specs` that finished, by run name."""
+    runs = out / "runs"
+    return {s.name: json.loads((runs / s.name / SUMMARY).read_text()) for s in specs
+            if (runs / s.name / SUMMARY).is_file()}
 
 
 def _run_from_file(path: str) -> int:
@@ -366,10 +396,14 @@ def _run_from_file(path: str) -> int:
 
 # --- the group's report ---------------------------------------------------------------------------
 
-def overlap_rows(summaries: dict[str, dict], runs: Path, device: str) -> list[dict]:
-    """o1, o2 and Jaccard (with their chance levels) of every seed pair of each algorithm and lr."""
+def overlap_rows(summaries: dict[str, dict], runs: Path, device: str, kept: Path | None = None) -> list[dict]:
+    """o1, o2 and Jaccard (with their chance levels) of every seed pair of each algorithm and lr. A pair
+    whose checkpoints are not here (results rebuilt from the summaries alone) keeps its rows from `kept`,
+    the overlap.csv written where they were."""
     from .engine import analyze_overlap
+    from .real_study_report import read_csv
 
+    earlier = read_csv(kept) if kept is not None else []
     rows = []
     groups: dict[tuple, list[dict]] = {}
     for s in summaries.values():
@@ -377,6 +411,10 @@ def overlap_rows(summaries: dict[str, dict], runs: Path, device: str) -> list[di
             groups.setdefault((s["algo"], s["lr"]), []).append(s)
     for (algo, lr), members in groups.items():
         for a, b in itertools.combinations(sorted(members, key=lambda s: s["seed"]), 2):
+            if not all((runs / s["run"] / d).is_dir() for s in (a, b) for d in ("base", "final")):
+                rows += [r for r in earlier if (r["algo"], r["lr"], r["seed_1"], r["seed_2"]) == (
+                    algo, lr, a["seed"], b["seed"])]
+                continue
             result = analyze_overlap(open_checkpoint(str(runs / a["run"] / "base")),
                                      open_checkpoint(str(runs / a["run"] / "final")),
                                      open_checkpoint(str(runs / b["run"] / "final")), ChangeRules(), device=device,
@@ -402,7 +440,8 @@ def subnetwork_rerun(cfg: RealStudyConfig, specs: list[RunSpec], out: Path, held
     if not mask_path.is_file():
         step, masks = read_ever_changed(full_dir)  # the tracker state: what drop_resume_state keeps
         save_masks(mask_path, MaskSet(masks, {"method": "ever_changed", "source_run": str(full_dir.resolve()),
-                                              "step": step}, model_fingerprint(read_run_config(full_dir)["parameters"])))
+                                              "step": step},
+                                      model_fingerprint(read_run_config(full_dir)["parameters"])))
     spec = RunSpec("subnetwork_" + full.name, "grpo", full.lr, full.seed, full.precision,
                    {**full.settings, "update_mask": str(mask_path)})
     summary = run_and_measure(spec, out / "runs" / spec.name, heldout, _resolved_device(cfg.device))
@@ -461,12 +500,12 @@ def run_group(cfg: RealStudyConfig, log=print, command: str = "") -> Path:
     log(f"{cfg.group}: held-out score before training {before:.4f}")
     start = time.time()
     specs = run_specs(cfg, data)
-    summaries = run_all(specs, out, data["heldout"], cfg, log)
+    summaries = run_all(specs, out, data["heldout"], cfg, log) if cfg.train else finished_summaries(specs, out)
     missing = [s.name for s in specs if s.name not in summaries]
-    subnet = subnetwork_rerun(cfg, specs, out, data["heldout"]) if cfg.subnetwork else None
+    subnet = subnetwork_rerun(cfg, specs, out, data["heldout"]) if cfg.subnetwork and cfg.train else None
     results = Path(cfg.results_dir) / cfg.group
     write_csv(results / "results.csv", result_rows(summaries, before, cfg))
-    write_csv(results / "overlap.csv", overlap_rows(summaries, out / "runs", device))
+    write_csv(results / "overlap.csv", overlap_rows(summaries, out / "runs", device, kept=results / "overlap.csv"))
     write_csv(results / "layers.csv", layer_rows(summaries, cfg))
     write_csv(results / "modules.csv", [{"run": s["run"], "algo": s["algo"], "lr": s["lr"], "seed": s["seed"], **m}
                                         for s in summaries.values() for m in s["modules"]])
@@ -474,9 +513,10 @@ def run_group(cfg: RealStudyConfig, log=print, command: str = "") -> Path:
                                         "precision": s["precision"], **c} for s in summaries.values()
                                        for c in s["curve"]])
     write_json(results / "group.json", {
-        "config": asdict(cfg), "command": command, "heldout_before": before, "subnetwork": subnet,
+        "config": asdict(cfg), "command": command, "heldout_before": before, "subnetwork": subnet, "note": cfg.note,
         "precision": precision_split(summaries, cfg), "missing_runs": missing,
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "device": device_name(device) if cfg.train else ", ".join(sorted({s.get("device_name", "not recorded")
+                                                                            for s in summaries.values()})),
         "wall_seconds_this_call": time.time() - start,
         "run_wall_seconds": {s["run"]: s.get("wall_seconds") for s in summaries.values()}})
     return results

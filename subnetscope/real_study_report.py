@@ -13,6 +13,7 @@ from .metrics import localization
 from .stats import bootstrap_ci, concentration_statistics, mean_and_sd, more_concentrated_test
 
 RL = ("grpo", "ppo", "dpo")
+LOCALIZED = ("grpo", "dpo")  # the RL algorithms whose depth profiles are compared across models (DPO ran on all)
 MARKED_RATIO = 1.5  # "far denser": at least this many times the weights changed
 PAPER = {
     "rl_identical": "68.5–96.0% of weights bit-identical (GRPO 68.5, PPO 80.8, DPO 81.4–95.2)",
@@ -134,10 +135,16 @@ def claims(rows: list[dict], overlaps: list[dict], group: dict) -> list[str]:
                        f"{_mean(o['jaccard_random'] for o in rl_pairs):.3f}; o1 "
                        f"{_mean(o['o1'] for o in rl_pairs):.1%} vs {_mean(o['o1_random'] for o in rl_pairs):.1%}; "
                        f"paper: {PAPER['jaccard']}).")
+        sft_pairs = [o for o in rel if o["algo"] == "sft"]
+        if rl_pairs and sft_pairs:
+            rl_j, sft_j = _mean(o["jaccard"] for o in rl_pairs), _mean(o["jaccard"] for o in sft_pairs)
+            out.append(f"RL's seeds overlap more than SFT's: {'holds' if rl_j > sft_j else 'does not hold'} "
+                       f"(Jaccard RL {rl_j:.3f}, SFT {sft_j:.3f}; paper: {PAPER['jaccard']}).")
     sub = group.get("subnetwork")
     if sub:
         same = sub["identical_fraction"]["exact"]
-        out.append(f"Fine-tuning only the subnetwork reproduces the full run: {'holds' if same >= 0.9 else 'does not hold'}"
+        out.append(f"Fine-tuning only the subnetwork reproduces the full run: "
+                   f"{'holds' if same >= 0.9 else 'does not hold'}"
                    f" ({same:.1%} of weights identical to the full GRPO run at lr {sub['lr']:g}; held-out "
                    f"{sub['heldout_subnetwork']:.3f} vs full {sub['heldout_full']:.3f}; paper: {PAPER['subnetwork']}).")
     split = group.get("precision")
@@ -208,25 +215,41 @@ def write_tables(results_dir: str | Path) -> Path:
             lines.append(f"- Note: {group['note']}")
         lines.append("")
         plots.real_study_group_figures(read_csv(folder / "curves.csv"), per_group_layers[folder.name], folder)
+    measured = {folder.name for folder in groups(results)}
     for name, why in missing_groups(results).items():
+        if name in measured:  # recorded as missing in an earlier session, measured since
+            continue
         lines += [f"## {name}: not measured", "", why, ""]
-    loc = localization_rows(per_group_layers)
+    loc = [row for algo in LOCALIZED for row in localization_rows(per_group_layers, algo)]
     if loc:
         write_csv(results / "localization.csv", loc)
-        lines += ["## Localization across models (GRPO, per-block share changed, relative rule)", "",
-                  "| group | blocks | Gini [95% CI] | entropy [95% CI] | top-3 share [95% CI] |", "| --- " * 5 + "|"]
+        lines += ["## Localization across models (per-block share changed, relative rule)", "",
+                  "| algorithm | group | blocks | Gini [95% CI] | entropy [95% CI] | top-3 share [95% CI] |",
+                  "| --- " * 6 + "|"]
         for r in loc:
-            lines.append(f"| {r['group']} | {r['blocks']} | {_ci(r, 'gini')} | {_ci(r, 'entropy')} | {_ci(r, 'top3')} |")
-        if len(loc) >= 2:
-            a, b = loc[0]["group"], loc[1]["group"]
-            test = more_concentrated_test(layer_profile(per_group_layers[a], "grpo"),
-                                          layer_profile(per_group_layers[b], "grpo"))
-            lines += ["", f"Permutation test that {a}'s profile is more concentrated than {b}'s: Gini difference "
-                          f"{test['statistic']}, p = {test['p_value']}."]
-        plots.real_study_depth_profiles({g: layer_profile(l, "grpo") for g, l in per_group_layers.items()},
-                                        results / "localization_by_depth.png")
+            lines.append(f"| {r['algo']} | {r['group']} | {r['blocks']} | {_ci(r, 'gini')} | {_ci(r, 'entropy')} | "
+                         f"{_ci(r, 'top3')} |")
+        lines.append("")
+        for algo, a, b in model_pairs(loc):
+            test = more_concentrated_test(layer_profile(per_group_layers[a], algo),
+                                          layer_profile(per_group_layers[b], algo))
+            lines.append(f"- {algo}: permutation test that {a}'s profile is more concentrated than {b}'s: Gini "
+                         f"difference {test['statistic']:.4f}, p = {test['p_value']:.3g}.")
+        plots.real_study_depth_profiles({f"{r['group']} ({r['algo']})": layer_profile(
+            per_group_layers[r["group"]], r["algo"]) for r in loc}, results / "localization_by_depth.png")
     write_text(results / "table.md", "\n".join(lines) + "\n")
     return results / "table.md"
+
+
+def model_pairs(loc: list[dict]) -> list[tuple[str, str, str]]:
+    """(algorithm, group a, group b) for two models on the same task, each pair once."""
+    pairs = []
+    for i, a in enumerate(loc):
+        for b in loc[i + 1:]:
+            (policy_a, task_a), (policy_b, task_b) = a["group"].split("__"), b["group"].split("__")
+            if a["algo"] == b["algo"] and task_a == task_b and policy_a != policy_b:
+                pairs.append((a["algo"], a["group"], b["group"]))
+    return pairs
 
 
 def _ci(row: dict, key: str) -> str:

@@ -189,9 +189,11 @@ def format_pair_table(pair: PairResult, rule: str, k: int) -> str:
     header = f"{'block':>8} {'weights':>12} " + " ".join(f"{r:>10}" for r in RULES)
     lines.append(header)
     for row in iter_block_table(pair):
-        lines.append(f"{row['block']!s:>8} {row['numel']:>12,} " + " ".join(f"{row[f'{r}_fraction']:>10.4%}" for r in RULES))
+        lines.append(f"{row['block']!s:>8} {row['numel']:>12,} "
+                     + " ".join(f"{row[f'{r}_fraction']:>10.4%}" for r in RULES))
     lines.append("")
     lines.append(f"{'module':>20} {'weights':>12} " + " ".join(f"{r:>10}" for r in RULES))
     for row in module_rows(pair):
-        lines.append(f"{row['module']:>20} {row['numel']:>12,} " + " ".join(f"{row[f'{r}_fraction']:>10.4%}" for r in RULES))
+        lines.append(f"{row['module']:>20} {row['numel']:>12,} "
+                     + " ".join(f"{row[f'{r}_fraction']:>10.4%}" for r in RULES))
     return "\n".join(lines)

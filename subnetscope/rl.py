@@ -21,35 +21,24 @@ from .confine import ConfinedUpdates, compare_with_full_run, trainable_weights
 from .data import EVAL_PROMPTS, chat_prompts, load_prompts
 from .devices import resolve_device
 from .errors import SubnetscopeError, warn
-from .logger import MetricsLogger, check_wandb, read_metrics
+from .logger import MetricsLogger, check_wandb
 from .masks import MaskSet, check_masks_fit, load_masks
 from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
 from .precision import Precision, resolve_precision
 from .report import write_json
 from .rewards import RewardFunction, build_reward, score_rollout
+from .rundir import FINAL_DIR, HEADER_BYTES, STEP_FILES, ResumePoint, RunDir, save_model, tensor_bytes
 from .runstate import (
-    FINAL_DIR,
-    HEADER_BYTES,
     MASTER_FILE,
-    STEP_FILES,
-    ResumePoint,
-    check_resumable,
     check_run_folder,
-    clean_stale_temps,
     describe_changes,
-    drop_old_steps,
-    final_is_written,
-    init_run_dir,
     keeps_masters,
     load_step,
     record_resume,
-    resume_point,
-    save_model,
-    save_step,
+    save_rl_step,
     settings_changes,
-    tensor_bytes,
-    write_dir_checked,
+    write_new_run_config,
 )
 from .sampling import Rollout, generate
 from .seeds import EVAL_SAMPLING_STEP, SHORT_STRIDE, stream_seed
@@ -70,7 +59,8 @@ class RunStart:
 
     def finished(self, max_steps: int) -> bool:
         """A --resume of a run that reached max_steps and wrote its final model: nothing to train."""
-        return self.point.folder is not None and self.point.step >= max_steps and final_is_written(self.run_dir)
+        return (self.point.folder is not None and self.point.step >= max_steps
+                and RunDir(self.run_dir).final_is_written())
 
 
 def check_run_start(config: RunConfig, algorithm: str, weights: tuple[str, ...] | None = None,
@@ -87,13 +77,13 @@ def check_run_start(config: RunConfig, algorithm: str, weights: tuple[str, ...] 
         return RunStart(run_dir)
     if required is None and saved is not None and keeps_masters(saved["settings"]):
         required = (*STEP_FILES, MASTER_FILE)
-    files = {k: v for k, v in (("weights", weights), ("required", required)) if v is not None}
-    return RunStart(run_dir, saved, resume_point(run_dir, **files))
+    files = {k: v for k, v in (("one_of", weights), ("required", required)) if v is not None}
+    return RunStart(run_dir, saved, RunDir(run_dir).latest(**files))
 
 
 def last_record(path: Path, step: int | None = None) -> dict:
     """The last metrics record (at or before `step`), with its step; {} when there is none."""
-    records = read_metrics(path) if Path(path).is_file() else []
+    records = RunDir(Path(path).parent).metrics(Path(path).name)
     records = [r for r in records if step is None or r.get("step", 0) <= step]
     return records[-1] if records else {}
 
@@ -178,6 +168,7 @@ class RLTrainer:
         set_seed(config.seed)
         self.device = str(self.accelerator.device)
         self.run_dir = Path(config.output_dir)
+        self.run = RunDir(self.run_dir)
         self.precision = resolve_precision(config.precision, self.device, config.view_dtype)
         self.tokenizer = load_tokenizer(config.policy, config.tokenizer)
         self.policy = load_causal_lm(config.policy, self.precision.weights, vocab_size=len(self.tokenizer))
@@ -399,7 +390,7 @@ class RLTrainer:
         first lose what killed writes left behind."""
         run, saved = self.run_dir, self.start.saved
         if saved is not None:
-            check_resumable(run, self.policy, saved)
+            self.run.check_resumable(self.policy, saved)
             used = precision_settings(self.precision)
             if settings_changes(saved["settings"], used) and not self.config.allow_changed_settings:
                 theirs = {k: saved["settings"].get(k, v) for k, v in used.items()}
@@ -407,7 +398,7 @@ class RLTrainer:
                                        f"{self.config.precision} on {self.device} gives {shown_precision(used)}: pass "
                                        "the run's --precision and --view_dtype, or --allow_changed_settings")
         if self.accelerator.is_main_process:
-            removed = clean_stale_temps(run)
+            removed = self.run.clean_stale_temps()
             if removed:
                 self._print(f"removed what killed writes left in {run}: {', '.join(removed)}")
             for note in self.start.point.notes():
@@ -415,7 +406,8 @@ class RLTrainer:
             if self.config.resume and self.start.point.folder is None and not self.start.point.skipped:
                 self._print(f"--resume: {run} has no complete checkpoint yet; starting from step 0")
             if saved is None:
-                init_run_dir(run, self.policy, self.tokenizer, self._settings(), self.name, self.precision.view)
+                self.run.create(self.policy, self.tokenizer, self.precision.view)
+                write_new_run_config(run, self.name, self._settings(), self.policy)
         self.accelerator.wait_for_everyone()
 
     def _step_prompts(self, step: int) -> tuple[list[str], torch.Tensor]:
@@ -539,10 +531,10 @@ class RLTrainer:
             extra, tensors = self.extra_state()
             published = {n: self.tracker.published(n) for n in self.params}
             masters = self.params if self.master_tracker is not None else None
-            save_step(self.run_dir, step, published, self.tracker.exact_masks(), self.optimizer, self._tracker_state(),
-                      self.config.full_checkpoints, extra=extra, extra_tensors=tensors, masters=masters)
+            save_rl_step(self.run, step, published, self.tracker.exact_masks(), self.optimizer, self._tracker_state(),
+                         self.config.full_checkpoints, extra=extra, extra_tensors=tensors, masters=masters)
             if self.config.save_total_limit:
-                drop_old_steps(self.run_dir, self.config.save_total_limit)
+                self.run.drop_old_steps(self.config.save_total_limit)
         self.accelerator.wait_for_everyone()
 
     @torch.no_grad()
@@ -567,7 +559,7 @@ class RLTrainer:
             save_model(unwrapped, tmp, self.precision.view)
             self.tokenizer.save_pretrained(tmp)
 
-        write_dir_checked(self.run_dir / FINAL_DIR, write, tensor_bytes(unwrapped.parameters()) + HEADER_BYTES)
+        self.run.finalize(write, tensor_bytes(unwrapped.parameters()) + HEADER_BYTES)
 
     def _write_subnetwork_comparison(self) -> None:
         result = compare_with_full_run(self.run_dir, self.full_run, ChangeRules(self.config.atol, self.config.eta), self.device)
@@ -597,7 +589,7 @@ class RLTrainer:
                 self._save(step)
             last = {"step": step, **metrics}
         trained = self.start_step < cfg.max_steps
-        if self.accelerator.is_main_process and (trained or not final_is_written(self.run_dir)):
+        if self.accelerator.is_main_process and (trained or not self.run.final_is_written()):
             self._write_final()
             if self.full_run is not None:
                 self._write_subnetwork_comparison()

@@ -118,7 +118,8 @@ def plan_segments(base: TensorSource, tuned: TensorSource, names: Sequence[str],
                 seg = Segment(dtype, [], 0)
                 segments.append(seg)
             lo, hi = first * per_row * dtype.itemsize, (first * per_row + numel) * dtype.itemsize
-            ranges = [(path, start + lo, start + hi) for path, start, _ in (base.byte_range(name), tuned.byte_range(name))]
+            ranges = [(path, start + lo, start + hi)
+                      for path, start, _ in (base.byte_range(name), tuned.byte_range(name))]
             seg.members.append(Member(name, (rows, *shape[1:]) if shape else (), numel, seg.numel,
                                       neuron_axis(name, shape), *ranges, pieces=len(pieces)))
             seg.numel += numel

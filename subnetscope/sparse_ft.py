@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save_dir, latest_resumable, open_checkpoint
+from .checkpoint import open_checkpoint
 from .confine import ConfinedUpdates
 from .data import EVAL_SPLITS, TASK_COLUMNS, load_task_split, task_texts, token_stream
 from .devices import resolve_device
@@ -37,7 +37,8 @@ from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
 from .precision import PRECISIONS, VIEW_DTYPES, resolve_precision
 from .report import write_json
-from .runstate import rng_state, save_model, set_rng_state
+from .rundir import TRL_PREFIX, RunDir, save_model
+from .runstate import rng_state, set_rng_state
 from .seeds import STEP_STRIDE, stream_seed
 from .sparse_lora import LORA_MODES, add_sparse_lora, merge_sparse_lora
 from .task_metrics import task_score
@@ -131,6 +132,7 @@ class SparseFTTrainer:
         self.device = resolve_device(config.device)
         self.precision = resolve_precision(config.precision, self.device, config.view_dtype)
         self.run_dir = check_output_dir(config.output_dir)
+        self.run = RunDir(self.run_dir, TRL_PREFIX)
         if not config.resume and (self.run_dir / "metrics.jsonl").exists():
             raise SubnetscopeError(f"{self.run_dir} holds a run already: pass --resume, or pick a new --output_dir")
         self.tokenizer = load_tokenizer(config.model, config.tokenizer)
@@ -289,10 +291,10 @@ class SparseFTTrainer:
             torch.save({"optimizer": self.optimizer.state_dict(), "step": step, "rng": rng_state(), "elapsed": elapsed,
                         "peaks": self._peaks()}, tmp / TRAINER_STATE)
 
-        atomic_save_dir(self.run_dir / f"checkpoint-{step}", write)
+        self.run.save_step(step, write)
 
     def _load_latest(self) -> None:
-        folder = latest_resumable(self.run_dir, TRAINER_STATE)
+        folder = self.run.latest(required=(TRAINER_STATE,), one_of=()).folder
         if folder is None:
             return
         source = open_checkpoint(str(folder / TRAINABLE_FILE))
@@ -328,7 +330,7 @@ class SparseFTTrainer:
             save_model(model, tmp, self.precision.view)
             self.tokenizer.save_pretrained(tmp)
 
-        atomic_save_dir(self.run_dir / "final", write)
+        self.run.finalize(write)
         with torch.no_grad():  # scored as published: the weights rounded to the view, as in final/
             for p in model.parameters():
                 p.copy_(p.to(self.precision.view))

@@ -69,7 +69,8 @@ def add_sparse_lora(model: torch.nn.Module, masks: dict[str, torch.Tensor], mode
     inner = peft_model.base_model.model
     for name in modules:
         layer = inner.get_submodule(name)
-        layer.register_buffer("sparse_mask", masks[f"{name}.weight"].to(layer.base_layer.weight.device), persistent=False)
+        layer.register_buffer("sparse_mask", masks[f"{name}.weight"].to(layer.base_layer.weight.device),
+                              persistent=False)
         if mode == "sparse_to_sparse":
             layer.forward = types.MethodType(_masked_delta_forward, layer)
     return peft_model

@@ -31,7 +31,7 @@ from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
 from .logger import read_metrics
 from .masks import MaskSet, model_fingerprint, save_masks
-from .matrix import _run_name, eval_reward, run_runs, run_view
+from .matrix import eval_reward, run_name, run_runs, run_view
 from .report import write_csv, write_json
 from .runstate import RUN_CONFIG, read_run_config
 from .stats import mean_and_sd
@@ -179,7 +179,8 @@ def claims(rows: list[dict], overlaps: list[dict]) -> list[str]:
     """The paper's qualitative claims, each stated as holding or not for these runs."""
     lines = []
     by_algo = {a: [r for r in rows if r["algo"] == a] for a in dict.fromkeys(r["algo"] for r in rows)}
-    rl = [r["changed_relative"] for a in ("grpo", "ppo", "dpo") for r in by_algo.get(a, [])]  # the paper counts DPO as RL
+    # the paper counts DPO as RL
+    rl = [r["changed_relative"] for a in ("grpo", "ppo", "dpo") for r in by_algo.get(a, [])]
     sft = [r["changed_relative"] for r in by_algo.get("sft", [])]
     if rl and sft:
         ratio = _mean(sft) / _mean(rl) if _mean(rl) else float("inf")
@@ -255,12 +256,13 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
     out = Path(cfg.output_dir)
     run_runs(study_matrix(cfg), out, log, detail=True)
     device = "cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-    settings = {"reward": "model", "reward_model": str(Path(cfg.testbed) / "reward"), "max_new_tokens": cfg.max_new_tokens}
+    settings = {"reward": "model", "reward_model": str(Path(cfg.testbed) / "reward"),
+                "max_new_tokens": cfg.max_new_tokens}
     reward_before = eval_reward(Path(cfg.testbed) / "policy", settings)
     rows, folders = [], {}
     for algo in cfg.algos:
         for seed in cfg.seeds:
-            folder = out / "runs" / _run_name(ALGOS[algo], {"seed": seed})
+            folder = out / "runs" / run_name(ALGOS[algo], {"seed": seed})
             if not (folder / "done.json").is_file():
                 raise SubnetscopeError(f"{folder.name} failed (see {folder}.error.txt); fix it and run the study again")
             rows.append(run_row(algo, seed, json.loads((folder / "done.json").read_text()), reward_before))

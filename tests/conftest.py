@@ -5,8 +5,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,6 +33,20 @@ def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+# what runs side by side adds to its environment: two 2-thread torch processes on CI's 2 cores spin against each
+# other (measured: two tiny main_prune.py runs took 53 s side by side, 15 s with one thread each, 14 s for one alone)
+SIDE_BY_SIDE = {"OMP_NUM_THREADS": "1"}
+
+
+def at_once(*calls: Callable[[], Any]) -> list[Any]:
+    """Call each (each starts and waits for subprocesses) at the same time; their results in order. A tiny run's
+    process spends most of its time importing torch on one core, so independent runs side by side (SIDE_BY_SIDE
+    in their environment where they train) use CI's two."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
 
 
 def requires_shared(path: Path):

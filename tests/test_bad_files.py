@@ -23,7 +23,7 @@ from subnetscope.errors import SubnetscopeError
 from subnetscope.masks import MaskSet, load_masks, save_masks
 from subnetscope.models import tiny_model, word_tokenizer
 
-from .conftest import save_state
+from .conftest import at_once, save_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,10 +304,11 @@ def test_analyze_refuses_a_step_without_weights_and_a_pickled_bin(tmp_path, tiny
     (run / "step_20").mkdir()
     torch.save({"step": 20}, run / "step_20" / "trainer_state.pt")
     out = tmp_path / "out"
-    result = run_script("analyze_sparse_subnetwork.py", "--ckpt_dir", run, "--output_dir", out, "--device", "cpu")
-    assert_one_error_line(result, f"{run / 'step_20'} is a step checkpoint whose weights are missing")
     torch.save({"w": state["w"], "extra": Custom()}, tmp_path / "tuned.bin")
-    result = run_script("analyze_sparse_subnetwork.py", "--base", run / "base", "--tuned", tmp_path / "tuned.bin",
-                        "--output_dir", out, "--device", "cpu")
-    assert_one_error_line(result, "tuned.bin holds pickled objects beyond tensors", "weights_only=False")
+    no_weights, pickled = at_once(
+        lambda: run_script("analyze_sparse_subnetwork.py", "--ckpt_dir", run, "--output_dir", out, "--device", "cpu"),
+        lambda: run_script("analyze_sparse_subnetwork.py", "--base", run / "base", "--tuned", tmp_path / "tuned.bin",
+                           "--output_dir", out, "--device", "cpu"))
+    assert_one_error_line(no_weights, f"{run / 'step_20'} is a step checkpoint whose weights are missing")
+    assert_one_error_line(pickled, "tuned.bin holds pickled objects beyond tensors", "weights_only=False")
     assert not out.exists()

@@ -384,7 +384,8 @@ def test_reference_model_shares_theta0(tmp_path):
 
 
 def test_sharded_parameters_are_refused(tmp_path):
-    """FSDP / ZeRO-3 hand each process a shard (DeepSpeed marks them with ds_id): refused in one line."""
+    """DeepSpeed ZeRO-3's partitions (marked with ds_id) do not say which entries a process holds: refused in
+    one line (FSDP2's DTensor shards are counted: test_callback_fsdp.py)."""
     model = tiny_model("gpt2", seed=0, vocab_size=len(word_tokenizer()))
     model.transformer.wte.weight.ds_id = 0
     with pytest.raises(SubnetscopeError, match=r"sharded \(transformer\.wte\.weight: FSDP or DeepSpeed ZeRO-3\)"):

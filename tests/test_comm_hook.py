@@ -17,6 +17,8 @@ import torch.multiprocessing as mp
 
 from subnetscope.aspg import TopKHookState, topk_hook
 
+from .conftest import at_once
+
 ROOT = Path(__file__).resolve().parents[1]
 DENSITY = 0.1
 LR = 0.1
@@ -71,10 +73,10 @@ def _worker(rank: int, port: int, results) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def two_ranks() -> dict:
+def _two_ranks() -> dict | None:
+    """Each rank's steps of _worker, or None without /proc/self/io."""
     if not Path("/proc/self/io").is_file():
-        pytest.skip("needs /proc/self/io (Linux I/O accounting) to count the bytes written")
+        return None
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
     port = _free_port()
@@ -85,6 +87,30 @@ def two_ranks() -> dict:
         p.join(120)
     assert all(p.exitcode == 0 for p in procs)
     return dict(results)
+
+
+def _grpo_under_torchrun(out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "main_grpo.py"), "--easy", "--policy", "tiny-gpt2", "--device", "cpu",
+                           "--precision", "fp32", "--batch_size", "4", "--max_steps", "3", "--no_tqdm",
+                           "--ddp_topk_density", str(DENSITY), "--output_dir", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, check=False)
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> tuple[dict | None, Path, subprocess.CompletedProcess]:
+    """This file's two multi-process runs, side by side: the hook's two ranks (None without /proc/self/io), and
+    GRPO under torchrun (its folder and result)."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    ranks, grpo = at_once(_two_ranks, lambda: _grpo_under_torchrun(out))
+    return ranks, out, grpo
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ddp_runs) -> dict:
+    if ddp_runs[0] is None:
+        pytest.skip("needs /proc/self/io (Linux I/O accounting) to count the bytes written")
+    return ddp_runs[0]
 
 
 def formula_bytes(buckets: list, dense: bool) -> int:
@@ -139,13 +165,8 @@ def test_two_processes_average_the_independent_top_k(two_ranks):
 
 
 @pytest.mark.slow
-def test_grpo_under_torchrun_sends_the_top_k_and_logs_its_bytes(tmp_path):
-    out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             str(ROOT / "main_grpo.py"), "--easy", "--policy", "tiny-gpt2", "--device", "cpu",
-                             "--precision", "fp32", "--batch_size", "4", "--max_steps", "3", "--no_tqdm",
-                             "--ddp_topk_density", str(DENSITY), "--output_dir", str(out)],
-                            capture_output=True, text=True, cwd=ROOT, check=False)
+def test_grpo_under_torchrun_sends_the_top_k_and_logs_its_bytes(ddp_runs):
+    _, out, result = ddp_runs
     assert result.returncode == 0, result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     settings = json.loads((out / "run_config.json").read_text())

@@ -14,7 +14,7 @@ from subnetscope.checkpoint import find_step_checkpoints, open_checkpoint
 from subnetscope.engine import analyze_pair
 from subnetscope.grpo import GRPOConfig, GRPOTrainer
 
-from .conftest import kill_when_exists
+from .conftest import SIDE_BY_SIDE, at_once, kill_when_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,26 +84,82 @@ def cli(*args, env=None, **kw):
                           text=True, cwd=kw.get("cwd", ROOT), env={**os.environ, **(env or {})})
 
 
+ONE_STEP = ["--easy", "--device", "cpu", "--max_steps", "1", "--save_every", "1", "--no_tqdm"]
+WANDB = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """This file's short main_grpo.py commands, side by side: the smoke preset; a one-step run logged to W&B
+    offline, then two refusals of another model on it ("other_model" with --resume, "exists" without); the
+    refusals that need no run ("group", "offline_model"). Their folder, and each result by name."""
+    tmp = tmp_path_factory.mktemp("short_runs")
+    logged = [*ONE_STEP, "--wandb", "subnetscope-test", "--output_dir", tmp / "wandb"]
+
+    def logged_then_refused():
+        first = cli(*logged, "--policy", "tiny-gpt2", env={**WANDB, **SIDE_BY_SIDE})
+        other_model, exists = at_once(*(lambda extra=extra: cli(*logged, "--policy", "tiny-gemma3n", *extra,
+                                                                env=WANDB) for extra in (["--resume"], [])))
+        return {"wandb": first, "other_model": other_model, "exists": exists}
+
+    def refused_at_once():
+        return {"group": cli(*ONE_STEP, "--group_size", "1", "--output_dir", tmp / "group"),
+                "offline_model": cli(*ONE_STEP, "--policy", "no-such-org/no-such-model", "--output_dir",
+                                     tmp / "offline", env={"HF_HUB_OFFLINE": "1"})}
+
+    smoke, logged_runs, refused = at_once(
+        lambda: cli("--smoke", "--output_dir", tmp / "smoke", "--no_tqdm", env=SIDE_BY_SIDE),
+        logged_then_refused, refused_at_once)
+    return tmp, {"smoke": smoke, **logged_runs, **refused}
+
+
 @pytest.mark.slow
-def test_smoke_preset(tmp_path):
-    result = cli("--smoke", "--output_dir", tmp_path / "smoke", "--no_tqdm")
+def test_smoke_preset(short_runs):
+    tmp, results = short_runs
+    result = results["smoke"]
     assert result.returncode == 0, result.stderr
     assert "changed exact" in result.stdout.splitlines()[-1]
-    assert (tmp_path / "smoke" / "step_1" / "subnet.safetensors").exists()
-    config = json.loads((tmp_path / "smoke" / "run_config.json").read_text())["settings"]
+    assert (tmp / "smoke" / "step_1" / "subnet.safetensors").exists()
+    config = json.loads((tmp / "smoke" / "run_config.json").read_text())["settings"]
     assert config["policy"] == "tiny-gemma3n" and config["reward"] == "vader" and config["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_wandb_offline_logging(short_runs):
+    tmp, results = short_runs
+    assert results["wandb"].returncode == 0, results["wandb"].stderr[-2000:]
+    assert list((tmp / "wandb" / "wandb").glob("offline-run-*"))
+
+
+@pytest.mark.parametrize("case", ["group", "offline_model", "other_model", "exists"])
+@pytest.mark.slow
+def test_bad_input_one_line_exit_2(short_runs, case):
+    result = short_runs[1][case]
+    if case in ("other_model", "exists"):  # refused on the W&B test's finished run
+        assert short_runs[1]["wandb"].returncode == 0, short_runs[1]["wandb"].stderr
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    expected = {"group": "--group_size", "offline_model": "offline", "other_model": "another model",
+                "exists": "--resume"}
+    assert expected[case] in lines[0] or "tiny-gpt2" in lines[0]
 
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--precision", "fp32", "--batch_size", "4",
             "--max_new_tokens", "24", "--lr", "3e-3", "--max_steps", "10", "--save_every", "2", "--no_tqdm"]
-    full = cli(*args, "--output_dir", tmp_path / "full")
-    assert full.returncode == 0, full.stderr
     killed_dir = tmp_path / "killed"
-    kill_when_exists([str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed_dir)], ROOT, killed_dir / "step_4")
-    assert not (killed_dir / "step_10").exists(), "the run finished before it could be killed"
-    resumed = cli(*args, "--output_dir", killed_dir, "--resume")
+
+    def killed_then_resumed():
+        kill_when_exists([str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed_dir)], ROOT,
+                         killed_dir / "step_4", env={**os.environ, **SIDE_BY_SIDE})
+        assert not (killed_dir / "step_10").exists(), "the run finished before it could be killed"
+        return cli(*args, "--output_dir", killed_dir, "--resume", env=SIDE_BY_SIDE)
+
+    full, resumed = at_once(lambda: cli(*args, "--output_dir", tmp_path / "full", env=SIDE_BY_SIDE),
+                            killed_then_resumed)
+    assert full.returncode == 0, full.stderr
     assert resumed.returncode == 0, resumed.stderr
     for step in (6, 8, 10):
         a = load_file(str(tmp_path / "full" / f"step_{step}" / "subnet.safetensors"))
@@ -145,11 +201,11 @@ def test_two_processes_match_one(tmp_path):
     lr = 1e-3
     args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--precision", "fp32", "--batch_size", "4",
             "--max_steps", "2", "--lr", str(lr), "--seed", "4", "--save_every", "1", "--no_tqdm"]
-    one = cli(*args, "--output_dir", tmp_path / "one")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "main_grpo.py"),
+                *args, "--output_dir", str(tmp_path / "two")]
+    one, two = at_once(lambda: cli(*args, "--output_dir", tmp_path / "one"),
+                       lambda: subprocess.run(torchrun, capture_output=True, text=True, cwd=ROOT))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          str(ROOT / "main_grpo.py"), *args, "--output_dir", str(tmp_path / "two")],
-                         capture_output=True, text=True, cwd=ROOT)
     assert two.returncode == 0, two.stderr[-2000:]
     m1, m2 = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert len(m1) == len(m2) == 2
@@ -198,33 +254,3 @@ def test_trl_grpo_trainer_with_callback_matches_its_checkpoints(tmp_path):
             for rule in RULES:
                 assert record.vs_initial[rule][i] == offline[name][rule]
     assert len((run / "subnet_metrics.jsonl").read_text().splitlines()) == 3
-
-
-@pytest.mark.slow
-def test_wandb_offline_logging(tmp_path):
-    result = cli("--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--max_steps", "1", "--save_every", "1",
-                 "--output_dir", tmp_path / "run", "--wandb", "subnetscope-test", "--no_tqdm",
-                 env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-
-
-@pytest.mark.parametrize("case", ["group", "offline_model", "other_model", "exists"])
-@pytest.mark.slow
-def test_bad_input_one_line_exit_2(tmp_path, case):
-    common = ["--easy", "--device", "cpu", "--max_steps", "1", "--no_tqdm"]
-    if case == "group":
-        result = cli(*common, "--group_size", "1", "--output_dir", tmp_path / "r")
-    elif case == "offline_model":
-        result = cli(*common, "--policy", "no-such-org/no-such-model", "--output_dir", tmp_path / "r",
-                     env={"HF_HUB_OFFLINE": "1"})
-    else:
-        first = cli(*common, "--policy", "tiny-gpt2", "--output_dir", tmp_path / "r")
-        assert first.returncode == 0, first.stderr
-        extra = ["--resume"] if case == "other_model" else []
-        result = cli(*common, "--policy", "tiny-gemma3n", "--output_dir", tmp_path / "r", *extra)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    expected = {"group": "--group_size", "offline_model": "offline", "other_model": "another model", "exists": "--resume"}
-    assert expected[case] in lines[0] or "tiny-gpt2" in lines[0]

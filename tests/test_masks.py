@@ -1,6 +1,7 @@
 """Importance scores, mask selection and the mask file, each against an independent computation,
 then compute_masks.py end to end and its bad-input errors."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +30,14 @@ from subnetscope.masks import (
 )
 from subnetscope.models import tiny_model
 
-from .conftest import IMDB_JSONL, requires_shared
+from .conftest import IMDB_JSONL, SIDE_BY_SIDE, at_once, requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "compute_masks.py"), *args], capture_output=True, text=True, cwd=ROOT)
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "compute_masks.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
 
 
 def test_kth_smallest_equals_sorting_everything():
@@ -190,39 +192,58 @@ def test_misfitting_masks_are_refused_with_their_names(tmp_path):
         check_masks_fit(MaskSet(same_shapes, {"model": "x"}, fingerprint_of(bigger_vocab)), dict(model.named_parameters()))
 
 
-@pytest.mark.slow
-def test_compute_masks_cli_writes_every_level_and_a_true_report(tmp_path):
-    result = run_cli("--model_path", "tiny-gpt2", "--output_dir", str(tmp_path))
-    assert result.returncode == 0, result.stderr
-    report = json.loads((tmp_path / "validation.json").read_text())
-    assert [m["target_sparsity"] for m in report["masks"]] == [round(0.1 * i, 1) for i in range(10)]
-    for entry in report["masks"]:
-        masks = load_masks(tmp_path / entry["file"]).masks
-        removed = sum(int((~m).sum()) for m in masks.values())
-        assert entry["removed"] == removed and entry["mismatched_tensors"] == []
-        assert abs(entry["overall_sparsity"] - entry["target_sparsity"]) < 1e-3
-    assert (tmp_path / "mask_validation.png").stat().st_size > 1000 and (tmp_path / "validation.csv").exists()
-
-
-@requires_shared(IMDB_JSONL)
-@pytest.mark.slow
-def test_compute_masks_cli_with_calibration_data(tmp_path):
-    result = run_cli("--model_path", "tiny-gemma3n", "--output_dir", str(tmp_path), "--sparsity", "0.5",
-                     "--importance", "wanda", "--group", "row", "--calib_data", str(IMDB_JSONL), "--calib_seq_len", "16",
-                     "--calib_batches", "2", "--no-plot")
-    assert result.returncode == 0, result.stderr
-    masks = load_masks(tmp_path / "mask_unstructured_wanda_row_s0.50.safetensors")
-    assert masks.settings["calib_batches"] == 2 and abs(masks.sparsity() - 0.5) < 0.01
-
-
-@pytest.mark.parametrize("args, message", [
+BAD_INPUT = [
     (["--sparsity", "1.0"], "must be in [0, 1)"),
     (["--importance", "gradient"], "needs data"),
     (["--method", "nm", "--sparsity", "0.5"], "drop --sparsity"),
     (["--method", "nm", "--nm", "2-4"], "write it as N:M"),
-])
+]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """This file's compute_masks.py commands, all at once: every level for tiny-gpt2 ("levels"), wanda with
+    calibration data ("calibration", where ../shared has it) and each bad input (by its message). Their folder
+    (a subfolder each, by name or bad input's index), and each result by name."""
+    tmp = tmp_path_factory.mktemp("compute_masks")
+    commands = {"levels": ["--model_path", "tiny-gpt2", "--output_dir", str(tmp / "levels")],
+                **{message: ["--model_path", "tiny-gpt2", "--output_dir", str(tmp / str(i)), *args]
+                   for i, (args, message) in enumerate(BAD_INPUT)}}
+    if IMDB_JSONL.exists():
+        commands["calibration"] = ["--model_path", "tiny-gemma3n", "--output_dir", str(tmp / "calibration"),
+                                   "--sparsity", "0.5", "--importance", "wanda", "--group", "row", "--calib_data",
+                                   str(IMDB_JSONL), "--calib_seq_len", "16", "--calib_batches", "2", "--no-plot"]
+    env = {**os.environ, **SIDE_BY_SIDE}
+    return tmp, dict(zip(commands, at_once(*(lambda c=c: run_cli(*c, env=env) for c in commands.values()))))
+
+
 @pytest.mark.slow
-def test_compute_masks_bad_input_is_one_line(tmp_path, args, message):
-    result = run_cli("--model_path", "tiny-gpt2", "--output_dir", str(tmp_path), *args)
+def test_compute_masks_cli_writes_every_level_and_a_true_report(cli_runs):
+    tmp, results = cli_runs
+    out, result = tmp / "levels", results["levels"]
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "validation.json").read_text())
+    assert [m["target_sparsity"] for m in report["masks"]] == [round(0.1 * i, 1) for i in range(10)]
+    for entry in report["masks"]:
+        masks = load_masks(out / entry["file"]).masks
+        removed = sum(int((~m).sum()) for m in masks.values())
+        assert entry["removed"] == removed and entry["mismatched_tensors"] == []
+        assert abs(entry["overall_sparsity"] - entry["target_sparsity"]) < 1e-3
+    assert (out / "mask_validation.png").stat().st_size > 1000 and (out / "validation.csv").exists()
+
+
+@requires_shared(IMDB_JSONL)
+@pytest.mark.slow
+def test_compute_masks_cli_with_calibration_data(cli_runs):
+    tmp, results = cli_runs
+    assert results["calibration"].returncode == 0, results["calibration"].stderr
+    masks = load_masks(tmp / "calibration" / "mask_unstructured_wanda_row_s0.50.safetensors")
+    assert masks.settings["calib_batches"] == 2 and abs(masks.sparsity() - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUT)
+@pytest.mark.slow
+def test_compute_masks_bad_input_is_one_line(cli_runs, args, message):
+    result = cli_runs[1][message]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr

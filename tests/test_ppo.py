@@ -1,6 +1,7 @@
 """PPO: GAE and rewards by hand, the value head's input, learning, checkpoints and resume."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from subnetscope.ppo import (
 )
 from subnetscope.rl import per_token_logps
 
+from .conftest import SIDE_BY_SIDE, at_once
 from .test_grpo_run import offline_counts, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,13 +160,14 @@ def test_main_ppo_runs_the_configs_defaults_and_flags_override_them():
 
 @pytest.mark.slow
 def test_smoke_and_bad_minibatch(tmp_path):
-    ok = subprocess.run([sys.executable, str(ROOT / "main_ppo.py"), "--smoke", "--output_dir", str(tmp_path / "s"),
-                         "--no_tqdm"], capture_output=True, text=True, cwd=ROOT)
+    def main_ppo(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "main_ppo.py"), *args], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, **SIDE_BY_SIDE})
+
+    ok, bad = at_once(lambda: main_ppo("--smoke", "--output_dir", str(tmp_path / "s"), "--no_tqdm"),
+                      lambda: main_ppo("--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--batch_size", "6",
+                                       "--mini_batch_size", "4", "--output_dir", str(tmp_path / "b")))
     assert ok.returncode == 0, ok.stderr
     assert "changed exact" in ok.stdout and (tmp_path / "s" / "step_1" / "extra.safetensors").exists()
-    bad = subprocess.run([sys.executable, str(ROOT / "main_ppo.py"), "--easy", "--policy", "tiny-gpt2",
-                          "--device", "cpu", "--batch_size", "6", "--mini_batch_size", "4",
-                          "--output_dir", str(tmp_path / "b")],
-                         capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "--mini_batch_size 4 does not divide" in bad.stderr
     assert json.loads((tmp_path / "s" / "run_config.json").read_text())["settings"]["policy"] == "tiny-gemma3n"

@@ -18,7 +18,7 @@ from subnetscope.models import load_causal_lm, tiny_model, word_tokenizer
 from subnetscope.precision import BF16_WARNING
 from subnetscope.rl import RLConfig
 
-from .conftest import kill_when_exists
+from .conftest import SIDE_BY_SIDE, at_once, kill_when_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", batch_size=4, group_size=2,
@@ -160,9 +160,9 @@ def test_bad_precision_settings_are_refused_before_anything(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def cli(*args):
+def cli(*args, env=None):
     return subprocess.run([sys.executable, str(ROOT / "main_grpo.py"), *map(str, args)], capture_output=True,
-                          text=True, cwd=ROOT, env=os.environ)
+                          text=True, cwd=ROOT, env=env or os.environ)
 
 
 VOLATILE = ("time/", "throughput/", "memory/")
@@ -173,12 +173,16 @@ def test_resume_after_kill_under_mixed_is_bit_identical(tmp_path):
     args = ["--easy", "--policy", "tiny-gpt2", "--device", "cpu", "--precision", "mixed", "--batch_size", "4",
             "--max_new_tokens", "16", "--lr", "1e-4", "--max_steps", "6", "--save_every", "2", "--eval_every", "3",
             "--no_tqdm"]
-    full = cli(*args, "--output_dir", tmp_path / "full")
+    killed, env = tmp_path / "killed", {**os.environ, **SIDE_BY_SIDE}
+
+    def killed_then_resumed():
+        kill_when_exists([str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed)], ROOT, killed / "step_2",
+                         env=env)
+        assert not (killed / "step_6").exists(), "the run finished before it could be killed"
+        return cli(*args, "--output_dir", killed, "--resume", env=env)
+
+    full, resumed = at_once(lambda: cli(*args, "--output_dir", tmp_path / "full", env=env), killed_then_resumed)
     assert full.returncode == 0, full.stderr
-    killed = tmp_path / "killed"
-    kill_when_exists([str(ROOT / "main_grpo.py"), *args, "--output_dir", str(killed)], ROOT, killed / "step_2")
-    assert not (killed / "step_6").exists(), "the run finished before it could be killed"
-    resumed = cli(*args, "--output_dir", killed, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     for step in (4, 6):
         for name in ("subnet.safetensors", "master.safetensors", "tracker.safetensors"):
@@ -288,10 +292,17 @@ def test_no_chat_template_flag():
 
 @pytest.mark.slow
 def test_bench_grpo_tiny_runs_on_cpu(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_grpo.py"), "--tiny", "--workdir",
-                             str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    """Every configuration, in two benchmarks side by side (ours with TRL for their ratio, and the others)."""
+    def bench(*configs):
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_grpo.py"), "--tiny", "--workdir",
+                               str(tmp_path / configs[0]), "--configs", *configs], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, **SIDE_BY_SIDE})
+
+    result, others = at_once(lambda: bench("ours", "trl"), lambda: bench("naive", "trl_tracked"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tracker overhead, ours" in result.stdout and "ours / TRL" in result.stdout and "mixed" in result.stdout
+    assert others.returncode == 0, others.stderr[-3000:]
+    assert "tracker overhead, naive" in others.stdout and "SubnetTrackerCallback on TRL" in others.stdout
 
 
 def test_mixed_rollouts_sample_from_the_masters_bf16_rounding(tmp_path):

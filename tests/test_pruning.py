@@ -25,7 +25,7 @@ from subnetscope.pruning import (
     zeroed_grad_norms,
 )
 
-from .conftest import SHAKESPEARE, TINY_GPT2_DIR, kill_when_exists
+from .conftest import SHAKESPEARE, SIDE_BY_SIDE, TINY_GPT2_DIR, at_once, kill_when_exists
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = TINY_GPT2_DIR
@@ -194,8 +194,9 @@ def run_prune(*args, env=None):
 
 # Two identical CPU runs of this model with two threads differ in the last bits about one time in
 # six (measured: never within one process, never with one thread), so the bit-for-bit resume test
-# runs its processes on one thread: what it checks is the restored state, not the platform.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# runs its processes on one thread: what it checks is the restored state, not the platform. Runs side
+# by side get one thread each as well (conftest.SIDE_BY_SIDE).
+ONE_THREAD = {**os.environ, **SIDE_BY_SIDE}
 
 
 def records(run):
@@ -207,12 +208,22 @@ def linear_shapes(run):
     return [w.numel() for n, w in weights.items() if w.dim() == 2 and "wte" not in n and "wpe" not in n]
 
 
+@pytest.fixture(scope="module")
+def runs_at_60(short_text, tmp_path_factory) -> dict[bool, Path]:
+    """Runs pruned to 60% without and with --hard_mask (side by side), by --hard_mask."""
+    out = tmp_path_factory.mktemp("at_60")
+    results = at_once(*(lambda hard=hard: run_prune(*prune_args(short_text, out / str(hard), "--target_sparsity", "0.6",
+                                                               *(["--hard_mask"] if hard else [])), env=ONE_THREAD)
+                        for hard in (False, True)))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    return {hard: out / str(hard) for hard in (False, True)}
+
+
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.slow
-def test_applied_sparsity_follows_the_schedule_exactly(short_text, tmp_path, hard):
-    run = tmp_path / "run"
-    result = run_prune(*prune_args(short_text, run, "--target_sparsity", "0.6", *(["--hard_mask"] if hard else [])))
-    assert result.returncode == 0, result.stderr
+def test_applied_sparsity_follows_the_schedule_exactly(runs_at_60, tmp_path, hard):
+    run = runs_at_60[hard]
     config = json.loads((run / "config.json").read_text())
     plan = {int(k): v for k, v in config["prune_plan"].items()}
     schedule = PruneSchedule(0.6, config["total_steps"], 0.15, 0.85, 4)
@@ -240,13 +251,17 @@ def test_applied_sparsity_follows_the_schedule_exactly(short_text, tmp_path, har
 
 @pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(short_text, tmp_path):
-    full = run_prune(*prune_args(short_text, tmp_path / "full", "--target_sparsity", "0.5"), env=ONE_THREAD)
-    assert full.returncode == 0, full.stderr
     killed = tmp_path / "killed"
-    kill_when_exists([str(ROOT / "main_prune.py"), *prune_args(short_text, killed, "--target_sparsity", "0.5")], ROOT,
-                     killed / "checkpoint-30", env=ONE_THREAD)
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
-    resumed = run_prune(*prune_args(short_text, killed, "--target_sparsity", "0.5", "--resume"), env=ONE_THREAD)
+
+    def killed_then_resumed():
+        kill_when_exists([str(ROOT / "main_prune.py"), *prune_args(short_text, killed, "--target_sparsity", "0.5")],
+                         ROOT, killed / "checkpoint-30", env=ONE_THREAD)
+        assert not (killed / "final").exists(), "the run finished before it could be killed"
+        return run_prune(*prune_args(short_text, killed, "--target_sparsity", "0.5", "--resume"), env=ONE_THREAD)
+
+    full, resumed = at_once(lambda: run_prune(*prune_args(short_text, tmp_path / "full", "--target_sparsity", "0.5"),
+                                              env=ONE_THREAD), killed_then_resumed)
+    assert full.returncode == 0, full.stderr
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(killed / "final" / "model.safetensors"))
@@ -259,8 +274,11 @@ def test_resume_after_kill_equals_uninterrupted(short_text, tmp_path):
 
 @pytest.mark.slow
 def test_analyze_results_tables_match_the_metrics(short_text, tmp_path):
-    for level in ("0.0", "0.5"):
-        assert run_prune(*prune_args(short_text, tmp_path / "runs" / level, "--target_sparsity", level)).returncode == 0
+    levels = ("0.0", "0.5")
+    results = at_once(*(lambda level=level: run_prune(*prune_args(short_text, tmp_path / "runs" / level,
+                                                                 "--target_sparsity", level), env=ONE_THREAD)
+                        for level in levels))
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     out = tmp_path / "out"
     result = subprocess.run([sys.executable, str(ROOT / "analyze_results.py"), "--results_dir", str(tmp_path / "runs"),
                              "--output_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
@@ -275,27 +293,32 @@ def test_analyze_results_tables_match_the_metrics(short_text, tmp_path):
         assert (out / png).stat().st_size > 1000 and (out / png.replace(".png", ".csv")).exists()
 
 
-@pytest.mark.parametrize("case", ["unknown_key", "target", "window", "short"])
+BAD_INPUT_CASES = ["unknown_key", "target", "window", "short"]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(short_text, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Each case's main_prune.py, all at once (each is refused after its imports): its result and its folder."""
+    tmp = tmp_path_factory.mktemp("bad_input")
+    config = tmp / "c.yaml"
+    config.write_text("target_sparsity: 0.5\nlearning_rate: 0.1\n")
+    tiny = tmp / "tiny.txt"
+    tiny.write_text("To be, or not to be.")
+    extras = {"unknown_key": ["--config", str(config)], "target": ["--target_sparsity", "1.0"],
+              "window": ["--warmup_ratio", "0.9", "--final_prune_ratio", "0.5"], "short": ["--data", str(tiny)]}
+    results = at_once(*(lambda case=case: run_prune(*prune_args(short_text, tmp / case, *extras[case]))
+                        for case in BAD_INPUT_CASES))
+    return {case: (result, tmp / case) for case, result in zip(BAD_INPUT_CASES, results)}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
 @pytest.mark.slow
-def test_bad_input_exits_2_before_training(short_text, tmp_path, case):
-    config = tmp_path / "c.yaml"
-    extra = []
-    if case == "unknown_key":
-        config.write_text("target_sparsity: 0.5\nlearning_rate: 0.1\n")
-        extra = ["--config", str(config)]
-    elif case == "target":
-        extra = ["--target_sparsity", "1.0"]
-    elif case == "window":
-        extra = ["--warmup_ratio", "0.9", "--final_prune_ratio", "0.5"]
-    else:
-        tiny = tmp_path / "tiny.txt"
-        tiny.write_text("To be, or not to be.")
-        extra = ["--data", str(tiny)]
-    result = run_prune(*prune_args(short_text, tmp_path / "run", *extra))
+def test_bad_input_exits_2_before_training(bad_input_runs, case):
+    result, run = bad_input_runs[case]
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (run / "metrics.jsonl").exists()
     if case == "unknown_key":
         assert "learning_rate" in lines[0]
 

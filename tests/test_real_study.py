@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from subnetscope.arithmetic import ArithmeticReward, Difficulty, Problem, final_number, make_problems, problem_in
 from subnetscope.baselines import sft_records
 from subnetscope.errors import SubnetscopeError
-from subnetscope.real_study import CHECKPOINT_DIR, RESUME_ONLY, RealStudyConfig, run_specs
+from subnetscope.real_study import (CHECKPOINT_DIR, RESUME_ONLY, RealStudyConfig, least_busy, run_specs,
+                                    visible_gpus)
 from subnetscope.real_study_report import claims, write_tables
 from subnetscope.report import write_csv, write_json
 
@@ -81,7 +82,9 @@ def _row(algo, lr, seed, changed, precision="mixed"):
 def test_claims_state_each_verdict_from_hand_computed_numbers():
     rows = [_row("grpo", 1e-6, 0, 0.10), _row("grpo", 1e-6, 1, 0.20), _row("sft", 1e-5, 0, 0.60),
             _row("sft", 1e-6, 0, 0.20), _row("rft", 1e-6, 0, 0.16)]
-    overlaps = [{"algo": "grpo", "rule": "exact", "jaccard": 0.5, "jaccard_random": 0.1, "o1": 0.6, "o1_random": 0.2}]
+    overlaps = [{"algo": "grpo", "rule": "exact", "jaccard": 0.5, "jaccard_random": 0.1, "o1": 0.6, "o1_random": 0.2},
+                {"algo": "sft", "rule": "exact", "jaccard": 0.7, "jaccard_random": 0.3, "o1": 0.8, "o1_random": 0.4},
+                {"algo": "sft", "rule": "exact", "jaccard": 0.8, "jaccard_random": 0.3, "o1": 0.8, "o1_random": 0.4}]
     group = {"config": {"shared_lr": 1e-6}, "subnetwork": None, "precision": None}
     text = "\n".join(claims(rows, overlaps, group))
     assert "RL leaves most weights bit-identical: holds: RL 85.0% identical" in text  # 1 - mean(0.1, 0.2)
@@ -90,6 +93,7 @@ def test_claims_state_each_verdict_from_hand_computed_numbers():
     assert "at lr 1e-06: does not hold (changed exact: RFT 16.00%, RL 15.00%, SFT 20.00%)" in text
     assert "Updates nearly full rank: holds (mean 99.5%" in text
     assert "overlap above chance: holds (1 of 1 RL seed pairs; Jaccard 0.500 vs chance 0.100" in text
+    assert "RL's seeds overlap more than SFT's: does not hold (Jaccard RL 0.500, SFT 0.750" in text  # mean(.7, .8)
 
 
 def test_table_writer_builds_one_table_over_the_groups_it_finds(tmp_path):
@@ -107,7 +111,10 @@ def test_table_writer_builds_one_table_over_the_groups_it_finds(tmp_path):
                                                   "batch_size": 2, "seeds": [0, 1], "shared_lr": 1e-6},
                                        "device": "cpu", "command": "python real_study.py run --policy tiny",
                                        "missing_runs": ["ppo_lr1e-06_s0"]})
+    write_json(tmp_path / "missing.json", {"tiny__arithmetic": "not run yet", "tiny__imdb": "no reviews"})
     table = write_tables(tmp_path).read_text()
+    # a group recorded as missing and measured since shows its table, not the old reason
+    assert "not run yet" not in table and "## tiny__imdb: not measured\n\nno reviews" in table
     assert "## tiny on arithmetic" in table and "`python real_study.py run --policy tiny`" in table
     assert "| grpo | 1e-06 | mixed | 2 | 85.00 ± 7.07 |" in table  # identical 90% and 80%
     assert "Runs that did not finish: ppo_lr1e-06_s0." in table
@@ -165,3 +172,46 @@ def test_run_processes_import_this_checkout_from_any_folder(tmp_path):
     out = subprocess.run([sys.executable, "-S", "-c", "import subnetscope; print(subnetscope.__file__)"], env=env,
                          cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
     assert Path(out).resolve().parent == Path(__file__).resolve().parents[1] / "subnetscope"
+
+
+def test_run_processes_spread_evenly_over_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    gpus = visible_gpus()
+    assert gpus == ["2", "5"]
+    busy: list[str | None] = []
+    for _ in range(5):  # five runs started one after another: 2, 5, 2, 5, 2
+        busy.append(least_busy(gpus, busy))
+    assert busy == ["2", "5", "2", "5", "2"]
+    busy.remove("2")
+    busy.remove("2")  # two runs on GPU 2 finish: the next two go there
+    assert least_busy(gpus, busy) == "2" and least_busy(gpus, busy + ["2"]) == "2"
+    assert least_busy(gpus, busy + ["2", "2"]) == "5"
+
+
+def test_localization_compares_two_models_on_one_task_for_each_algorithm():
+    from subnetscope.real_study_report import model_pairs
+
+    loc = [{"algo": a, "group": g} for a, g in [("grpo", "smol__arithmetic"), ("grpo", "smol__imdb"),
+                                                  ("dpo", "smol__imdb"), ("dpo", "gemma__imdb"),
+                                                  ("grpo", "gemma__arithmetic")]]
+    assert model_pairs(loc) == [("grpo", "smol__arithmetic", "gemma__arithmetic"), ("dpo", "smol__imdb", "gemma__imdb")]
+
+
+def test_results_rebuilt_from_summaries_keep_the_overlap_measured_beside_the_checkpoints(tmp_path):
+    from subnetscope.real_study import overlap_rows
+
+    summaries = {f"dpo_s{s}": {"run": f"dpo_s{s}", "algo": "dpo", "lr": 1e-6, "seed": s, "precision": "mixed"}
+                 for s in (0, 1, 2)}
+    kept = [{"algo": "dpo", "lr": 1e-6, "seed_1": 0, "seed_2": 1, "rule": "exact", "jaccard": 0.25},
+            {"algo": "dpo", "lr": 1e-6, "seed_1": 0, "seed_2": 2, "rule": "exact", "jaccard": 0.5},
+            {"algo": "sft", "lr": 1e-5, "seed_1": 0, "seed_2": 1, "rule": "exact", "jaccard": 0.75}]
+    write_csv(tmp_path / "overlap.csv", kept)
+    rows = overlap_rows(summaries, tmp_path / "runs", "cpu", kept=tmp_path / "overlap.csv")
+    # the dpo pairs measured earlier come back; (1, 2) was never measured; the sft run is not in the summaries
+    assert [(r["seed_1"], r["seed_2"], r["jaccard"]) for r in rows] == [(0, 1, 0.25), (0, 2, 0.5)]
+
+
+def test_the_recorded_command_leaves_the_note_to_its_own_line():
+    from subnetscope.cli.real_study import without_note
+
+    assert without_note(["run", "--note", "GPU time ran out", "--jobs", "8", "--note=x y"]) == ["run", "--jobs", "8"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from subnetscope import runstate
+from subnetscope import rundir
 from subnetscope.baselines import BaselineConfig, baseline_start
 from subnetscope.changes import ChangeRules
 from subnetscope.cli import grpo as grpo_cli
@@ -142,7 +142,7 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
     def killed(fd):
         raise KeyboardInterrupt  # the process dies with the new copy written but not yet renamed
 
-    monkeypatch.setattr(runstate.os, "fsync", killed)
+    monkeypatch.setattr(rundir.os, "fsync", killed)
     with pytest.raises(KeyboardInterrupt):
         MetricsLogger(tmp_path, None, {}, resume_step=1)
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
@@ -153,8 +153,8 @@ def test_metrics_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
 
 def test_checkpoints_and_run_config_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     synced = []
-    real = runstate.fsync_path
-    monkeypatch.setattr(runstate, "fsync_path", lambda p: (synced.append(Path(p)), real(p)))
+    real = rundir.fsync_path
+    monkeypatch.setattr(rundir, "fsync_path", lambda p: (synced.append(Path(p)), real(p)))
     run = tmp_path / "run"
     grpo_run(run)
     for folder in ("base", "step_1", "final"):
@@ -408,7 +408,7 @@ def test_disk_full_during_a_write_keeps_the_old_folder(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     with pytest.raises(SubnetscopeError, match=r"no space left on the disk for .*step_3: it needs about 1\.0 KB"):
-        runstate.write_dir_checked(folder, write, 1024)
+        rundir.write_dir_checked(folder, write, 1024)
     assert (folder / "w.bin").read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["step_3"]
 
 

@@ -3,6 +3,7 @@ analyze_results.py's aggregation, each against an independent computation."""
 import copy
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from subnetscope.masks import MaskSet, fingerprint_of, save_masks
 from subnetscope.models import tiny_model
 from subnetscope.sparse_lora import add_sparse_lora, merge_sparse_lora
 
-from .conftest import IMDB_JSONL, TINY_GPT2_DIR, kill_when_exists, requires_shared
+from .conftest import IMDB_JSONL, SIDE_BY_SIDE, TINY_GPT2_DIR, at_once, kill_when_exists, requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,8 +112,12 @@ def test_confined_updates_hold_weights_outside_the_mask_bit_for_bit():
     assert any(not torch.equal(outside, before) for outside, before, _, _ in train(confine=False))
 
 
-def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT)
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env)
+
+
+ONE_THREAD = {**os.environ, **SIDE_BY_SIDE}
 
 
 @pytest.fixture(scope="module")
@@ -130,22 +135,36 @@ def ft_args(out: Path, *extra: str) -> list[str]:
             "--eval_batches", "2", "--output_dir", str(out), "--no_tqdm", *extra]
 
 
+METHOD_FLAGS = {"masked": ["--method", "masked"],
+                "lora": ["--method", "lora", "--lora_mode", "sparse_to_sparse", "--lora_rank", "2"]}
+
+
+@pytest.fixture(scope="module")
+def runs_by_method(gpt2_mask, tmp_path_factory) -> dict[str, Path]:
+    """A masked and a sparse LoRA run with weight decay, side by side, by method."""
+    out = tmp_path_factory.mktemp("by_method")
+    flags = ["--mask", str(gpt2_mask), "--weight_decay", "0.1"]
+    results = at_once(*(lambda m=m: run("main_sparse_ft.py", *ft_args(out / m, *flags, *METHOD_FLAGS[m]),
+                                        env=ONE_THREAD) for m in METHOD_FLAGS))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    return {m: out / m for m in METHOD_FLAGS}
+
+
 @requires_shared(IMDB_JSONL)
 @pytest.mark.parametrize("method", ["masked", "lora"])
 @pytest.mark.slow
-def test_sparse_finetuning_runs_stay_sparse_and_validate(tmp_path, gpt2_mask, method):
-    extra = ["--method", method] + (["--lora_mode", "sparse_to_sparse", "--lora_rank", "2"] if method == "lora" else [])
-    result = run("main_sparse_ft.py", *ft_args(tmp_path / "run", "--mask", str(gpt2_mask), "--weight_decay", "0.1", *extra))
-    assert result.returncode == 0, result.stderr
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+def test_sparse_finetuning_runs_stay_sparse_and_validate(tmp_path, gpt2_mask, runs_by_method, method):
+    run_dir = runs_by_method[method]
+    config = json.loads((run_dir / "config.json").read_text())
     assert config["sparsity"] == 0.5 and config["mask_method"] == "unstructured/magnitude/matrix"
-    check = run("validate_sparsity.py", "--checkpoint", str(tmp_path / "run" / "final"), "--mask_path", str(gpt2_mask),
+    check = run("validate_sparsity.py", "--checkpoint", str(run_dir / "final"), "--mask_path", str(gpt2_mask),
                 "--output", str(tmp_path / "report.json"))
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["overall"]["violations"] == 0 and report["overall"]["mask_sparsity"] == 0.5
     assert set(report["layers"]) == {"layer_0", "layer_1"}
-    final = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    final = load_file(str(run_dir / "final" / "model.safetensors"))
     base = load_file(str(TINY_GPT2_DIR / "model.safetensors"))
     name = "transformer.h.0.mlp.c_fc.weight"
     assert not torch.equal(final[name], base[name]), "training changed nothing"
@@ -164,11 +183,17 @@ def test_validate_sparsity_fails_on_a_dense_checkpoint(tmp_path, gpt2_mask):
 @pytest.mark.slow
 def test_sparse_finetuning_resumes_bit_identically(tmp_path, gpt2_mask):
     args = ["--mask", str(gpt2_mask), "--method", "lora", "--lora_dropout", "0.1"]
-    assert run("main_sparse_ft.py", *ft_args(tmp_path / "full", *args)).returncode == 0
     killed = tmp_path / "killed"
-    kill_when_exists([str(ROOT / "main_sparse_ft.py"), *ft_args(killed, *args)], ROOT, killed / "checkpoint-4")
-    assert not (killed / "final").exists(), "the run finished before it could be killed"
-    resumed = run("main_sparse_ft.py", *ft_args(killed, *args, "--resume"))
+
+    def killed_then_resumed():
+        kill_when_exists([str(ROOT / "main_sparse_ft.py"), *ft_args(killed, *args)], ROOT, killed / "checkpoint-4",
+                         env=ONE_THREAD)
+        assert not (killed / "final").exists(), "the run finished before it could be killed"
+        return run("main_sparse_ft.py", *ft_args(killed, *args, "--resume"), env=ONE_THREAD)
+
+    full, resumed = at_once(lambda: run("main_sparse_ft.py", *ft_args(tmp_path / "full", *args), env=ONE_THREAD),
+                            killed_then_resumed)
+    assert full.returncode == 0, full.stderr
     assert resumed.returncode == 0, resumed.stderr
     a = load_file(str(tmp_path / "full" / "checkpoint-8" / "trainable.safetensors"))
     b = load_file(str(killed / "checkpoint-8" / "trainable.safetensors"))

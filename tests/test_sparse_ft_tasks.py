@@ -26,7 +26,7 @@ from subnetscope.task_metrics import (
     multiple_choice,
 )
 
-from .conftest import TINY_GPT2_DIR, requires_shared
+from .conftest import TINY_GPT2_DIR, at_once, requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "small", "red", "blue", "river", "house", "tree"]
@@ -244,28 +244,52 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.slow
-def test_old_dtype_flag_and_key_say_what_replaced_them(tmp_path):
-    line = one_error_line(cli("--dtype", "bfloat16", "--output_dir", str(tmp_path / "a")))
-    assert "--dtype" in line and "--precision" in line and "--view_dtype" in line
-    config = tmp_path / "c.yaml"
+NAMED_TASKS = ("boolq", "hellaswag", "gsm8k")
+
+
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """This file's refused commands, all at once (each is refused after its imports): main_sparse_ft.py with the
+    old --dtype flag and key and with each named task offline, and run_sparse_sweep.py with a bad value. Their
+    folder, and each result by name."""
+    import os
+
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("refusals")
+    config = tmp / "c.yaml"
     config.write_text("dtype: float32\nmax_steps: 2\n")
-    line = one_error_line(cli("--config", str(config), "--output_dir", str(tmp_path / "b")))
+    sweep = tmp / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({**sweep_file(tmp, **{"train.lr": "fast"}), "output_dir": str(tmp / "o")}))
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    commands = {"dtype_flag": lambda: cli("--dtype", "bfloat16", "--output_dir", str(tmp / "a")),
+                "dtype_key": lambda: cli("--config", str(config), "--output_dir", str(tmp / "b")),
+                **{task: lambda task=task: cli("--task", task, "--output_dir", str(tmp / task), env=offline)
+                   for task in NAMED_TASKS},
+                "sweep": lambda: subprocess.run([sys.executable, str(ROOT / "run_sparse_sweep.py"), "--config",
+                                                 str(sweep)], capture_output=True, text=True, cwd=ROOT, check=False)}
+    return tmp, dict(zip(commands, at_once(*commands.values())))
+
+
+@pytest.mark.slow
+def test_old_dtype_flag_and_key_say_what_replaced_them(refusals):
+    tmp, results = refusals
+    line = one_error_line(results["dtype_flag"])
+    assert "--dtype" in line and "--precision" in line and "--view_dtype" in line
+    line = one_error_line(results["dtype_key"])
     assert "--dtype" in line and "--precision" in line
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp / "a").exists() and not (tmp / "b").exists()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task, hub_id, columns", [("boolq", "google/boolq", "passage, question, answer"),
                                                    ("hellaswag", "Rowan/hellaswag", "ctx, endings, label"),
                                                    ("gsm8k", "openai/gsm8k", "question, answer")])
-def test_named_task_offline_says_in_one_line_what_it_needs(tmp_path, task, hub_id, columns):
-    import os
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    line = one_error_line(cli("--task", task, "--output_dir", str(tmp_path / "r"), env=env))
+def test_named_task_offline_says_in_one_line_what_it_needs(refusals, task, hub_id, columns):
+    tmp, results = refusals
+    line = one_error_line(results[task])
     assert hub_id in line and "--eval_data" in line and columns in line
-    assert not (tmp_path / "r").exists()
+    assert not (tmp / task).exists()
 
 
 # The sweep driver
@@ -303,15 +327,10 @@ def test_bad_sweep_is_refused_before_anything_runs(tmp_path, override, message):
 
 
 @pytest.mark.slow
-def test_bad_sweep_file_is_one_error_line_and_writes_nothing(tmp_path):
-    import yaml
-
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump({**sweep_file(tmp_path, **{"train.lr": "fast"}), "output_dir": str(tmp_path / "o")}))
-    result = subprocess.run([sys.executable, str(ROOT / "run_sparse_sweep.py"), "--config", str(path)],
-                            capture_output=True, text=True, cwd=ROOT, check=False)
-    line = one_error_line(result)
-    assert "lr='fast'" in line and "expected float" in line and not (tmp_path / "o").exists()
+def test_bad_sweep_file_is_one_error_line_and_writes_nothing(refusals):
+    tmp, results = refusals
+    line = one_error_line(results["sweep"])
+    assert "lr='fast'" in line and "expected float" in line and not (tmp / "o").exists()
 
 
 def test_sweep_grid_crosses_masks_levels_and_training_settings(tmp_path):

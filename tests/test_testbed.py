@@ -13,7 +13,7 @@ import torch
 from subnetscope.checkpoint import find_step_checkpoints, open_checkpoint
 from subnetscope.errors import SubnetscopeError
 
-from .conftest import IMDB_JSONL, TINY_GPT2_DIR, requires_shared
+from .conftest import IMDB_JSONL, TINY_GPT2_DIR, at_once, requires_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = requires_shared(IMDB_JSONL)
@@ -24,10 +24,21 @@ def run_testbed(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def testbed(tmp_path_factory):
+def testbed_and_refusal(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The tiny testbed built while (side by side) a study is asked of a folder that holds none: the testbed's
+    folder, the build's result and the refused study's."""
     out = tmp_path_factory.mktemp("testbed")
-    result = run_testbed("build", "--tiny", "--data", str(IMDB_JSONL), "--tokenizer", str(TINY_GPT2_DIR),
-                         "--output_dir", str(out), "--device", "cpu")
+    none = tmp_path_factory.mktemp("no_testbed")
+    result, refused = at_once(
+        lambda: run_testbed("build", "--tiny", "--data", str(IMDB_JSONL), "--tokenizer", str(TINY_GPT2_DIR),
+                            "--output_dir", str(out), "--device", "cpu"),
+        lambda: run_testbed("study", "--testbed", str(none / "none"), "--output_dir", str(none / "s")))
+    return out, result, refused
+
+
+@pytest.fixture(scope="module")
+def testbed(testbed_and_refusal) -> Path:
+    out, result, _ = testbed_and_refusal
     assert result.returncode == 0, result.stderr
     return out
 
@@ -132,8 +143,8 @@ def test_study_tables_match_the_checkpoints(testbed, tmp_path):
 
 
 @pytest.mark.slow
-def test_study_without_a_testbed_is_one_line(tmp_path):
-    result = run_testbed("study", "--testbed", str(tmp_path / "none"), "--output_dir", str(tmp_path / "s"))
+def test_study_without_a_testbed_is_one_line(testbed_and_refusal):
+    result = testbed_and_refusal[2]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "build the testbed first" in lines[0], result.stderr
 

@@ -4,7 +4,6 @@ import importlib
 import json
 
 import matplotlib
-import pytest
 import torch
 
 from subnetscope import plots

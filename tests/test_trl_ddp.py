@@ -1,8 +1,9 @@
 """SubnetTrackerCallback under data parallelism: two CPU processes (torchrun; accelerate's DDP over gloo)
 train TRL's SFTTrainer. Every process tracks its own replica (identical under DDP); process 0 alone writes
 base/, the tracker's state and subnet_metrics.jsonl, whose counts must equal an independent numpy diff of
-the saved checkpoint against base/. FSDP and ZeRO-3 shard the parameters, which the callback refuses
-(test_callback.py::test_sharded_parameters_are_refused); the README says what to do instead."""
+the saved checkpoint against base/. FSDP2's shards are counted per process and summed
+(test_callback_fsdp.py); FSDP1's flat parameters and ZeRO-3's partitions are refused
+(test_callback.py::test_sharded_parameters_are_refused)."""
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ callback = SubnetTrackerCallback()
 trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=load_tokenizer(model),
                      callbacks=[callback])
 trainer.train()
-print(f"rank {dist.get_rank()} of {dist.get_world_size()} ({dist.get_backend()}):",
-      [r.total("vs_initial", "exact") for r in callback.history])
+with open(f"{out}.rank{dist.get_rank()}", "w") as f:  # its own file: the processes' stdout interleave
+    f.write(f"rank {dist.get_rank()} of {dist.get_world_size()} ({dist.get_backend()}): "
+            f"{[r.total('vs_initial', 'exact') for r in callback.history]}")
 '''
 
 
@@ -55,7 +57,7 @@ def test_two_cpu_processes_track_like_one(tmp_path):
                            str(tmp_path / "tiny"), str(run)], capture_output=True, text=True, timeout=600,
                           cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    lines = [Path(f"{run}.rank{rank}").read_text() for rank in (0, 1)]
     assert [line.split(":")[0] for line in lines] == ["rank 0 of 2 (gloo)", "rank 1 of 2 (gloo)"]
     assert lines[0].split(":")[1] == lines[1].split(":")[1]  # the replicas agree
     assert "warning: accelerate launch" not in done.stderr

@@ -66,7 +66,8 @@ def sft_loss_fn(trainer: GRPOTrainer, pairs: dict[str, list[str]], batch_size: i
     def loss(i: int) -> torch.Tensor:
         idx = [(i * batch_size + j) % n for j in range(batch_size)]
         tokenizer.padding_side = "left"
-        prompt = tokenizer([pairs["prompt"][j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        prompt = tokenizer([pairs["prompt"][j] for j in idx], return_tensors="pt", padding=True,
+                           add_special_tokens=False)
         tokenizer.padding_side = "right"
         completion = tokenizer([pairs["completion"][j] for j in idx], return_tensors="pt", padding=True,
                                add_special_tokens=False)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import GRPOConfig
 from ..errors import cli_main
+from .dataclass_args import given_settings
 from .training import config_from_args, new_parser, quiet_transformers, run
 
 DESCRIPTION = """\
@@ -13,7 +14,7 @@ Fine-tune a causal LM with GRPO (our own loop; TRL's loss_type="grpo") and track
 update, which weights differ from θ0 and from the previous update, under three rules (bits
 differ; |Δ| > atol; |Δ| > eta·max|w|). Writes a run folder that analyze_sparse_subnetwork.py and
 localization_analysis.py read: base/ (θ0), step_N/ checkpoints, metrics.jsonl, final/.
-Presets (explicit flags win over them): --smoke, --short, --easy, and --demo, the README's first
+Presets (--config and explicit flags win over them): --smoke, --short, --easy, and --demo, the README's first
 command: short runs of tiny GPT-2 and tiny Gemma-3n, then both analyses, figures in plots/demo/.
 Policies: a Hub id, a local folder, or tiny-gpt2 / tiny-gemma3n (random weights, offline,
 word-level tokenizer). Many GPUs: accelerate launch --num_processes N main_grpo.py ...;
@@ -32,16 +33,7 @@ def __getattr__(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = GRPOConfig()
-    p = new_parser(DESCRIPTION, d)
-    algo = p.add_argument_group("GRPO")
-    algo.add_argument("--group_size", type=int, help=f"completions per prompt, at least 2 (default {d.group_size})")
-    algo.add_argument("--inner_epochs", type=int, help=f"optimizer steps per rollout batch (default {d.inner_epochs})")
-    algo.add_argument("--beta", type=float, help=f"KL penalty weight, k3 estimator; 0 = no reference model (default {d.beta})")
-    algo.add_argument("--epsilon", type=float, help=f"ratio clipping range (default {d.epsilon})")
-    algo.add_argument("--no_kl_correction", dest="kl_correction", action="store_false",
-                      help="plain k3 KL; by default it is weighted by the importance ratio, as TRL's use_bias_correction_kl")
-    algo.add_argument("--adv_clip", type=float, help=f"advantages are clipped to ±this (default {d.adv_clip})")
+    p = new_parser(DESCRIPTION, GRPOConfig, PRESET_EXTRA)
     p.add_argument("--demo", action="store_true",
                    help="short GRPO runs of tiny GPT-2 and tiny Gemma-3n, then both analyses (offline)")
     return p
@@ -52,18 +44,20 @@ def grpo_config(args: argparse.Namespace) -> GRPOConfig:
 
 
 def run_demo(args: argparse.Namespace) -> None:
-    """Short GRPO runs of tiny GPT-2 and tiny Gemma-3n, then both analyses, figures in plots/demo/."""
+    """Short GRPO runs of tiny GPT-2 and tiny Gemma-3n, then both analyses, figures in plots/demo/; the
+    demo's step count and learning rate unless --config or a flag gives them."""
     from ..grpo import GRPOTrainer
     from . import analyze, localize
 
-    root = Path(getattr(args, "output_dir", "checkpoints/demo"))
+    given = given_settings(GRPOConfig, args)
+    root = Path(given.get("output_dir", "checkpoints/demo"))
     runs = {}
     for arch in ("gpt2", "gemma3n"):
         cfg = grpo_config(args)
         cfg.policy, cfg.device, cfg.output_dir = f"tiny-{arch}", "cpu", str(root / arch)
-        if not hasattr(args, "max_steps"):
+        if "max_steps" not in given:
             cfg.max_steps, cfg.save_every, cfg.eval_every = 6, 2, 3
-        if not hasattr(args, "lr"):
+        if "lr" not in given:
             cfg.lr = 1e-3
         cfg.resume = (root / arch / "run_config.json").exists()
         run(GRPOTrainer, cfg)
@@ -76,11 +70,12 @@ def run_demo(args: argparse.Namespace) -> None:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    config = grpo_config(args)  # the settings and the --config file are checked before anything loads
     quiet_transformers()
     if getattr(args, "demo", False):
         run_demo(args)
         return 0
     from ..grpo import GRPOTrainer
 
-    run(GRPOTrainer, grpo_config(args))
+    run(GRPOTrainer, config)
     return 0

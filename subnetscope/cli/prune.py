@@ -14,45 +14,46 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import RLConfig
 from ..errors import cli_main
 from ..prune_trainer import PruneConfig, PruneTrainer
-from .dataclass_args import RUN_FLAGS_HELP, add_dataclass_flags, config_from_args
+from .dataclass_args import add_dataclass_flags, config_from_args, field_help
 from .training import quiet_transformers
 
 HELP = {
-    **RUN_FLAGS_HELP,
-    "data": "plain text to train on (default ../shared/data/tinyshakespeare/input.txt beside the repository)",
-    "tokenizer": "tokenizer Hub id or folder (default gpt2; offline ../shared/models/tiny-gpt2 has GPT-2's)",
-    "n_layer": "transformer blocks (default 6)",
-    "n_head": "attention heads (default 6)",
-    "n_embd": "width (default 384)",
-    "block_size": "context length in tokens (default 256)",
-    "batch_size": "windows per step (default 32)",
+    **field_help(RLConfig, "resume", "wandb", "no_tqdm"),
+    "data": "plain text to train on (../shared/data/tinyshakespeare/input.txt beside the repository)",
+    "tokenizer": "tokenizer Hub id or folder (offline ../shared/models/tiny-gpt2 has GPT-2's)",
+    "n_layer": "transformer blocks",
+    "n_head": "attention heads",
+    "n_embd": "width",
+    "block_size": "context length in tokens",
+    "batch_size": "windows per step",
     "epochs": "passes over the training tokens; steps = epochs x (train tokens // (batch_size x block_size))",
-    "lr": "AdamW learning rate (default 6e-4)",
-    "weight_decay": "AdamW weight decay (default 0.1)",
-    "val_fraction": "share of the text, from its end, held out for validation (default 0.1)",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "val_fraction": "share of the text, from its end, held out for validation",
     "target_sparsity": "sparsity of the linear weights at the last application and, with hold_final, of the final "
-                       "model, in [0, 1) (default 0.5)",
-    "warmup_ratio": "share of the steps before the pruning window opens (default 0.15); the first pruning comes one "
-                    "interval later, at step round(T x (warmup_ratio + (final_prune_ratio - warmup_ratio) / "
-                    "prune_applications)) of T steps: with the defaults at 22%% of training (the run prints the steps)",
+                       "model, in [0, 1)",
+    "warmup_ratio": "share of the steps before the pruning window opens; the first pruning comes one interval later, "
+                    "at step round(T x (warmup_ratio + (final_prune_ratio - warmup_ratio) / prune_applications)) of T "
+                    "steps: with the defaults at 22%% of training (the run prints the steps)",
     "final_prune_ratio": "share of the steps at which the last pruning reaches the target; the finalization "
-                         "phase follows (default 0.85)",
-    "prune_applications": "prunings, evenly spaced in the window, the last at its end (default 10)",
-    "ramp": "how the level rises: linear, or cubic (Zhu & Gupta) (default linear)",
+                         "phase follows",
+    "prune_applications": "prunings, evenly spaced in the window, the last at its end",
+    "ramp": "how the level rises: linear, or cubic (Zhu & Gupta)",
     "hard_mask": "keep pruned weights at zero after every step from the first pruning on, for contrast "
-                 "(default: free to revive between prunings)",
+                 "(else free to revive between prunings)",
     "hold_final": "hold the mask through the finalization phase (after the last pruning), so the final model has "
-                  "the target sparsity (default on; --no-hold_final lets pruned weights revive to the end)",
-    "log_every": "steps between metric records (default 10; application steps are always recorded)",
-    "eval_every": "steps between validation losses (default 50)",
-    "eval_batches": "validation batches per evaluation (default 8)",
-    "save_every": "steps between checkpoints (default 100)",
-    "rank_metrics": "effective rank of every matrix at each record (one SVD each; default on)",
-    "device": "auto, cpu or cuda (default auto; bf16 autocast on a GPU)",
-    "seed": "seed of the initial weights and of the batches (default 0)",
-    "output_dir": "the run folder (default checkpoints/prune)",
+                  "the target sparsity (--no-hold_final lets pruned weights revive to the end)",
+    "log_every": "steps between metric records (application steps are always recorded)",
+    "eval_every": "steps between validation losses",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "steps between checkpoints",
+    "rank_metrics": "effective rank of every matrix at each record (one SVD each)",
+    "device": "auto, cpu or cuda (bf16 autocast on a GPU)",
+    "seed": "seed of the initial weights and of the batches",
+    "output_dir": "the run folder",
 }
 
 

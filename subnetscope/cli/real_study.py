@@ -36,10 +36,14 @@ HELP = {
     "chat_template": "prompts in the tokenizer's chat template: yes or no (default: when it has one)",
     "rft_min_reward": "RFT keeps a prompt's best sample when it scores at least this (default: 1 = correct for "
                       "arithmetic, 0.5 for imdb's VADER score)",
-    "jobs": "runs at once, each its own process (0: one after another in this process)",
+    "jobs": "runs at once, each its own process (0: one after another in this process); on several GPUs the "
+            "processes are spread evenly over CUDA_VISIBLE_DEVICES (every GPU when unset)",
     "device": "auto, cpu or cuda", "precision": "the main runs' precision: mixed (fp32 masters, bf16 view) or fp32",
     "contrast": "also GRPO seed 0 with pure bf16 weights (yes/no)",
     "subnetwork": "also GRPO seed 0 confined to the weights its full run changed (yes/no)",
+    "train": "no: start no run, write the group's results from the runs finished so far (a study cut short); "
+             "overlap pairs whose checkpoints are gone keep their rows from the overlap.csv already there",
+    "note": "a sentence the table prints under the group (e.g. why runs are missing)",
     "output_dir": "where the runs go (large)", "results_dir": "where the small result files and table.md go",
 }
 
@@ -90,10 +94,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"table: {write_tables(args.results_dir)}")
         return 0
     cfg = RealStudyConfig(**{f.name: getattr(args, f.name) for f in fields(RealStudyConfig)})
-    command = "python real_study.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python real_study.py " + " ".join(shlex.quote(a) for a in without_note(
+        argv if argv is not None else sys.argv[1:]))
     folder = run_group(cfg, command=command)
     print(f"results in {folder}; table: {write_tables(cfg.results_dir)}")
     return 0
+
+
+def without_note(argv: list[str]) -> list[str]:
+    """The command line without --note's sentence, which the table prints on its own line."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif not a.startswith("--note="):
+            out.append(a)
+    return out
 
 
 def record_missing(results_dir: str, entries: dict[str, str]) -> None:

@@ -20,59 +20,53 @@ from pathlib import Path
 
 import yaml
 
+from ..config import PRECISIONS, VIEW_DTYPE_NAMES, RLConfig
 from ..errors import SubnetscopeError, cli_main
-from ..precision import add_precision_args
 from ..sparse_ft import METHODS, REPLACED, SparseFTConfig, SparseFTTrainer
 from ..sparse_lora import LORA_MODES
-from .dataclass_args import RUN_FLAGS_HELP, add_dataclass_flags, config_from_args
+from .dataclass_args import add_dataclass_flags, config_from_args, field_help
 from .training import quiet_transformers
 
 HELP = {
-    **RUN_FLAGS_HELP,
-    "model": "model to fine-tune: a save_pretrained folder, a Hub id, or tiny-gpt2 / tiny-gemma3n (default tiny-gpt2)",
-    "tokenizer": "tokenizer for models without one (default: the model's own)",
+    **field_help(RLConfig, "resume", "wandb", "no_tqdm", "precision", "view_dtype"),
+    "model": "model to fine-tune: a save_pretrained folder, a Hub id, or tiny-gpt2 / tiny-gemma3n",
+    "tokenizer": "tokenizer for models without one (none: the model's own)",
     "task": "boolq, hellaswag, gsm8k or imdb (through datasets), or a local json/jsonl/csv/txt file: with "
             "BoolQ's, HellaSwag's or GSM8K's columns it is that task, else plain text such as "
-            "../shared/data/imdb/train.jsonl.gz (default imdb)",
+            "../shared/data/imdb/train.jsonl.gz",
     "eval_data": "records the final model's task metric is computed on: a local json/jsonl/csv file with the task's "
-                 "columns (default: a named task's validation split, test for gsm8k; a local task file's held-out "
+                 "columns (none: a named task's validation split, test for gsm8k; a local task file's held-out "
                  "records; plain text has no task metric)",
-    "eval_examples": "records scored for the task metric (default 500)",
-    "eval_max_new_tokens": "greedy tokens generated per GSM8K answer (default 256)",
+    "eval_examples": "records scored for the task metric",
+    "eval_max_new_tokens": "greedy tokens generated per GSM8K answer",
     "mask": "mask file from compute_masks.py (True = kept); none = dense",
-    "method": "masked: train the weights themselves, pruned entries held at zero; lora: PEFT LoRA adapters "
-              "(default masked)",
+    "method": "masked: train the weights themselves, pruned entries held at zero; lora: PEFT LoRA adapters",
     "lora_mode": "sparse_to_dense: dense adapters, mask applied at the merge; sparse_to_sparse: the adapter's "
-                 "delta masked in the forward too, so the merged model is sparse at every step "
-                 "(default sparse_to_dense)",
-    "lora_rank": "LoRA rank r (default 8)",
-    "lora_alpha": "LoRA alpha; the delta is scaled by alpha / r (default 16)",
-    "lora_dropout": "dropout on the LoRA input (default 0)",
-    "seq_len": "tokens per training sequence (default 128)",
-    "batch_size": "sequences per step (default 8)",
-    "max_steps": "optimizer steps (default 100)",
-    "lr": "AdamW learning rate (default 1e-4)",
-    "weight_decay": "AdamW weight decay (default 0; pruned entries stay zero either way)",
-    # --precision and --view_dtype: add_precision_args's shared definitions replace these two
-    "precision": "",
-    "view_dtype": "",
-    "max_texts": "texts read from the task (default 20000)",
-    "val_fraction": "share of the texts held out for validation (default 0.05)",
-    "log_every": "steps between records of loss and samples/s (default 10)",
-    "eval_every": "steps between validation losses (default 50)",
-    "eval_batches": "validation batches per evaluation (default 4)",
-    "save_every": "steps between checkpoints (default 50)",
-    "device": "auto, cpu or cuda (default auto)",
-    "seed": "seed of the batches and the adapters' initialisation (default 0)",
-    "output_dir": "the run folder (default checkpoints/sparse_ft)",
+                 "delta masked in the forward too, so the merged model is sparse at every step",
+    "lora_rank": "LoRA rank r",
+    "lora_alpha": "LoRA alpha; the delta is scaled by alpha / r",
+    "lora_dropout": "dropout on the LoRA input",
+    "seq_len": "tokens per training sequence",
+    "batch_size": "sequences per step",
+    "max_steps": "optimizer steps",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay (pruned entries stay zero either way)",
+    "max_texts": "texts read from the task",
+    "val_fraction": "share of the texts held out for validation",
+    "log_every": "steps between records of loss and samples/s",
+    "eval_every": "steps between validation losses",
+    "eval_batches": "validation batches per evaluation",
+    "save_every": "steps between checkpoints",
+    "device": "auto, cpu or cuda",
+    "seed": "seed of the batches and the adapters' initialisation",
+    "output_dir": "the run folder",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                conflict_handler="resolve")
-    add_dataclass_flags(p, SparseFTConfig, HELP, choices={"method": METHODS, "lora_mode": LORA_MODES})
-    add_precision_args(p, SparseFTConfig.precision)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_flags(p, SparseFTConfig, HELP, choices={"method": METHODS, "lora_mode": LORA_MODES,
+                                                          "precision": PRECISIONS, "view_dtype": VIEW_DTYPE_NAMES})
     for old in REPLACED:
         p.add_argument(f"--{old}", help=argparse.SUPPRESS)
     return p
@@ -81,9 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 def refuse_replaced(args: argparse.Namespace) -> None:
     """A flag or --config key this command no longer has, named with what replaced it."""
     given = sorted(k for k in REPLACED if getattr(args, k) is not None)
-    if args.config and not given and Path(args.config).is_file():
+    config = getattr(args, "config", None)
+    if config and not given and Path(config).is_file():
         try:
-            data = yaml.safe_load(Path(args.config).read_text())
+            data = yaml.safe_load(Path(config).read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError):
             data = None  # the config loader says what is wrong with the file
         given = sorted(set(REPLACED) & set(data)) if isinstance(data, dict) else []
