@@ -90,3 +90,13 @@ def test_console_script_names_main():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     module, func = scripts["subnetscope"].split(":")
     assert (module, func) == (app.__name__, app.main.__name__)
+
+
+def test_help_into_a_closed_pipe_prints_no_traceback():
+    """`subnetscope --help | head`: the reader closes the pipe before the help is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "subnetscope", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in err and "BrokenPipe" not in err, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,11 +106,19 @@ def program_name(name: str) -> Iterator[None]:
         sys.argv[:1] = saved
 
 
+def print_help() -> None:
+    """The subcommands on stdout; a reader that leaves early (`subnetscope --help | head`) gets no traceback."""
+    try:
+        print(help_text(), flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to write: no second error
+
+
 @cli_main
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["-h"], ["--help"]):
-        print(help_text())
+        print_help()
         return 0
     if not args:
         raise SubnetscopeError(f"give a subcommand, one of {', '.join(COMMANDS)} (subnetscope --help describes each)")
