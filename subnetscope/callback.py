@@ -230,24 +230,6 @@ class _Shards:
         return record
 
 
-def _save_gathered(model: torch.nn.Module, folder: Path, state: dict[str, torch.Tensor],
-                   dtype: torch.dtype | None) -> None:
-    """runstate.save_model for a gathered state dict (a sharded model's own holds shards): floating-point
-    tensors rounded to `dtype` when given, tied ones once, config.json's dtype saying so."""
-    rounded: dict[int, torch.Tensor] = {}
-    if dtype is not None:
-        for t in state.values():
-            if id(t) not in rounded:
-                rounded[id(t)] = t.to(dtype) if t.is_floating_point() else t
-        state = {n: rounded[id(t)] for n, t in state.items()}
-    model.save_pretrained(folder, state_dict=state)
-    if dtype is not None:
-        config_file = Path(folder) / "config.json"
-        config = json.loads(config_file.read_text())
-        config["dtype"] = str(dtype).removeprefix("torch.")
-        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
 def _size(nbytes: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if nbytes < 1024 or unit == "TB":
@@ -500,7 +482,7 @@ class SubnetTrackerCallback(TrainerCallback):
             if whole is None:
                 save_model(model, tmp, self.view_dtype)
             else:
-                _save_gathered(model, tmp, whole, self.view_dtype if rounds else None)
+                save_model(model, tmp, self.view_dtype if rounds else None, state_dict=whole)
             if processing_class is not None:
                 processing_class.save_pretrained(tmp)
 

@@ -122,15 +122,17 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def save_model(model: torch.nn.Module, folder: Path, dtype: torch.dtype | None = None) -> None:
+def save_model(model: torch.nn.Module, folder: Path, dtype: torch.dtype | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """save_pretrained, with the floating-point tensors rounded to `dtype` (to nearest even, as `.to`)
-    and config.json's dtype saying so: fp32 masters published as the bf16 model a recipe ships."""
-    if dtype is None or all(p.dtype == dtype for p in model.parameters()):
-        model.save_pretrained(folder)
+    and config.json's dtype saying so: fp32 masters published as the bf16 model a recipe ships.
+    `state_dict`: the tensors to save instead of the model's own (an FSDP2 model's, gathered whole)."""
+    if dtype is None or (state_dict is None and all(p.dtype == dtype for p in model.parameters())):
+        model.save_pretrained(folder, **({} if state_dict is None else {"state_dict": state_dict}))
         return
     rounded: dict[tuple, torch.Tensor] = {}
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape))  # tied weights stay one tensor
         if key not in rounded:
             rounded[key] = tensor.detach().to(dtype) if tensor.is_floating_point() else tensor
