@@ -21,4 +21,4 @@ for level in $levels; do
   while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
 done
 wait
-python analyze_results.py --results_dir "$sweep" --output_dir "${PLOTS_DIR:-plots/pruning}"
+python prune_report.py --results_dir "$sweep" --output_dir "${PLOTS_DIR:-plots/pruning}"

@@ -206,7 +206,8 @@ def train_baseline(config: BaselineConfig) -> SubnetTrackerCallback:
     data = datasets.Dataset.from_dict(build_records(config, model, tokenizer, precision, device, templated))
     # TRL's bf16 flag is autocast: on for mixed (fp32 weights); bf16 weights are updated directly without it
     common = dict(output_dir=config.output_dir, max_steps=config.max_steps, save_steps=config.save_every,
-                  save_strategy="steps", save_total_limit=config.save_total_limit, per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
+                  save_strategy="steps", save_total_limit=config.save_total_limit,
+                  per_device_train_batch_size=config.batch_size, learning_rate=config.lr,
                   lr_scheduler_type="constant",  # like our RL loops: runs compare at one lr, and resume keeps it
                   optim=TRL_OPTIMIZERS[config.optimizer], seed=config.seed, logging_steps=1,
                   report_to=["wandb"] if config.wandb else "none", use_cpu=device == "cpu",

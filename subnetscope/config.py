@@ -1,8 +1,10 @@
-"""The settings of every fine-tuning run (RL and baseline) and the names their flags choose from.
+"""The settings of every training run (RL, baselines, pruning, sparse fine-tuning) and the names their flags
+choose from, compute_masks.py's included.
 
 Torch-free on purpose: the training commands build their parsers (and answer `--help`) from these
-dataclasses before anything heavy is imported; torch, transformers and TRL load after parsing. The
-trainers' modules re-export what they used to define (`from subnetscope.rl import RLConfig` works).
+dataclasses, and refuse bad settings, before anything heavy is imported; torch, transformers and TRL load
+after the checks. The trainers' modules re-export what they used to define (`from subnetscope.rl import
+RLConfig` works).
 """
 from __future__ import annotations
 
@@ -29,11 +31,30 @@ TINY_MODELS = ("tiny-gpt2", "tiny-gemma3n")
 # Random weights in real shapes, for speed and memory runs without the Hub; vocabulary = the tokenizer's.
 RANDOM_SHAPED = ("random-gpt2-medium", "random-gemma3n-e2b")
 SFT_DATA = ("samples", "positive_reviews", "completions")
+# main_prune.py's text and ramps (subnetscope.pruning)
+DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+RAMPS = ("linear", "cubic")
+# main_sparse_ft.py's --method and --lora_mode (subnetscope.sparse_lora explains the modes)
+SPARSE_FT_METHODS = ("masked", "lora")
+LORA_MODES = ("sparse_to_dense", "sparse_to_sparse")
+# compute_masks.py's choices (subnetscope.importance explains each)
+IMPORTANCES = ("magnitude", "gradient", "taylor", "wanda")
+MASK_METHODS = ("unstructured", "structured", "random", "nm")
+MASK_GROUPS = ("matrix", "row", "global")
+MASK_EXTRA_TENSORS = ("embeddings", "norms", "lm_head")
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
     """A field and its flag in one place: `help` and the flag's other metadata (subnetscope.cli.dataclass_args)."""
     return field(default=default, metadata={"help": help, **meta})
+
+
+def same_setting(cls: type, name: str) -> Any:
+    """Field `name` of `cls` declared again (default, help and flag metadata), for another command's config
+    that has the same setting: described once."""
+    declared = cls.__dataclass_fields__[name]
+    return field(default=declared.default, metadata=declared.metadata)
 
 
 def reward_spec(value: str) -> str:
@@ -219,6 +240,10 @@ class RLConfig(RunConfig):
         if self.train_unmasked and not self.update_mask:
             raise SubnetscopeError("--train_unmasked only applies with --update_mask: pass a mask or leave it out")
 
+    def uses_reference(self) -> bool:
+        """Whether the loop needs the frozen reference model (its KL penalty and eval/*/kl)."""
+        return True
+
 
 @dataclass
 class GRPOConfig(RLConfig):
@@ -241,6 +266,9 @@ class GRPOConfig(RLConfig):
             raise SubnetscopeError("--group_size must be at least 2: GRPO compares completions within a group")
         self.require_counts("inner_epochs")
         self.require_numbers("beta", "epsilon", "adv_clip")
+
+    def uses_reference(self) -> bool:
+        return self.beta != 0.0
 
 
 @dataclass
@@ -324,3 +352,152 @@ def add_precision_args(group: argparse._ActionsContainer, default: str) -> None:
     group.add_argument("--precision", choices=PRECISIONS,
                        help=f"{meta['precision'].metadata['help']} (default {default})")
     group.add_argument("--view_dtype", choices=VIEW_DTYPE_NAMES, help=f"{meta['view_dtype'].metadata['help']}")
+
+
+def check_prune_schedule(target: float, warmup_ratio: float, final_prune_ratio: float, applications: int,
+                         ramp: str) -> None:
+    """The pruning schedule's settings that need no step count (subnetscope.pruning.PruneSchedule checks the
+    rest): refused before the text is tokenized."""
+    if not 0.0 <= target < 1.0:
+        raise SubnetscopeError(f"target_sparsity {target}: must be in [0, 1)")
+    if ramp not in RAMPS:
+        raise SubnetscopeError(f"ramp {ramp!r}: use linear or cubic")
+    if applications < 1:
+        raise SubnetscopeError(f"prune_applications {applications}: needs at least 1")
+    if not 0.0 <= warmup_ratio < final_prune_ratio <= 1.0:
+        raise SubnetscopeError(
+            f"warmup_ratio {warmup_ratio} and final_prune_ratio {final_prune_ratio} leave no pruning "
+            "window: need 0 <= warmup_ratio < final_prune_ratio <= 1"
+        )
+
+
+@dataclass
+class PruneConfig:
+    """Every setting of a pruning run (main_prune.py, subnetscope.prune_trainer); each is a flag and a YAML key."""
+
+    data: str = setting(DEFAULT_TEXT, "plain text to train on (../shared/data/tinyshakespeare/input.txt beside the "
+                                      "repository)")
+    tokenizer: str = setting("gpt2", "tokenizer Hub id or folder (offline ../shared/models/tiny-gpt2 has GPT-2's)")
+    n_layer: int = setting(6, "transformer blocks")
+    n_head: int = setting(6, "attention heads")
+    n_embd: int = setting(384, "width")
+    block_size: int = setting(256, "context length in tokens")
+    batch_size: int = setting(32, "windows per step")
+    epochs: int = setting(10, "passes over the training tokens; steps = epochs x (train tokens // (batch_size x "
+                              "block_size))")
+    lr: float = setting(6e-4, "AdamW learning rate")
+    weight_decay: float = setting(0.1, "AdamW weight decay")
+    val_fraction: float = setting(0.1, "share of the text, from its end, held out for validation")
+    target_sparsity: float = setting(0.5, "sparsity of the linear weights at the last application and, with "
+                                          "hold_final, of the final model, in [0, 1)")
+    warmup_ratio: float = setting(0.15, "share of the steps before the pruning window opens; the first pruning comes "
+                                        "one interval later, at step round(T x (warmup_ratio + (final_prune_ratio - "
+                                        "warmup_ratio) / prune_applications)) of T steps (the run prints the steps)")
+    final_prune_ratio: float = setting(0.85, "share of the steps at which the last pruning reaches the target; the "
+                                             "finalization phase follows")
+    prune_applications: int = setting(10, "prunings, evenly spaced in the window, the last at its end")
+    ramp: str = setting("linear", "how the level rises: linear, or cubic (Zhu & Gupta)")
+    hard_mask: bool = setting(False, "keep pruned weights at zero after every step from the first pruning on, for "
+                                     "contrast (else free to revive between prunings)")
+    hold_final: bool = setting(True, "hold the mask through the finalization phase (after the last pruning), so the "
+                                     "final model has the target sparsity (--no-hold_final lets pruned weights "
+                                     "revive to the end)")
+    log_every: int = setting(10, "steps between metric records (application steps are always recorded)")
+    eval_every: int = setting(50, "steps between validation losses")
+    eval_batches: int = setting(8, "validation batches per evaluation")
+    save_every: int = setting(100, "steps between checkpoints")
+    rank_metrics: bool = setting(True, "effective rank of every matrix at each record (one SVD each)")
+    device: str = setting("auto", "auto, cpu or cuda (bf16 autocast on a GPU)")
+    seed: int = setting(0, "seed of the initial weights and of the batches")
+    output_dir: str = setting("checkpoints/prune", "the run folder")
+    resume: bool = same_setting(RunConfig, "resume")
+    wandb: str | None = same_setting(RunConfig, "wandb")
+    no_tqdm: bool = same_setting(RLConfig, "no_tqdm")
+
+    def validate(self) -> None:
+        """Every check that needs no tokens, so that a refusal comes before torch is imported."""
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "epochs", "log_every",
+                    "eval_every", "eval_batches", "save_every"):
+            if getattr(self, key) < 1:
+                raise SubnetscopeError(f"{key} {getattr(self, key)}: needs at least 1")
+        if self.n_embd % self.n_head:
+            raise SubnetscopeError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SubnetscopeError(f"val_fraction {self.val_fraction}: must be in (0, 1)")
+        if self.lr <= 0:
+            raise SubnetscopeError(f"lr {self.lr}: must be positive")
+        check_prune_schedule(self.target_sparsity, self.warmup_ratio, self.final_prune_ratio,
+                             self.prune_applications, self.ramp)
+        if not Path(self.data).is_file():
+            raise SubnetscopeError(f"{self.data} does not exist: pass data: PATH (a plain text file, e.g. Tiny "
+                                   f"Shakespeare from {TINY_SHAKESPEARE_URL})")
+
+
+@dataclass
+class SparseFTConfig:
+    """Every setting of a sparse fine-tuning run (main_sparse_ft.py, subnetscope.sparse_ft); each is a flag and a
+    YAML key."""
+
+    model: str = setting("tiny-gpt2", "model to fine-tune: a save_pretrained folder, a Hub id, or tiny-gpt2 / "
+                                      "tiny-gemma3n")
+    tokenizer: str | None = setting(None, "tokenizer for models without one (none: the model's own)")
+    task: str = setting("imdb", "boolq, hellaswag, gsm8k or imdb (through datasets), or a local json/jsonl/csv/txt "
+                                "file: with BoolQ's, HellaSwag's or GSM8K's columns it is that task, else plain text "
+                                "such as ../shared/data/imdb/train.jsonl.gz")
+    eval_data: str | None = setting(None, "records the final model's task metric is computed on: a local "
+                                          "json/jsonl/csv file with the task's columns (none: a named task's "
+                                          "validation split, test for gsm8k; a local task file's held-out records; "
+                                          "plain text has no task metric)")
+    eval_examples: int = setting(500, "records scored for the task metric")
+    eval_max_new_tokens: int = setting(256, "greedy tokens generated per GSM8K answer")
+    mask: str | None = setting(None, "mask file from compute_masks.py (True = kept); none = dense")
+    method: str = setting("masked", "masked: train the weights themselves, pruned entries held at zero; lora: PEFT "
+                                    "LoRA adapters", choices=SPARSE_FT_METHODS)
+    lora_mode: str = setting("sparse_to_dense", "sparse_to_dense: dense adapters, mask applied at the merge; "
+                                                "sparse_to_sparse: the adapter's delta masked in the forward too, so "
+                                                "the merged model is sparse at every step", choices=LORA_MODES)
+    lora_rank: int = setting(8, "LoRA rank r")
+    lora_alpha: float = setting(16.0, "LoRA alpha; the delta is scaled by alpha / r")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input")
+    seq_len: int = setting(128, "tokens per training sequence")
+    batch_size: int = setting(8, "sequences per step")
+    max_steps: int = setting(100, "optimizer steps")
+    lr: float = setting(1e-4, "AdamW learning rate")
+    weight_decay: float = setting(0.0, "AdamW weight decay (pruned entries stay zero either way)")
+    precision: str = same_setting(RunConfig, "precision")
+    view_dtype: str | None = same_setting(RunConfig, "view_dtype")
+    max_texts: int = setting(20000, "texts read from the task")
+    val_fraction: float = setting(0.05, "share of the texts held out for validation")
+    log_every: int = setting(10, "steps between records of loss and samples/s")
+    eval_every: int = setting(50, "steps between validation losses")
+    eval_batches: int = setting(4, "validation batches per evaluation")
+    save_every: int = setting(50, "steps between checkpoints")
+    device: str = setting("auto", "auto, cpu or cuda")
+    seed: int = setting(0, "seed of the batches and the adapters' initialisation")
+    output_dir: str = setting("checkpoints/sparse_ft", "the run folder")
+    resume: bool = same_setting(RunConfig, "resume")
+    wandb: str | None = same_setting(RunConfig, "wandb")
+    no_tqdm: bool = same_setting(RLConfig, "no_tqdm")
+
+    def validate(self) -> None:
+        """Every check that needs neither the model nor the task, so that a refusal comes before torch is
+        imported (the mask file is not checked here: a sweep validates its runs before their masks exist)."""
+        for key in ("lora_rank", "seq_len", "batch_size", "max_steps", "max_texts", "log_every", "eval_every",
+                    "eval_batches", "save_every", "eval_examples", "eval_max_new_tokens"):
+            if getattr(self, key) < 1:
+                raise SubnetscopeError(f"--{key} {getattr(self, key)}: needs at least 1")
+        if self.method not in SPARSE_FT_METHODS:
+            raise SubnetscopeError(f"--method {self.method!r}: use masked or lora")
+        if self.lora_mode not in LORA_MODES:
+            raise SubnetscopeError(f"--lora_mode {self.lora_mode!r}: use {' or '.join(LORA_MODES)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise SubnetscopeError("--lr must be positive and --weight_decay non-negative")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise SubnetscopeError(f"--val_fraction {self.val_fraction}: must be in (0, 1)")
+        if self.precision not in PRECISIONS:
+            raise SubnetscopeError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.view_dtype is not None and self.view_dtype not in VIEW_DTYPE_NAMES:
+            raise SubnetscopeError(f"--view_dtype {self.view_dtype!r}: use {', '.join(VIEW_DTYPE_NAMES)}")
+        if self.eval_data and not Path(self.eval_data).expanduser().is_file():
+            raise SubnetscopeError(f"--eval_data {self.eval_data} does not exist: pass a local json/jsonl/csv file "
+                                   "with the task's columns")

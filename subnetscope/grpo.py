@@ -11,9 +11,12 @@ import time
 import torch
 
 from .config import GRPOConfig
+from .data import chat_prompts
+from .env import Env
 from .hypotheses import advantage_stats
-from .rewards import RewardFunction
-from .rl import RLTrainer
+from .rewards import RewardFunction, score_rollout
+from .rl import RLTrainer, per_token_logps, step_prompt_ids
+from .sampling import generate
 
 ADV_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not NaN
 
@@ -26,7 +29,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, clip: float) -> tor
     count = valid.sum(1, keepdim=True).clamp(min=1)
     filled = torch.where(valid, grouped, torch.zeros_like(grouped))
     mean = filled.sum(1, keepdim=True) / count
-    var = (torch.where(valid, grouped - mean, torch.zeros_like(grouped)) ** 2).sum(1, keepdim=True) / (count - 1).clamp(min=1)
+    squares = (torch.where(valid, grouped - mean, torch.zeros_like(grouped)) ** 2).sum(1, keepdim=True)
+    var = squares / (count - 1).clamp(min=1)
     adv = (grouped - mean) / (var.sqrt() + ADV_EPS)
     adv = torch.where(valid, adv, torch.zeros_like(adv)).clamp(-clip, clip)
     return adv.view(-1)
@@ -50,7 +54,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     mask = mask.to(per_token.dtype)
     lengths = mask.sum(-1).clamp(min=1.0)
     loss = ((per_token * mask).sum(-1) / lengths).mean()
-    stats = {"clip_fraction": float((((ratio < 1 - epsilon) | (ratio > 1 + epsilon)).float() * mask).sum() / mask.sum().clamp(min=1))}
+    clipped = ((ratio < 1 - epsilon) | (ratio > 1 + epsilon)).float()
+    stats = {"clip_fraction": float((clipped * mask).sum() / mask.sum().clamp(min=1))}
     if kl is not None:
         stats["kl"] = float(((kl.detach() * mask).sum(-1) / lengths).mean())
     return loss, stats
@@ -62,9 +67,6 @@ class GRPOTrainer(RLTrainer):
     def __init__(self, config: GRPOConfig, reward_fn: RewardFunction | None = None):
         self.completions_per_prompt = config.group_size
         super().__init__(config, reward_fn)
-
-    def uses_reference(self) -> bool:
-        return self.config.beta != 0.0
 
     def _prepare(self, step: int) -> dict:
         """A fresh rollout for `step`, its rewards, advantages and reference log-probs."""
@@ -83,9 +85,30 @@ class GRPOTrainer(RLTrainer):
         return grpo_loss(logps, logps.detach() if old_logps is None else old_logps, batch["ref_logps"],
                          batch["advantages"], batch["comp_mask"], cfg.beta, cfg.epsilon, cfg.kl_correction)
 
-    def policy_gradient_loss(self, step: int) -> torch.Tensor:
-        """The loss of one fresh rollout batch, without an optimizer step (for gradient studies)."""
-        return self._loss(self._prepare(step), None)[0]
+    @staticmethod
+    def policy_gradient_loss(env: Env, config: GRPOConfig, step: int) -> torch.Tensor:
+        """The loss of `step`'s fresh rollout batch at the env's policy, as one process's first pass of train_step
+        computes it, without a trainer, a run folder or an optimizer step (for gradient studies)."""
+        chosen = step_prompt_ids(len(env.prompts), step, config.batch_size, config.seed)
+        prompts = [env.prompts[i] for i in chosen for _ in range(config.group_size)]
+        text = chat_prompts(env.tokenizer, prompts) if env.chat_template else prompts
+        static = env.device.startswith("cuda") and not config.gradient_checkpointing
+        rollout = generate(env.policy if env.sampler is None else env.sampler, env.tokenizer, text,
+                           torch.arange(len(prompts)), seed=config.seed, step=step,
+                           max_new_tokens=config.max_new_tokens, temperature=config.temperature, static_cache=static)
+        rewards = score_rollout(env.reward_fn, prompts, rollout)
+        advantages = group_advantages(rewards, config.group_size, config.adv_clip).to(env.device)
+        ids, mask = rollout.input_ids.to(env.device), rollout.attention_mask.to(env.device)
+        n_comp = rollout.completion_ids.shape[1]
+        ref_logps = None
+        if env.ref is not None:
+            with torch.no_grad(), env.precision.autocast(env.ref_device):
+                ref_logps = per_token_logps(env.ref, ids.to(env.ref_device), mask.to(env.ref_device), n_comp,
+                                            config.temperature).to(env.device)
+        with env.precision.autocast(env.device):
+            logps = per_token_logps(env.policy, ids, mask, n_comp, config.temperature)
+        return grpo_loss(logps, logps.detach(), ref_logps, advantages,
+                         rollout.completion_mask.to(env.device), config.beta, config.epsilon, config.kl_correction)[0]
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config

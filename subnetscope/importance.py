@@ -14,14 +14,10 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from .config import IMPORTANCES, MASK_EXTRA_TENSORS, MASK_GROUPS
 from .errors import SubnetscopeError
 from .naming import block_index, head_units, module_type, neuron_axis
 from .pruning import prunable_weights
-
-IMPORTANCES = ("magnitude", "gradient", "taylor", "wanda")
-METHODS = ("unstructured", "structured", "random", "nm")
-GROUPS = ("matrix", "row", "global")
-EXTRA_TENSORS = ("embeddings", "norms", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -35,9 +31,10 @@ class Prunable:
 def prunable_tensors(model: torch.nn.Module, include: tuple[str, ...] = ()) -> dict[str, Prunable]:
     """Linear weights (GPT-2's Conv1D included), plus embeddings, norm weights or an untied lm_head
     when `include` names them."""
-    unknown = set(include) - set(EXTRA_TENSORS)
+    unknown = set(include) - set(MASK_EXTRA_TENSORS)
     if unknown:
-        raise SubnetscopeError(f"--include {' '.join(sorted(unknown))}: choose from {', '.join(EXTRA_TENSORS)}")
+        raise SubnetscopeError(f"--include {' '.join(sorted(unknown))}: choose from "
+                               f"{', '.join(MASK_EXTRA_TENSORS)}")
     modules = dict(model.named_modules())
     found = {}
     for name, p in prunable_weights(model).items():
@@ -325,7 +322,7 @@ def select_masks(scores: dict[str, torch.Tensor], tensors: dict[str, Prunable], 
         total = sum(s.numel() for s in scores.values())
         pruned = smallest_global(scores, round(sparsity * total))
         return {n: ~p for n, p in pruned.items()}
-    raise SubnetscopeError(f"--group {group!r}: use {', '.join(GROUPS)}")
+    raise SubnetscopeError(f"--group {group!r}: use {', '.join(MASK_GROUPS)}")
 
 
 def expected_pruned(tensors: dict[str, Prunable], sparsity: float, method: str, group: str,

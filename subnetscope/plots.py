@@ -230,7 +230,7 @@ def _save_with_legend(fig, ax, path: Path) -> Path:
 
 
 def pruning_figures(summary: list[dict], layers: list[dict], revival: list[dict], out: Path) -> list[Path]:
-    """analyze_results.py's four figures from its summary, per-layer and revival rows."""
+    """prune_report.py's four figures from its summary, per-layer and revival rows."""
     made = []
     fig, ax = _axes("Validation loss vs target sparsity", "target sparsity", "final val loss")
     for hard in (False, True):
@@ -337,7 +337,7 @@ def mask_validation(reports: list[dict], rows: list[dict], path: Path) -> Path:
 
 
 def results_figures(rows: list[dict], out: Path) -> list[Path]:
-    """analyze_results.py: validation loss and samples/s against sparsity per method, and a
+    """prune_report.py: validation loss and samples/s against sparsity per method, and a
     method x sparsity heatmap of validation loss (rows = sparsity_vs_performance.csv)."""
     made = []
     series = sorted({(r["model"], r["task"], r["method"]) for r in rows})

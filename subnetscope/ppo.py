@@ -66,7 +66,8 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return rewards + last * scores.unsqueeze(1)
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over completion tokens; returns (advantages, returns)."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[:, 0])

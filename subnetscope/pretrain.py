@@ -45,7 +45,8 @@ class PretrainConfig(RunConfig):
         super().validate()
         self.require_counts("seq_len", "max_texts")
         if self.optimizer not in TRL_OPTIMIZERS:
-            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take {', '.join(TRL_OPTIMIZERS)}")
+            raise SubnetscopeError(f"--optimizer {self.optimizer!r}: TRL's trainers here take "
+                                   f"{', '.join(TRL_OPTIMIZERS)}")
         if self.dataset in PROMPT_SETS:
             raise SubnetscopeError(f"pretrain: dataset {self.dataset!r} is a set of RL prompts, not text to model: "
                                    "use imdb or a local text file, e.g. ../shared/data/tinyshakespeare/input.txt")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .checkpoint import open_checkpoint
+from .config import PruneConfig
 from .devices import resolve_device
 from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
@@ -40,69 +41,18 @@ from .report import write_json
 from .rundir import TRL_PREFIX, RunDir
 from .seeds import STEP_STRIDE, stream_seed
 
-DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
-TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TRAINER_STATE = "trainer_state.pt"
 VAL_SEED = 10_000_019  # the validation windows: the same every evaluation and every run
 MASKS_FILE = "prune_masks.safetensors"
 SLOPE_WINDOW = 5
 
 
-@dataclass
-class PruneConfig:
-    """Every setting of a pruning run; each is a key of the YAML config and a flag."""
-
-    data: str = DEFAULT_TEXT
-    tokenizer: str = "gpt2"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    batch_size: int = 32
-    epochs: int = 10
-    lr: float = 6e-4
-    weight_decay: float = 0.1
-    val_fraction: float = 0.1
-    target_sparsity: float = 0.5
-    warmup_ratio: float = 0.15
-    final_prune_ratio: float = 0.85
-    prune_applications: int = 10
-    ramp: str = "linear"
-    hard_mask: bool = False
-    hold_final: bool = True
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 100
-    rank_metrics: bool = True
-    device: str = "auto"
-    seed: int = 0
-    output_dir: str = "checkpoints/prune"
-    resume: bool = False
-    wandb: str | None = None
-    no_tqdm: bool = False
-
-    def validate(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "epochs", "log_every",
-                    "eval_every", "eval_batches", "save_every"):
-            if getattr(self, key) < 1:
-                raise SubnetscopeError(f"{key} {getattr(self, key)}: needs at least 1")
-        if self.n_embd % self.n_head:
-            raise SubnetscopeError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise SubnetscopeError(f"val_fraction {self.val_fraction}: must be in (0, 1)")
-        if self.lr <= 0:
-            raise SubnetscopeError(f"lr {self.lr}: must be positive")
-
-
-def load_token_splits(path: str, tokenizer, val_fraction: float, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The text's GPT-2 tokens, split into train (first part) and validation (the rest)."""
-    file = Path(path)
-    if not file.is_file():
-        raise SubnetscopeError(
-            f"{path} does not exist: pass data: PATH (a plain text file, e.g. Tiny Shakespeare from {TINY_SHAKESPEARE_URL})"
-        )
-    ids = torch.tensor(tokenizer(file.read_text(encoding="utf-8", errors="replace"))["input_ids"], dtype=torch.long)
+def load_token_splits(path: str, tokenizer, val_fraction: float,
+                      block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text's GPT-2 tokens, split into train (first part) and validation (the rest); the file's existence
+    is PruneConfig.validate's check."""
+    ids = torch.tensor(tokenizer(Path(path).read_text(encoding="utf-8", errors="replace"))["input_ids"],
+                       dtype=torch.long)
     n_val = int(len(ids) * val_fraction)
     train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val:]
     if min(len(train), len(val)) <= block_size:
@@ -118,7 +68,8 @@ class PruneTrainer:
         config.validate()
         self.config = config
         self.device = resolve_device(config.device)
-        self.tokenizer = tokenizer_from(config.tokenizer, "pass a local folder: tokenizer: ../shared/models/tiny-gpt2 has GPT-2's")
+        self.tokenizer = tokenizer_from(config.tokenizer,
+                                        "pass a local folder: tokenizer: ../shared/models/tiny-gpt2 has GPT-2's")
         self.train_tokens, self.val_tokens = load_token_splits(config.data, self.tokenizer, config.val_fraction,
                                                                config.block_size)
         self.batches_per_epoch = max(1, len(self.train_tokens) // (config.batch_size * config.block_size))
@@ -198,7 +149,8 @@ class PruneTrainer:
             metrics["weight_revival/interval_rate"] = interval_rate
         history = self.state["revival_history"]
         metrics["trends/avg_revival_rate"] = sum(history) / len(history) if history else None
-        self.state["sparsity_history"] = (self.state["sparsity_history"] + [[step, metrics["sparsity/overall"]]])[-SLOPE_WINDOW:]
+        self.state["sparsity_history"] = (self.state["sparsity_history"]
+                                          + [[step, metrics["sparsity/overall"]]])[-SLOPE_WINDOW:]
         hist = self.state["sparsity_history"]
         metrics["trends/sparsity_slope"] = slope([s for s, _ in hist], [v for _, v in hist])
         if step % cfg.eval_every == 0 or last:

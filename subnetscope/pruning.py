@@ -16,11 +16,10 @@ import numpy as np
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from .config import check_prune_schedule
 from .errors import SubnetscopeError
 from .metrics import effective_rank
 from .naming import block_index
-
-RAMPS = ("linear", "cubic")
 
 
 @dataclass(frozen=True)
@@ -36,17 +35,7 @@ class PruneSchedule:
     ramp: str = "linear"
 
     def validate(self) -> None:
-        if not 0.0 <= self.target < 1.0:
-            raise SubnetscopeError(f"target_sparsity {self.target}: must be in [0, 1)")
-        if self.ramp not in RAMPS:
-            raise SubnetscopeError(f"ramp {self.ramp!r}: use linear or cubic")
-        if self.applications < 1:
-            raise SubnetscopeError(f"prune_applications {self.applications}: needs at least 1")
-        if not 0.0 <= self.warmup_ratio < self.final_prune_ratio <= 1.0:
-            raise SubnetscopeError(
-                f"warmup_ratio {self.warmup_ratio} and final_prune_ratio {self.final_prune_ratio} leave no pruning "
-                "window: need 0 <= warmup_ratio < final_prune_ratio <= 1"
-            )
+        check_prune_schedule(self.target, self.warmup_ratio, self.final_prune_ratio, self.applications, self.ramp)
         steps = self.application_steps()
         if len(set(steps)) != len(steps):
             raise SubnetscopeError(

@@ -24,6 +24,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -323,39 +324,55 @@ def _resolved_device(device: str) -> str:
     return "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
-def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig, log=print) -> dict[str, dict]:
+def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig, log=print,
+            follow_up: Callable[[str], RunSpec | None] = lambda name: None) -> dict[str, dict]:
     """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
-    visible GPUs (each process sees one); a failed run is logged with its error file and the others go on."""
+    visible GPUs (each process sees one); a failed run is logged with its error file and the others go on.
+    `follow_up(name)` gives a run to start as soon as run `name` has finished (it goes first in the queue):
+    the subnetwork rerun needs its full run's mask, and waiting for every other run left a GPU idle."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    pending = [s for s in specs if not (runs / s.name / SUMMARY).is_file()]
+    queue = [s for s in specs if not (runs / s.name / SUMMARY).is_file()]
+    queue += [f for s in specs if s not in queue and (f := follow_up(s.name)) is not None
+              and not (runs / f.name / SUMMARY).is_file()]
     device = _resolved_device(cfg.device)
     if cfg.jobs == 0:
-        for spec in pending:
+        while queue:
+            spec = queue.pop(0)
             log(f"{spec.name}: running")
             run_and_measure(spec, runs / spec.name, heldout, device)
+            queue[:0] = [f for f in [follow_up(spec.name)] if f is not None]
     else:
         gpus = visible_gpus() if device == "cuda" else []
+        env = {**_child_env(), **threads_per_run(cfg.jobs)}
         active: list[tuple[RunSpec, subprocess.Popen, str | None]] = []
-        queue = list(pending)
         while queue or active:
             while queue and len(active) < cfg.jobs:
                 spec = queue.pop(0)
                 spec_file = runs / f"{spec.name}.spec.json"
                 write_json(spec_file, {**asdict(spec), "heldout": str(heldout), "device": device})
                 gpu = least_busy(gpus, [a[2] for a in active]) if len(gpus) > 1 else None
-                env = {**_child_env(), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}
                 with open(runs / f"{spec.name}.log", "a") as log_file:  # the child keeps its own descriptor
                     active.append((spec, subprocess.Popen(
-                        [sys.executable, "-m", "subnetscope.real_study", str(spec_file)],
-                        stdout=log_file, stderr=subprocess.STDOUT, env=env), gpu))
+                        [sys.executable, "-m", "subnetscope.real_study", str(spec_file)], stdout=log_file,
+                        stderr=subprocess.STDOUT, env={**env, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}),
+                        gpu))
                 log(f"{spec.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             time.sleep(2)
             for item in [a for a in active if a[1].poll() is not None]:
                 active.remove(item)
-                outcome = "done" if item[1].returncode == 0 else f"FAILED, see runs/{item[0].name}.log"
-                log(f"{item[0].name}: {outcome}")
+                finished = item[1].returncode == 0
+                log(f"{item[0].name}: " + ("done" if finished else f"FAILED, see runs/{item[0].name}.log"))
+                queue[:0] = [f for f in [follow_up(item[0].name)] if f is not None and finished]
     return finished_summaries(specs, out)
+
+
+def threads_per_run(jobs: int) -> dict[str, str]:
+    """CPU threads for each of `jobs` run processes: the cores shared out, unless OMP_NUM_THREADS is set.
+    Each process's torch otherwise starts a thread per core, and 16 runs on 32 cores ran slower for it."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(jobs, 1)))}
 
 
 def visible_gpus() -> list[str]:
@@ -424,17 +441,18 @@ def overlap_rows(summaries: dict[str, dict], runs: Path, device: str, kept: Path
     return rows
 
 
-def subnetwork_rerun(cfg: RealStudyConfig, specs: list[RunSpec], out: Path, heldout: Path) -> dict | None:
-    """GRPO seed 0 again, confined to the weights its full run ever changed: the share of weights identical
-    to the full run and the held-out score of both."""
+def subnetwork_source(cfg: RealStudyConfig, specs: list[RunSpec]) -> RunSpec | None:
+    """The full run the subnetwork rerun repeats: GRPO, first seed, usual lr, the main precision."""
+    return next((s for s in specs if s.algo == "grpo" and s.precision == cfg.precision and s.seed == cfg.seeds[0]
+                 and s.lr == USUAL_LR["grpo"]), None)
+
+
+def subnetwork_spec(full: RunSpec, out: Path) -> RunSpec:
+    """GRPO seed 0 again, confined to the weights its (finished) full run ever changed; writes that mask."""
     from .checkpoint import read_ever_changed
     from .masks import MaskSet, model_fingerprint, save_masks
     from .runstate import read_run_config
 
-    full = next((s for s in specs if s.algo == "grpo" and s.precision == cfg.precision and s.seed == cfg.seeds[0]
-                 and s.lr == USUAL_LR["grpo"]), None)
-    if full is None or not (out / "runs" / full.name / SUMMARY).is_file():
-        return None
     full_dir = out / "runs" / full.name
     mask_path = out / "subnetwork_mask.safetensors"
     if not mask_path.is_file():
@@ -442,11 +460,20 @@ def subnetwork_rerun(cfg: RealStudyConfig, specs: list[RunSpec], out: Path, held
         save_masks(mask_path, MaskSet(masks, {"method": "ever_changed", "source_run": str(full_dir.resolve()),
                                               "step": step},
                                       model_fingerprint(read_run_config(full_dir)["parameters"])))
-    spec = RunSpec("subnetwork_" + full.name, "grpo", full.lr, full.seed, full.precision,
+    return RunSpec("subnetwork_" + full.name, "grpo", full.lr, full.seed, full.precision,
                    {**full.settings, "update_mask": str(mask_path)})
-    summary = run_and_measure(spec, out / "runs" / spec.name, heldout, _resolved_device(cfg.device))
-    comparison = json.loads((out / "runs" / spec.name / "subnetwork_comparison.json").read_text())
-    full_summary = json.loads((full_dir / SUMMARY).read_text())
+
+
+def subnetwork_result(full: RunSpec | None, out: Path) -> dict | None:
+    """The subnetwork rerun against its full run: the share of weights identical and both held-out scores
+    (None until both have finished)."""
+    if full is None:
+        return None
+    full_dir, sub_dir = out / "runs" / full.name, out / "runs" / ("subnetwork_" + full.name)
+    if not ((full_dir / SUMMARY).is_file() and (sub_dir / SUMMARY).is_file()):
+        return None
+    comparison = json.loads((sub_dir / "subnetwork_comparison.json").read_text())
+    summary, full_summary = (json.loads((d / SUMMARY).read_text()) for d in (sub_dir, full_dir))
     return {"seed": full.seed, "lr": full.lr, "identical_fraction": comparison["identical_fraction"],
             "heldout_subnetwork": summary["heldout_after"], "heldout_full": full_summary["heldout_after"],
             "changed_exact_subnetwork": summary["changed_exact"], "changed_exact_full": full_summary["changed_exact"]}
@@ -500,9 +527,15 @@ def run_group(cfg: RealStudyConfig, log=print, command: str = "") -> Path:
     log(f"{cfg.group}: held-out score before training {before:.4f}")
     start = time.time()
     specs = run_specs(cfg, data)
-    summaries = run_all(specs, out, data["heldout"], cfg, log) if cfg.train else finished_summaries(specs, out)
+    full = subnetwork_source(cfg, specs) if cfg.subnetwork else None
+
+    def follow_up(name: str) -> RunSpec | None:
+        return subnetwork_spec(full, out) if full is not None and name == full.name else None
+
+    summaries = (run_all(specs, out, data["heldout"], cfg, log, follow_up) if cfg.train
+                 else finished_summaries(specs, out))
     missing = [s.name for s in specs if s.name not in summaries]
-    subnet = subnetwork_rerun(cfg, specs, out, data["heldout"]) if cfg.subnetwork and cfg.train else None
+    subnet = subnetwork_result(full, out)
     results = Path(cfg.results_dir) / cfg.group
     write_csv(results / "results.csv", result_rows(summaries, before, cfg))
     write_csv(results / "overlap.csv", overlap_rows(summaries, out / "runs", device, kept=results / "overlap.csv"))

@@ -1,4 +1,4 @@
-"""What every RL trainer here shares: settings, models, prompts, rewards, the tracker, checkpoints.
+"""What every RL trainer here shares: settings, the tracker, checkpoints (models, prompts, rewards: env.build_env).
 
 A trainer subclasses `RLTrainer` and implements `train_step`; the base class owns the run folder,
 resume, evaluation, logging and the loop. Data-parallel through accelerate: each process takes
@@ -18,16 +18,15 @@ from .aspg import ASPG, PlanASPG, TopKHookState, hook_report, register_topk_hook
 from .changes import RULES, ChangeRules
 from .config import OPTIMIZERS, RLConfig, RunConfig  # noqa: F401 (re-exported: the settings live in config.py)
 from .confine import ConfinedUpdates, compare_with_full_run, trainable_weights
-from .data import EVAL_PROMPTS, chat_prompts, load_prompts
-from .devices import resolve_device
+from .data import chat_prompts
+from .env import build_env, disable_dropout  # noqa: F401 (disable_dropout re-exported: it lives in env.py)
 from .errors import SubnetscopeError, warn
 from .logger import MetricsLogger, check_wandb
 from .masks import MaskSet, check_masks_fit, load_masks
-from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
-from .precision import Precision, resolve_precision
+from .precision import Precision
 from .report import write_json
-from .rewards import RewardFunction, build_reward, score_rollout
+from .rewards import RewardFunction, score_rollout
 from .rundir import FINAL_DIR, HEADER_BYTES, STEP_FILES, ResumePoint, RunDir, save_model, tensor_bytes
 from .runstate import (
     MASTER_FILE,
@@ -44,7 +43,6 @@ from .sampling import Rollout, generate
 from .seeds import EVAL_SAMPLING_STEP, SHORT_STRIDE, stream_seed
 from .tracker import UpdateTracker
 
-EVAL_HOLDOUT = 16  # the last prompts of a dataset, kept out of training to evaluate on
 MASTER_PREFIX = "master::"  # tracker.safetensors keys of the master-weight tracker
 
 
@@ -88,6 +86,14 @@ def last_record(path: Path, step: int | None = None) -> dict:
     return records[-1] if records else {}
 
 
+def step_prompt_ids(n: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Which of `n` prompts `step` takes, over all processes: each epoch walks its own seeded permutation."""
+    start = (step - 1) * batch_size
+    epoch_seed = stream_seed(seed, start // n, SHORT_STRIDE)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+    return [order[(start + i) % n] for i in range(batch_size)]
+
+
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[targets] in float32, one row at a time to bound memory."""
     rows = [torch.log_softmax(row.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
@@ -109,12 +115,6 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                    logits_to_keep=n_completion + 1, use_cache=False).logits
     logits = logits[:, :-1, :] / temperature
     return selective_log_softmax(logits, input_ids[:, -n_completion:])
-
-
-def reference_dtype(precision: Precision) -> torch.dtype:
-    """The frozen reference model's dtype: the view's when forward passes compute in it (mixed, bf16 view),
-    so that the reference holds the published θ0 and the view tracker borrows it; else the weights'."""
-    return precision.view if precision.compute == precision.view else precision.weights
 
 
 def precision_settings(precision: Precision) -> dict[str, str]:
@@ -143,13 +143,6 @@ def build_optimizer(params, config: RLConfig) -> torch.optim.Optimizer:
                      warmup_init=False)
 
 
-def disable_dropout(model: torch.nn.Module) -> None:
-    """RL log-ratios must compare the same function: no dropout in policy or reference."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-
-
 class RLTrainer:
     """The loop and everything around it; subclasses implement `train_step` (and may add modules)."""
 
@@ -158,37 +151,19 @@ class RLTrainer:
 
     def __init__(self, config: RLConfig, reward_fn: RewardFunction | None = None):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
 
         self.config = config
         self.start = check_run_start(config, self.name)
         self.accelerator = Accelerator(cpu=config.device == "cpu")
         self.check_split(self.accelerator.num_processes)
         self._check_comm_hook()
-        set_seed(config.seed)
-        self.device = str(self.accelerator.device)
         self.run_dir = Path(config.output_dir)
         self.run = RunDir(self.run_dir)
-        self.precision = resolve_precision(config.precision, self.device, config.view_dtype)
-        self.tokenizer = load_tokenizer(config.policy, config.tokenizer)
-        self.policy = load_causal_lm(config.policy, self.precision.weights, vocab_size=len(self.tokenizer))
-        disable_dropout(self.policy)
-        if config.gradient_checkpointing:
-            enable = getattr(self.policy, "activation_checkpointing_enable", None)  # transformers >= 5.20 name
-            (enable or self.policy.gradient_checkpointing_enable)()
-        self.policy.to(self.device)
-        self.ref_device = resolve_device(config.ref_device, self.device)
-        self.ref = None
-        if self.uses_reference():
-            self.ref = load_causal_lm(config.policy, reference_dtype(self.precision), vocab_size=len(self.tokenizer))
-            disable_dropout(self.ref)
-            self.ref.to(self.ref_device).eval().requires_grad_(False)
-        self.sampler = self._load_sampler()
-        reward_device = resolve_device(config.reward_device, self.device)
-        self.reward_fn = reward_fn or build_reward(config.reward, config.reward_model, reward_device)
-        self.prompts = load_prompts(config.dataset, self.tokenizer, config.max_prompt_tokens, seed=config.seed)
-        self.eval_prompts = self._split_eval_prompts()
-        self.chat_template = config.chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+        env = build_env(config, str(self.accelerator.device), reward_fn)
+        self.device, self.precision, self.tokenizer = env.device, env.precision, env.tokenizer
+        self.policy, self.ref, self.ref_device, self.sampler = env.policy, env.ref, env.ref_device, env.sampler
+        self.reward_fn, self.prompts, self.eval_prompts = env.reward_fn, env.prompts, env.eval_prompts
+        self.chat_template = env.chat_template
         self._model_text = self._templated(self.prompts + self.eval_prompts)
         self.params = dict(self.policy.named_parameters())
         mask_set = self._load_update_mask()
@@ -288,18 +263,6 @@ class RLTrainer:
     def model_text(self, prompts: list[str]) -> list[str]:
         return [self._model_text[p] for p in prompts]
 
-    def _load_sampler(self) -> torch.nn.Module | None:
-        """Under mixed precision, rollouts sample from a copy of the policy in the compute dtype, refreshed
-        from the fp32 masters before each generation: what real recipes do (a bf16 inference engine fed
-        the trainer's weights). Autocast would re-cast every weight at every new token, and its float32
-        rotated keys rule out a static KV cache. The log-probabilities of the loss still come from the
-        fp32 masters under autocast."""
-        if self.precision.compute is None:
-            return None
-        sampler = load_causal_lm(self.config.policy, self.precision.compute, vocab_size=len(self.tokenizer))
-        disable_dropout(sampler)
-        return sampler.to(self.device).eval().requires_grad_(False)
-
     @torch.no_grad()
     def _refreshed_sampler(self) -> torch.nn.Module:
         """The model rollouts sample from: the policy itself, or the sampler holding its current weights
@@ -344,9 +307,6 @@ class RLTrainer:
                             f"{describe_changes(changes)}")
         self.accelerator.wait_for_everyone()
 
-    def uses_reference(self) -> bool:
-        return True
-
     def build_extra_modules(self) -> dict[str, torch.nn.Module]:
         """Trainable modules beside the policy (PPO's value head); the tracker ignores them."""
         return {}
@@ -365,21 +325,10 @@ class RLTrainer:
         if self.accelerator.is_main_process:
             tqdm.write(msg)
 
-    def _split_eval_prompts(self) -> list[str]:
-        if self.config.dataset == "builtin":
-            return list(EVAL_PROMPTS)
-        if self.config.dataset == "easy":
-            return self.prompts[:8]
-        held_out = self.prompts[-EVAL_HOLDOUT:]
-        if len(self.prompts) <= EVAL_HOLDOUT:
-            warn(f"--dataset {self.config.dataset} has {len(self.prompts)} prompts, no more than the {EVAL_HOLDOUT} "
-                 "held out for evaluation: training uses them too, so eval/* measures training prompts")
-            return held_out
-        self.prompts = self.prompts[:-EVAL_HOLDOUT]
-        return held_out
-
     def _theta0(self) -> dict[str, torch.Tensor] | None:
-        """The reference model's weights serve as θ0 when they sit where the policy's do."""
+        """The reference model's weights serve as θ0 when they sit where the policy's do: the update tracker then
+        owns the θ0 buffer and rebinds the reference's parameters to it (one copy; see env.Env); else it copies
+        θ0 from the policy."""
         if self.ref is None or self.ref_device != self.device:
             return None
         ref_params = dict(self.ref.named_parameters())
@@ -413,12 +362,7 @@ class RLTrainer:
     def _step_prompts(self, step: int) -> tuple[list[str], torch.Tensor]:
         """This process's prompts for `step` (repeated per group) and their global row ids."""
         cfg = self.config
-        n = len(self.prompts)
-        start = (step - 1) * cfg.batch_size
-        epoch = start // n
-        seed = stream_seed(cfg.seed, epoch, SHORT_STRIDE)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-        global_idx = [order[(start + i) % n] for i in range(cfg.batch_size)]
+        global_idx = step_prompt_ids(len(self.prompts), step, cfg.batch_size, cfg.seed)
         per_rank = cfg.batch_size // self.accelerator.num_processes
         lo = self.accelerator.process_index * per_rank
         prompts, rows = [], []
@@ -562,7 +506,8 @@ class RLTrainer:
         self.run.finalize(write, tensor_bytes(unwrapped.parameters()) + HEADER_BYTES)
 
     def _write_subnetwork_comparison(self) -> None:
-        result = compare_with_full_run(self.run_dir, self.full_run, ChangeRules(self.config.atol, self.config.eta), self.device)
+        rules = ChangeRules(self.config.atol, self.config.eta)
+        result = compare_with_full_run(self.run_dir, self.full_run, rules, self.device)
         write_json(self.run_dir / "subnetwork_comparison.json", result)
         same = result["identical_fraction"]
         self._print(f"subnetwork-only vs the full run {self.full_run}: identical weights exact {same['exact']:.2%}, "

@@ -41,9 +41,9 @@ from .models import model_signature
 from .rundir import HEADER_BYTES, RUN_CONFIG, RunDir, durable_write_text, tensor_bytes
 
 # Settings that steer a run without changing what it measures: they may differ on --resume.
-RUN_CONTROL = frozenset({"max_steps", "save_every", "save_total_limit", "eval_every", "no_tqdm", "wandb", "resume", "device",
-                         "ref_device", "reward_device", "output_dir", "allow_changed_settings", "full_checkpoints",
-                         "gradient_checkpointing", "log_localization"})
+RUN_CONTROL = frozenset({"max_steps", "save_every", "save_total_limit", "eval_every", "no_tqdm", "wandb", "resume",
+                         "device", "ref_device", "reward_device", "output_dir", "allow_changed_settings",
+                         "full_checkpoints", "gradient_checkpointing", "log_localization"})
 SCRIPTS = {"GRPO": "main_grpo.py", "PPO": "main_ppo.py", "SFT": "main_sft.py --task sft",
            "DPO": "main_sft.py --task dpo", "SFT/DPO": "main_sft.py"}
 

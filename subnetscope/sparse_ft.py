@@ -9,7 +9,7 @@ published in. The run folder holds config.json, metrics.jsonl (train/val loss, s
 seconds), checkpoint-N/ (trainable weights, optimizer, step, elapsed time; written atomically,
 `--resume` continues from the newest), final/ (the merged model) and summary.json: validation loss,
 sparsity, the task metric of the final model (task_metrics.py: accuracy for BoolQ and HellaSwag,
-exact match for GSM8K), wall time and peak memory. Runs are aggregated by analyze_results.py and
+exact match for GSM8K), wall time and peak memory. Runs are aggregated by prune_report.py and
 run_sparse_sweep.py.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import open_checkpoint
+from .config import SparseFTConfig
 from .confine import ConfinedUpdates
 from .data import EVAL_SPLITS, TASK_COLUMNS, load_task_split, task_texts, token_stream
 from .devices import resolve_device
@@ -35,77 +36,17 @@ from .logger import MetricsLogger
 from .masks import check_masks_fit, load_masks
 from .models import load_causal_lm, load_tokenizer
 from .outputs import check_output_dir
-from .precision import PRECISIONS, VIEW_DTYPES, resolve_precision
+from .precision import resolve_precision
 from .report import write_json
 from .rundir import TRL_PREFIX, RunDir, save_model
 from .runstate import rng_state, set_rng_state
 from .seeds import STEP_STRIDE, stream_seed
-from .sparse_lora import LORA_MODES, add_sparse_lora, merge_sparse_lora
+from .sparse_lora import add_sparse_lora, merge_sparse_lora
 from .task_metrics import task_score
 
-METHODS = ("masked", "lora")
 TRAINER_STATE = "trainer_state.pt"
 TRAINABLE_FILE = "trainable.safetensors"
 VAL_SEED = 20_000_003  # the validation windows: the same every evaluation and every run
-REPLACED = {"dtype": "--precision (auto, mixed, bf16 or fp32) and --view_dtype (the dtype final/ is published in)"}
-
-
-@dataclass
-class SparseFTConfig:
-    """Every setting of a sparse fine-tuning run; each is a flag and a YAML key."""
-
-    model: str = "tiny-gpt2"
-    tokenizer: str | None = None
-    task: str = "imdb"
-    eval_data: str | None = None
-    eval_examples: int = 500
-    eval_max_new_tokens: int = 256
-    mask: str | None = None
-    method: str = "masked"
-    lora_mode: str = "sparse_to_dense"
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    seq_len: int = 128
-    batch_size: int = 8
-    max_steps: int = 100
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    precision: str = "auto"
-    view_dtype: str | None = None
-    max_texts: int = 20000
-    val_fraction: float = 0.05
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 50
-    device: str = "auto"
-    seed: int = 0
-    output_dir: str = "checkpoints/sparse_ft"
-    resume: bool = False
-    wandb: str | None = None
-    no_tqdm: bool = False
-
-    def validate(self) -> None:
-        for key in ("lora_rank", "seq_len", "batch_size", "max_steps", "max_texts", "log_every", "eval_every",
-                    "eval_batches", "save_every", "eval_examples", "eval_max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise SubnetscopeError(f"--{key} {getattr(self, key)}: needs at least 1")
-        if self.method not in METHODS:
-            raise SubnetscopeError(f"--method {self.method!r}: use masked or lora")
-        if self.lora_mode not in LORA_MODES:
-            raise SubnetscopeError(f"--lora_mode {self.lora_mode!r}: use {' or '.join(LORA_MODES)}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise SubnetscopeError("--lr must be positive and --weight_decay non-negative")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise SubnetscopeError(f"--val_fraction {self.val_fraction}: must be in (0, 1)")
-        if self.precision not in PRECISIONS:
-            raise SubnetscopeError(f"--precision {self.precision!r}: use {', '.join(PRECISIONS)}")
-        if self.view_dtype is not None and self.view_dtype not in VIEW_DTYPES:
-            raise SubnetscopeError(f"--view_dtype {self.view_dtype!r}: use {', '.join(VIEW_DTYPES)}")
-        if self.eval_data and not Path(self.eval_data).expanduser().is_file():
-            raise SubnetscopeError(f"--eval_data {self.eval_data} does not exist: pass a local json/jsonl/csv file "
-                                   "with the task's columns")
 
 
 def split_tokens(train_texts: list[str], val_texts: list[str], tokenizer,
@@ -195,7 +136,7 @@ class SparseFTTrainer:
         return held_out.select(range(min(cfg.eval_examples, len(held_out))))
 
     def describe(self) -> dict:
-        """Settings plus what analyze_results.py groups by: model, task, method and sparsity."""
+        """Settings plus what prune_report.py groups by: model, task, method and sparsity."""
         settings = self.mask_set.settings if self.mask_set else {}
         mask_method = "dense" if not self.mask_set else "/".join(
             str(settings[k]) for k in ("method", "importance", "group") if settings.get(k))

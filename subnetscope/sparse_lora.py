@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from .config import LORA_MODES
 from .errors import SubnetscopeError
-
-LORA_MODES = ("sparse_to_dense", "sparse_to_sparse")
 
 
 def _masked_delta_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

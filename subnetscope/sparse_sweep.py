@@ -12,7 +12,7 @@ compute_masks' --include, a list of tensors). `model`, `tokenizer` and `device` 
 is checked before anything runs. Then, under output_dir: masks/<setting>/ (compute_masks.py's output;
 skipped when its files exist), runs/<run>/ (each a main_sparse_ft.py run in its own process, so its
 peak memory is its own; a finished run is skipped, a half-done one resumed; its settings in
-runs/<run>.yaml, its output in runs/<run>.log), and analysis/ (analyze_results.py's tables and figures,
+runs/<run>.yaml, its output in runs/<run>.log), and analysis/ (prune_report.py's tables and figures,
 plus sweep_summary.csv: per run its mask, sparsity, validation loss, task metric, violations of the
 mask in final/, wall time and peak memory; sweep_grouped.csv: mean and std over seeds).
 """
@@ -31,11 +31,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .checkpoint import atomic_write_file, open_checkpoint
+from .config import SparseFTConfig
 from .errors import SubnetscopeError
 from .masks import load_masks
 from .outputs import check_output_dir
 from .report import write_csv, write_json
-from .sparse_ft import SparseFTConfig
 from .stats import mean_and_sd
 
 TOP_KEYS = {"output_dir", "model", "tokenizer", "device", "sparsity", "dense", "masks", "train"}
@@ -270,7 +270,7 @@ def _row(run: SweepRun, error: str | None) -> dict:
         data = json.loads(summary.read_text())
         row.update({k: data.get(k) for k in ("task_metric", *MEASURES)})
         if run.settings["mask"]:
-            from .cli.validate_sparsity import sparsity_report
+            from .cli.check_mask import sparsity_report
 
             report = sparsity_report(open_checkpoint(str(folder / "final")), load_masks(run.settings["mask"]).masks)
             row["mask_violations"] = report["overall"]["violations"]
@@ -332,8 +332,8 @@ def run_sweep(path: str, output_dir: str | None = None, log=print) -> SweepResul
 
 
 def analyze(rows: list[dict], out: Path) -> None:
-    """sweep_summary.csv, sweep_grouped.csv and analyze_results.py's tables and figures in out/analysis."""
-    from .cli.results import main as analyze_results
+    """sweep_summary.csv, sweep_grouped.csv and prune_report.py's tables and figures in out/analysis."""
+    from .cli.prune_report import main as prune_report
 
     analysis = out / "analysis"
     write_csv(analysis / "sweep_summary.csv", rows)
@@ -341,4 +341,4 @@ def analyze(rows: list[dict], out: Path) -> None:
     write_json(analysis / "sweep_summary.json", {"runs": rows})
     if any(r["status"] == "ok" for r in rows):
         with contextlib.redirect_stdout(io.StringIO()):
-            analyze_results(["--results_dir", str(out / "runs"), "--output_dir", str(analysis)])
+            prune_report(["--results_dir", str(out / "runs"), "--output_dir", str(analysis)])

@@ -103,7 +103,8 @@ def pretrain_policy(cfg: TestbedConfig, tokenizer, train_texts: list[str], heldo
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lm_lr, weight_decay=0.1, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, cfg.lm_steps, max(1, cfg.lm_steps // 20)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda s: _cosine(s, cfg.lm_steps, max(1, cfg.lm_steps // 20)))
     t0 = time.perf_counter()
     for step in tqdm(range(cfg.lm_steps), desc="pretrain policy", mininterval=5):
         inputs, targets = sample_windows(train_tokens, cfg.lm_batch_size, cfg.block_size,
@@ -179,7 +180,8 @@ def train_classifier(cfg: TestbedConfig, tokenizer, policy_dir: Path, texts: lis
             correct += int((model(**enc).logits.argmax(-1) == y).sum())
     accuracy = correct / len(heldout[1])
     card = {"kind": "reward", "data": cfg.data, "steps": cfg.clf_steps, "seed": cfg.seed, "seconds": seconds,
-            "labels": LABELS, "metrics": {"heldout_accuracy": accuracy, "vader_heldout_accuracy": vader_accuracy(*heldout),
+            "labels": LABELS, "metrics": {"heldout_accuracy": accuracy,
+                                          "vader_heldout_accuracy": vader_accuracy(*heldout),
                                           "heldout_reviews": len(heldout[1]),
                                           "heldout_positive_share": sum(heldout[1]) / len(heldout[1])},
             "config": asdict(cfg)}
@@ -205,7 +207,8 @@ def build_testbed(cfg: TestbedConfig, log=print) -> dict[str, dict]:
     texts, labels = load_labelled_reviews(cfg.data, cfg.seed, cfg.max_reviews)
     n = len(texts) - cfg.heldout_reviews
     if n < 1:
-        raise SubnetscopeError(f"{cfg.data} has {len(texts)} reviews: fewer than --heldout_reviews {cfg.heldout_reviews}")
+        raise SubnetscopeError(f"{cfg.data} has {len(texts)} reviews: fewer than --heldout_reviews "
+                               f"{cfg.heldout_reviews}")
     heldout = (texts[n:], labels[n:])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "heldout.jsonl", "w") as fh:
@@ -221,7 +224,8 @@ def build_testbed(cfg: TestbedConfig, log=print) -> dict[str, dict]:
         cards["reward"] = json.loads((reward_dir / CARD).read_text())
         log(f"{reward_dir} exists: kept")
     else:
-        cards["reward"] = train_classifier(cfg, tokenizer, policy_dir, texts[:n], labels[:n], heldout, device, reward_dir)
+        cards["reward"] = train_classifier(cfg, tokenizer, policy_dir, texts[:n], labels[:n], heldout, device,
+                                           reward_dir)
     return cards
 
 

@@ -1,4 +1,4 @@
-"""A Weights & Biases run's config and history, for analyze_results.py: from an offline run's
+"""A Weights & Biases run's config and history, for prune_report.py: from an offline run's
 `run-<id>.wandb` file, or from the W&B service by ENTITY/PROJECT/RUN_ID.
 
 wandb (0.31 here) no longer ships a Python reader of its run files (`wandb.sdk.internal.datastore`

@@ -21,10 +21,12 @@ IMDB_JSONL = SHARED / "data" / "imdb" / "train.jsonl.gz"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
 # the engine's GPU paths are tested where a GPU is (on the lent H100), skipped in CPU-only CI
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
 
 
-def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float = 120, env: dict | None = None) -> None:
+def kill_when_exists(command: list[str], cwd: Path, marker: Path, timeout: float = 120,
+                     env: dict | None = None) -> None:
     """Start `command`, SIGKILL it as soon as `marker` exists (a checkpoint folder): a killed run."""
     proc = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
@@ -53,7 +55,8 @@ def requires_shared(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} (../shared) is not beside the checkout")
 
 
-def plant(state: dict[str, torch.Tensor], counts: dict[str, int], seed: int = 0, scale: float = 0.5) -> dict[str, torch.Tensor]:
+def plant(state: dict[str, torch.Tensor], counts: dict[str, int], seed: int = 0,
+          scale: float = 0.5) -> dict[str, torch.Tensor]:
     """Copy `state` and change exactly counts[name] entries of each named tensor by a large relative step."""
     gen = torch.Generator().manual_seed(seed)
     out = {k: v.clone() for k, v in state.items()}

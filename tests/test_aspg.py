@@ -97,7 +97,8 @@ def _worker(rank: int, world: int, port: int, density: float, results) -> None:
 
     def recording_hook(hook_state, bucket):
         sent_in = bucket.buffer().clone()
-        return topk_hook(hook_state, bucket).then(lambda fut: buckets.append((bucket.index(), sent_in, fut.value().clone())) or fut.value())
+        return topk_hook(hook_state, bucket).then(
+            lambda fut: buckets.append((bucket.index(), sent_in, fut.value().clone())) or fut.value())
 
     # density 1: the hook itself, as users register it (DDP checks its signature); else a recording wrapper
     ddp.register_comm_hook(state, topk_hook if density == 1.0 else recording_hook)
@@ -153,7 +154,8 @@ def test_topk_hook_averages_exactly_where_nothing_was_dropped():
                                                 sorted(r1[1]["buckets"], key=lambda b: b[0])):
         assert i0 == i1 and torch.equal(out0, out1)  # ranks agree
         k = max(1, -(-in0.numel() // 4))
-        sent = [torch.zeros(g.numel(), dtype=torch.bool).index_fill_(0, g.abs().topk(k).indices, True) for g in (in0, in1)]
+        sent = [torch.zeros(g.numel(), dtype=torch.bool).index_fill_(0, g.abs().topk(k).indices, True)
+                for g in (in0, in1)]
         both, neither = sent[0] & sent[1], ~sent[0] & ~sent[1]
         assert torch.allclose(out0[both], ((in0 + in1) / 2)[both], atol=1e-7)
         assert (out0[neither] == 0).all()

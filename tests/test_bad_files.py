@@ -281,15 +281,15 @@ def test_compute_masks_names_the_bad_line_of_its_calibration_data(tmp_path):
 
 
 @pytest.mark.slow
-def test_validate_sparsity_refuses_a_truncated_mask_and_a_truncated_checkpoint(tmp_path, tiny_folder, mask_bytes):
+def test_check_mask_refuses_a_truncated_mask_and_a_truncated_checkpoint(tmp_path, tiny_folder, mask_bytes):
     report = tmp_path / "report.json"
     mask = tmp_path / "cut_mask.safetensors"
     mask.write_bytes(mask_bytes[:-5])
-    result = run_script("validate_sparsity.py", "--checkpoint", tiny_folder, "--mask_path", mask, "--output", report)
+    result = run_script("check_mask.py", "--checkpoint", tiny_folder, "--mask_path", mask, "--output", report)
     assert_one_error_line(result, f"{mask} is truncated", "compute_masks.py")
     weights = tiny_folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    result = run_script("validate_sparsity.py", "--checkpoint", tiny_folder,
+    result = run_script("check_mask.py", "--checkpoint", tiny_folder,
                         "--mask_path", tmp_path / "whole.safetensors", "--output", report)
     assert_one_error_line(result, f"{weights} is truncated")
     assert not report.exists()

@@ -63,7 +63,8 @@ def test_kernel_matches_numpy(shape, device):
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(shape, generator=gen)
     keep = torch.rand(shape, generator=gen) < 0.8
-    b = torch.where(keep, a, a + torch.randn(shape, generator=gen) * 10 ** torch.empty(shape).uniform_(-7, -1, generator=gen))
+    b = torch.where(keep, a,
+                    a + torch.randn(shape, generator=gen) * 10 ** torch.empty(shape).uniform_(-7, -1, generator=gen))
     rules = ChangeRules(atol=1e-5, eta=1e-3)
     got = diff_stats(a, b, rules, per_row_col=len(shape) == 2, device=device)
     ref = reference_stats(a.numpy(), b.numpy(), 1e-5, 1e-3)

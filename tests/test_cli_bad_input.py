@@ -4,14 +4,15 @@ import json
 
 import pytest
 
+from subnetscope import checkpoint, models
 from subnetscope.cli import (
     analyze,
-    check_sparsity,
+    check_mask,
     compare,
     compute_masks,
     localize,
-    results,
-    validate_sparsity,
+    prune_report,
+    weight_sparsity,
 )
 from subnetscope.cli import matrix as matrix_cli
 
@@ -81,18 +82,18 @@ def test_localize_refuses_output_dir_before_reading_runs(request, tmp_path, caps
 
 @pytest.mark.parametrize("case", FOLDER_CASES)
 def test_compute_masks_refuses_output_dir_before_loading_the_model(request, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(compute_masks, "load_causal_lm", no_work)
-    monkeypatch.setattr(compute_masks, "read_ever_changed", no_work)
+    monkeypatch.setattr(models, "load_causal_lm", no_work)  # compute_masks imports them when it needs them
+    monkeypatch.setattr(checkpoint, "read_ever_changed", no_work)
     out = bad_folder(request, tmp_path, case)
     refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--output_dir", out], "--output_dir")
     refused(capsys, compute_masks.main, ["--from_run", tmp_path, "--output_dir", out], "--output_dir")
 
 
 @pytest.mark.parametrize("case", FOLDER_CASES)
-def test_results_refuses_output_dir_before_reading_runs(request, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(results, "load_runs", no_work)
+def test_prune_report_refuses_output_dir_before_reading_runs(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(prune_report, "load_runs", no_work)
     out = bad_folder(request, tmp_path, case)
-    refused(capsys, results.main, ["--results_dir", tmp_path, "--output_dir", out], "--output_dir", str(out))
+    refused(capsys, prune_report.main, ["--results_dir", tmp_path, "--output_dir", out], "--output_dir", str(out))
 
 
 @pytest.mark.parametrize("flag", ["--output_dir", "--runs_dir"])
@@ -115,17 +116,17 @@ def file_target(request, tmp_path, case: str):
 
 
 @pytest.mark.parametrize("case", ["folder", "below_file", "readonly"])
-def test_validate_sparsity_refuses_output_before_reading(request, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(validate_sparsity, "load_masks", no_work)
+def test_check_mask_refuses_output_before_reading(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(check_mask, "load_masks", no_work)
     target = file_target(request, tmp_path, case)
-    refused(capsys, validate_sparsity.main, ["--checkpoint", "c", "--mask_path", "m", "--output", target], "--output")
+    refused(capsys, check_mask.main, ["--checkpoint", "c", "--mask_path", "m", "--output", target], "--output")
 
 
 @pytest.mark.parametrize("case", ["folder", "below_file", "readonly"])
-def test_check_sparsity_refuses_json_before_reading(request, tmp_path, capsys, monkeypatch, case):
-    monkeypatch.setattr(check_sparsity, "open_checkpoint", no_work)
+def test_weight_sparsity_refuses_json_before_reading(request, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(weight_sparsity, "open_checkpoint", no_work)
     target = file_target(request, tmp_path, case)
-    refused(capsys, check_sparsity.main, ["--model_dir", "m", "--json", target], "--json")
+    refused(capsys, weight_sparsity.main, ["--model_dir", "m", "--json", target], "--json")
 
 
 def test_refused_analysis_creates_no_output_folder(tmp_path, capsys):
@@ -145,7 +146,7 @@ def test_localize_refuses_n_boot_below_one(tmp_path, capsys, monkeypatch, n_boot
 
 @pytest.mark.parametrize("spec", ["3:2", "2-4", "0:4", "4:4", "2:x"])
 def test_compute_masks_names_nm_for_a_bad_pattern(tmp_path, capsys, monkeypatch, spec):
-    monkeypatch.setattr(compute_masks, "load_causal_lm", no_work)
+    monkeypatch.setattr(models, "load_causal_lm", no_work)
     line = refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--method", "nm", "--nm", spec,
                                                 "--output_dir", tmp_path / "masks"], f"--nm {spec}")
     assert "--sparsity" not in line

@@ -29,6 +29,7 @@ def test_every_field_is_a_flag_whose_help_shows_its_default(module, config_cls):
         assert helps, f"{f.name} has no flag"
         for text in helps:
             assert text.count("(default") == 1, text  # the generated one, none written by hand
+            assert not text.startswith("(default"), f"{f.name} is not described where it is declared"
             assert text.endswith(f"(default {f.default})".replace("%", "%%")), text
 
 

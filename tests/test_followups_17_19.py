@@ -70,7 +70,8 @@ def test_gradient_rank_cli_writes_the_plans_rank(tmp_path):
         assert int(glob["plan_rank"]) == plan == summary["tasks"][task]["global_plan_rank"]
         assert float(glob["plan_rank_percent"]) == pytest.approx(100 * plan / 3)
         per_matrix = [100 * int(r["plan_rank"]) / 3 for r in rows if r["task"] == task and r["matrix"] != "global"]
-        assert summary["tasks"][task]["mean_matrix_plan_rank_percent"] == pytest.approx(sum(per_matrix) / len(per_matrix))
+        assert summary["tasks"][task]["mean_matrix_plan_rank_percent"] == pytest.approx(
+            sum(per_matrix) / len(per_matrix))
 
 
 def tiny_phi3(kv_heads: int = 4) -> torch.nn.Module:
@@ -100,14 +101,16 @@ def test_phi3_fused_qkv_has_no_head_units_and_structured_pruning_refuses_it(kv_h
 
 
 def test_structured_refusal_comes_before_any_scoring(tmp_path, capsys, monkeypatch):
+    from subnetscope import importance, models
     from subnetscope.cli import compute_masks
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("scored before the structured layout was checked")
 
-    monkeypatch.setattr(compute_masks, "load_causal_lm", lambda *args, **kwargs: tiny_phi3())
-    monkeypatch.setattr(compute_masks, "importance_scores", no_scoring)
-    monkeypatch.setattr(compute_masks, "random_scores", no_scoring)
+    # compute_masks imports these when it needs them, after its flags are checked
+    monkeypatch.setattr(models, "load_causal_lm", lambda *args, **kwargs: tiny_phi3())
+    monkeypatch.setattr(importance, "importance_scores", no_scoring)
+    monkeypatch.setattr(importance, "random_scores", no_scoring)
     with pytest.raises(SystemExit) as exc:
         compute_masks.main(["--model_path", "phi3", "--method", "structured", "--sparsity", "0.5", "--device", "cpu",
                             "--output_dir", str(tmp_path / "out")])
@@ -121,7 +124,8 @@ def test_main_sft_takes_a_reward_callable_and_refuses_a_bad_one_in_one_line(tmp_
     from subnetscope.cli import sft
 
     rewards = tmp_path / "my_rewards.py"
-    rewards.write_text("LIMIT = 3\n\ndef by_length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    rewards.write_text("LIMIT = 3\n\ndef by_length(completions, **kwargs):\n"
+                       "    return [float(len(c)) for c in completions]\n")
     args = sft.build_parser().parse_args(["--reward", f"{rewards}:by_length"])
     assert sft.config_from_args(args).reward == f"{rewards}:by_length"  # before: refused, not one of the choices
     out = tmp_path / "run"

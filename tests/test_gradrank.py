@@ -19,8 +19,8 @@ def test_gram_spectrum_matches_the_svd_of_the_stack():
     basis = torch.randn(3, 200)
     stack = torch.randn(10, 3) @ basis  # 10 gradients in a 3-dimensional span
     s = spectrum_from_gram("m", stack.double() @ stack.double().T)
-    torch.testing.assert_close(torch.tensor(s.singular_values[:3], dtype=torch.float64), torch.linalg.svdvals(stack.double())[:3],
-                               rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.tensor(s.singular_values[:3], dtype=torch.float64),
+                               torch.linalg.svdvals(stack.double())[:3], rtol=1e-6, atol=1e-9)
     assert s.numerical_rank == 3 and s.effective_rank <= 3 and s.k == 10
 
 
@@ -42,8 +42,8 @@ def test_gradient_spectra_of_planted_low_rank_gradients():
     assert total.numerical_rank == 6
     stack = torch.cat([torch.einsum("kr,rij->kij", coef1, first).reshape(8, -1),
                        torch.einsum("kr,rij->kij", coef2, second).reshape(8, -1)], 1)
-    torch.testing.assert_close(torch.tensor(total.singular_values[:6], dtype=torch.float64), torch.linalg.svdvals(stack.double())[:6],
-                               rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(total.singular_values[:6], dtype=torch.float64),
+                               torch.linalg.svdvals(stack.double())[:6], rtol=1e-5, atol=1e-8)
 
 
 def test_cli_compares_rl_and_sft(tmp_path, capsys):

@@ -98,7 +98,8 @@ def test_gemma3n_multimodal_checkpoint_loads_as_text_model(tmp_path):
 
     text = tiny_model("gemma3n", vocab_size=300)
     Gemma3nConfig(text_config=tiny_gemma3n_config(vocab_size=300).to_dict()).save_pretrained(tmp_path)
-    state = {"model.language_model." + k[len("model."):]: v for k, v in text.state_dict().items() if k.startswith("model.")}
+    state = {"model.language_model." + k[len("model."):]: v for k, v in text.state_dict().items()
+             if k.startswith("model.")}
     state["model.vision_tower.timm_model.stem.weight"] = torch.zeros(3)  # towers are left alone
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
     loaded = load_causal_lm(str(tmp_path), torch.bfloat16)

@@ -51,7 +51,8 @@ def test_reward_rises_and_tracker_equals_offline_diff(tmp_path):
                 assert record.vs_initial[rule][i] == offline[name][rule], (ckpt.step, name, rule)
     assert (run / "final" / "model.safetensors").exists()
     metrics = read_metrics(run)[-1]
-    assert {"eval/greedy/reward", "eval/sampled/reward", "eval/sampled/kl", "localization/relative/count/gini"} <= set(metrics)
+    assert {"eval/greedy/reward", "eval/sampled/reward", "eval/sampled/kl",
+            "localization/relative/count/gini"} <= set(metrics)
 
 
 def test_first_changed_steps_and_ever_changed_mask(tmp_path):
@@ -243,7 +244,8 @@ def test_trl_grpo_trainer_with_callback_matches_its_checkpoints(tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": [f"Sample {i:02d}:" for i in range(16)]})
     callback = SubnetTrackerCallback()
     trainer = TRLTrainer(model=str(tmp_path / "tiny"), args=args, train_dataset=ds, processing_class=tok,
-                         reward_funcs=lambda completions, completion_ids, **kw: [sum(t % 2 == 0 for t in ids) / len(ids) for ids in completion_ids],
+                         reward_funcs=lambda completions, completion_ids, **kw: [
+                             sum(t % 2 == 0 for t in ids) / len(ids) for ids in completion_ids],
                          callbacks=[callback])
     trainer.train()
     run = tmp_path / "trl"

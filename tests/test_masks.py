@@ -151,7 +151,8 @@ def test_nm_keeps_the_n_largest_of_every_m_inputs():
         groups = k.movedim(0, -1).reshape(-1, 4)  # Conv1D: inputs on axis 0
         values = scores[name].movedim(0, -1).reshape(-1, 4)
         assert (groups.sum(1) == 2).all()
-        assert (values.masked_fill(~groups, float("inf")).min(1).values >= values.masked_fill(groups, -1).max(1).values).all()
+        assert (values.masked_fill(~groups, float("inf")).min(1).values
+                >= values.masked_fill(groups, -1).max(1).values).all()
 
 
 def test_random_baseline_is_seeded_and_exact():
@@ -181,7 +182,8 @@ def test_misfitting_masks_are_refused_with_their_names(tmp_path):
     model = _linear_model()
     other = tiny_model("gpt2", vocab_size=64, n_layer=2, n_embd=16)
     masks = {n: torch.ones(t.param.shape, dtype=torch.bool) for n, t in prunable_tensors(other).items()}
-    with pytest.raises(SubnetscopeError, match=r"shapes differ: transformer\.h\.0\.attn\.c_attn\.weight \(mask \[16, 48\]"):
+    with pytest.raises(SubnetscopeError,
+                       match=r"shapes differ: transformer\.h\.0\.attn\.c_attn\.weight \(mask \[16, 48\]"):
         check_masks_fit(MaskSet(masks, {}, fingerprint_of(other)), dict(model.named_parameters()))
     with pytest.raises(SubnetscopeError, match="not in the model: transformer.h.5.mlp.c_fc.weight"):
         check_masks_fit(MaskSet({"transformer.h.5.mlp.c_fc.weight": torch.ones(2, 2, dtype=torch.bool)}),
@@ -189,7 +191,8 @@ def test_misfitting_masks_are_refused_with_their_names(tmp_path):
     bigger_vocab = tiny_model("gpt2", vocab_size=80, n_layer=2)
     same_shapes = {n: torch.ones(t.param.shape, dtype=torch.bool) for n, t in prunable_tensors(bigger_vocab).items()}
     with pytest.raises(SubnetscopeError, match="was made for"):
-        check_masks_fit(MaskSet(same_shapes, {"model": "x"}, fingerprint_of(bigger_vocab)), dict(model.named_parameters()))
+        check_masks_fit(MaskSet(same_shapes, {"model": "x"}, fingerprint_of(bigger_vocab)),
+                        dict(model.named_parameters()))
 
 
 BAD_INPUT = [

@@ -132,7 +132,8 @@ def test_fp32_judged_at_bf16_keeps_its_reference_in_fp32(tmp_path):
     assert "changed_master/exact" in read_metrics(run)[0]
     full = load_file(str(run / "step_1" / "model.safetensors"))
     masters = load_file(str(run / "step_1" / "master.safetensors"))
-    assert {t.dtype for t in full.values()} == {torch.bfloat16} and {t.dtype for t in masters.values()} == {torch.float32}
+    assert ({t.dtype for t in full.values()} == {torch.bfloat16}
+            and {t.dtype for t in masters.values()} == {torch.float32})
     assert all(torch.equal(full[n], masters[n].to(torch.bfloat16)) for n in masters)
 
 

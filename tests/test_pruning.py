@@ -1,5 +1,5 @@
 """Gradual magnitude pruning: the schedule, the pruning itself, revival and the structure metrics,
-each against hand-computed values, then main_prune.py, check_sparsity.py and analyze_results.py."""
+each against hand-computed values, then main_prune.py, weight_sparsity.py and prune_report.py."""
 import csv
 import json
 import os
@@ -188,8 +188,8 @@ def prune_args(text, out, *extra):
 
 
 def run_prune(*args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "main_prune.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env)
+    return subprocess.run([sys.executable, str(ROOT / "main_prune.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
 
 
 # Two identical CPU runs of this model with two threads differ in the last bits about one time in
@@ -238,10 +238,11 @@ def test_applied_sparsity_follows_the_schedule_exactly(runs_at_60, tmp_path, har
     if hard:  # pruned weights stay zero: nothing revives and the final model is exactly sparse
         assert all(r["weight_revival/revival_rate"] in (None, 0.0) for r in records(run))
         assert last["sparsity/overall"] == pytest.approx(sum(round(0.6 * n) for n in sizes) / sum(sizes), abs=1e-12)
-        check = subprocess.run([sys.executable, str(ROOT / "check_sparsity.py"), "--model_dir", str(run / "final"),
+        check = subprocess.run([sys.executable, str(ROOT / "weight_sparsity.py"), "--model_dir", str(run / "final"),
                                 "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=ROOT)
         assert check.returncode == 0, check.stderr
-        assert json.loads((tmp_path / "s.json").read_text())["overall_sparsity"] == pytest.approx(last["sparsity/overall"])
+        assert json.loads((tmp_path / "s.json").read_text())["overall_sparsity"] == pytest.approx(
+            last["sparsity/overall"])
     else:  # AdamW's momentum moves zeroed weights off zero at the next step; after the last pruning the mask holds
         after = [r for r in records(run) if min(plan) < r["step"] < max(plan) and r["step"] not in plan]
         assert after and all(0.0 < r["weight_revival/revival_rate"] <= 1.0 for r in after)
@@ -268,28 +269,31 @@ def test_resume_after_kill_equals_uninterrupted(short_text, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full_recs, resumed_recs = records(tmp_path / "full"), records(killed)
     assert [r["step"] for r in resumed_recs] == [r["step"] for r in full_recs]
-    assert [(r["step"], r["pruning/sparsity"]) for r in resumed_recs] == [(r["step"], r["pruning/sparsity"]) for r in full_recs]
+    assert ([(r["step"], r["pruning/sparsity"]) for r in resumed_recs]
+            == [(r["step"], r["pruning/sparsity"]) for r in full_recs])
     assert resumed_recs[-1]["val/loss"] == pytest.approx(full_recs[-1]["val/loss"], abs=0.05)
 
 
 @pytest.mark.slow
-def test_analyze_results_tables_match_the_metrics(short_text, tmp_path):
+def test_prune_report_tables_match_the_metrics(short_text, tmp_path):
     levels = ("0.0", "0.5")
     results = at_once(*(lambda level=level: run_prune(*prune_args(short_text, tmp_path / "runs" / level,
                                                                  "--target_sparsity", level), env=ONE_THREAD)
                         for level in levels))
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, str(ROOT / "analyze_results.py"), "--results_dir", str(tmp_path / "runs"),
+    result = subprocess.run([sys.executable, str(ROOT / "prune_report.py"), "--results_dir", str(tmp_path / "runs"),
                              "--output_dir", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     with open(out / "summary.csv") as fh:
         rows = {r["run"]: r for r in csv.DictReader(fh)}
     for level in ("0.0", "0.5"):
         recs = records(tmp_path / "runs" / level)
-        assert float(rows[level]["final_val_loss"]) == pytest.approx([r["val/loss"] for r in recs if r.get("val/loss")][-1])
+        assert float(rows[level]["final_val_loss"]) == pytest.approx(
+            [r["val/loss"] for r in recs if r.get("val/loss")][-1])
         assert float(rows[level]["target_sparsity"]) == float(level)
-    for png in ("loss_vs_sparsity.png", "revival_over_time.png", "dead_neurons_per_layer.png", "effective_rank_per_layer.png"):
+    for png in ("loss_vs_sparsity.png", "revival_over_time.png", "dead_neurons_per_layer.png",
+                "effective_rank_per_layer.png"):
         assert (out / png).stat().st_size > 1000 and (out / png.replace(".png", ".csv")).exists()
 
 
@@ -298,7 +302,7 @@ BAD_INPUT_CASES = ["unknown_key", "target", "window", "short"]
 
 @pytest.fixture(scope="module")
 def bad_input_runs(short_text, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
-    """Each case's main_prune.py, all at once (each is refused after its imports): its result and its folder."""
+    """Each case's main_prune.py, all at once: its result and its folder."""
     tmp = tmp_path_factory.mktemp("bad_input")
     config = tmp / "c.yaml"
     config.write_text("target_sparsity: 0.5\nlearning_rate: 0.1\n")
@@ -325,5 +329,6 @@ def test_bad_input_exits_2_before_training(bad_input_runs, case):
 
 @pytest.mark.slow
 def test_help_explains_every_setting():
-    result = subprocess.run([sys.executable, str(ROOT / "main_prune.py"), "--help"], capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, str(ROOT / "main_prune.py"), "--help"], capture_output=True, text=True,
+                            cwd=ROOT)
     assert all(f"--{f.name}" in result.stdout for f in fields(PruneConfig))

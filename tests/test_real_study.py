@@ -81,7 +81,8 @@ def _row(algo, lr, seed, changed, precision="mixed"):
 
 def test_claims_state_each_verdict_from_hand_computed_numbers():
     rows = [_row("grpo", 1e-6, 0, 0.10), _row("grpo", 1e-6, 1, 0.20), _row("sft", 1e-5, 0, 0.60),
-            _row("sft", 1e-6, 0, 0.20), _row("rft", 1e-6, 0, 0.16)]
+            _row("sft", 1e-6, 0, 0.20), _row("rft", 1e-6, 0, 0.16),
+            {**_row("grpo", 1e-6, 0, 0.004), "precision": "bf16", "rank_percent_mean": 49.6}]  # the contrast
     overlaps = [{"algo": "grpo", "rule": "exact", "jaccard": 0.5, "jaccard_random": 0.1, "o1": 0.6, "o1_random": 0.2},
                 {"algo": "sft", "rule": "exact", "jaccard": 0.7, "jaccard_random": 0.3, "o1": 0.8, "o1_random": 0.4},
                 {"algo": "sft", "rule": "exact", "jaccard": 0.8, "jaccard_random": 0.3, "o1": 0.8, "o1_random": 0.4}]
@@ -138,7 +139,8 @@ def test_a_tiny_group_end_to_end_matches_an_independent_diff(tmp_path):
                  "--algos", "grpo", "sft", "--seeds", "0", "1", "--max_steps", "2", "--save_every", "1",
                  "--batch_size", "4", "--group_size", "2", "--max_new_tokens", "6", "--train_prompts", "64",
                  "--heldout_prompts", "8", "--jobs", "0", "--device", "cpu", "--precision", "fp32",
-                 "--contrast", "no", "--subnetwork", "yes", "--output_dir", str(out), "--results_dir", str(results)]) == 0
+                 "--contrast", "no", "--subnetwork", "yes", "--output_dir", str(out),
+                 "--results_dir", str(results)]) == 0
     group = results / "tiny-gpt2__imdb"
     with open(group / "results.csv") as f:
         rows = {r["run"]: r for r in csv.DictReader(f)}
@@ -153,7 +155,8 @@ def test_a_tiny_group_end_to_end_matches_an_independent_diff(tmp_path):
         numel = int(row["numel"])
         assert float(row["changed_exact"]) == pytest.approx(changed / numel, abs=1 / numel), name
     summary = json.loads((group / "group.json").read_text())
-    assert summary["missing_runs"] == [] and set(summary["subnetwork"]["identical_fraction"]) == {"exact", "atol", "relative"}
+    assert summary["missing_runs"] == [] and set(summary["subnetwork"]["identical_fraction"]) == {
+        "exact", "atol", "relative"}
     leftovers = [p for p in (out / "tiny-gpt2__imdb" / "runs").glob("*/*/*")
                  if CHECKPOINT_DIR.match(p.parent.name) and p.name in RESUME_ONLY]
     assert leftovers == []  # a finished run keeps no resume-only state
@@ -215,3 +218,40 @@ def test_the_recorded_command_leaves_the_note_to_its_own_line():
     from subnetscope.cli.real_study import without_note
 
     assert without_note(["run", "--note", "GPU time ran out", "--jobs", "8", "--note=x y"]) == ["run", "--jobs", "8"]
+
+
+def test_a_follow_up_run_starts_as_soon_as_its_source_finishes(tmp_path, monkeypatch):
+    """The subnetwork rerun goes ahead of the runs still queued, and is queued at once when its source
+    finished in an earlier call; a finished follow-up is not run again."""
+    from subnetscope import real_study
+
+    order = []
+
+    def fake_run(spec, folder, heldout, device):
+        order.append(spec.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / real_study.SUMMARY, {"run": spec.name})
+
+    monkeypatch.setattr(real_study, "run_and_measure", fake_run)
+    specs = [real_study.RunSpec(n, "grpo", 1e-6, 0, "mixed", {}) for n in ("a", "b", "c")]
+    sub = real_study.RunSpec("sub_a", "grpo", 1e-6, 0, "mixed", {})
+    cfg = real_study.RealStudyConfig(policy="tiny", task="imdb", jobs=0, device="cpu")
+    follow = {"a": sub}.get
+    summaries = real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
+    assert order == ["a", "sub_a", "b", "c"] and set(summaries) == {"a", "b", "c"}
+    order.clear()
+    (tmp_path / "runs" / "sub_a" / real_study.SUMMARY).unlink()
+    real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
+    assert order == ["sub_a"]  # a resumed study: the source had finished, its follow-up had not
+    real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
+    assert order == ["sub_a"]
+
+
+def test_run_processes_share_the_cores_unless_told(monkeypatch):
+    from subnetscope.real_study import threads_per_run
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    assert threads_per_run(16) == {"OMP_NUM_THREADS": "2"} and threads_per_run(40) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_per_run(16) == {}

@@ -44,7 +44,8 @@ def _odd_pair(tmp_path):
     base["model.layers.1.self_attn.q_proj.weight"][2, 3] = float("inf")
     tuned["model.layers.1.self_attn.q_proj.weight"] = base["model.layers.1.self_attn.q_proj.weight"].clone()
     tuned["model.layers.1.self_attn.q_proj.weight"][0, :4] = float("nan")
-    tuned["model.layers.1.post_attention_layernorm.weight"] = base["model.layers.1.post_attention_layernorm.weight"] * 1.5
+    tuned["model.layers.1.post_attention_layernorm.weight"] = (
+        base["model.layers.1.post_attention_layernorm.weight"] * 1.5)
     tuned["model.norm.weight"] = base["model.norm.weight"].clone()
     return save_state(tmp_path / "odd_base", base), save_state(tmp_path / "odd_tuned", tuned)
 
@@ -77,7 +78,8 @@ def test_batched_pass_equals_tensor_by_tensor(tiny_gpt2_pair, tmp_path, target_b
         split = {m.name for s in plan_segments(base, tuned, names, target_bytes) for m in s.members if m.pieces > 1}
         any_split |= bool(split)
         seen = []
-        for name, stats, ranks in compare_segments(base, tuned, names, rules, device, rank=True, target_bytes=target_bytes):
+        for name, stats, ranks in compare_segments(base, tuned, names, rules, device, rank=True,
+                                                   target_bytes=target_bytes):
             a, b = base.get(name), tuned.get(name)
             axis = neuron_axis(name, tuple(a.shape))
             _assert_same(stats, diff_stats(a, b, rules, per_row_col=axis is not None), name)
@@ -140,7 +142,8 @@ def test_segments_are_single_dtype_packed_and_bounded(tiny_gpt2_pair, tmp_path):
     assert sorted(m.name for s in segments for m in s.members) == sorted(base.names())
     for seg in segments:
         assert all(base.dtype(m.name) == seg.dtype for m in seg.members)
-        assert [m.start for m in seg.members] == [sum(x.numel for x in seg.members[:i]) for i in range(len(seg.members))]
+        assert [m.start for m in seg.members] == [sum(x.numel for x in seg.members[:i])
+                                                  for i in range(len(seg.members))]
         assert seg.nbytes <= 500 or (len(seg.members) == 1 and seg.members[0].shape[0] == 1)
 
 

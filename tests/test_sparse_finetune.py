@@ -1,5 +1,5 @@
-"""Sparse LoRA on PEFT, confined updates, validate_sparsity.py, main_sparse_ft.py (with resume) and
-analyze_results.py's aggregation, each against an independent computation."""
+"""Sparse LoRA on PEFT, confined updates, check_mask.py, main_sparse_ft.py (with resume) and
+prune_report.py's aggregation, each against an independent computation."""
 import copy
 import csv
 import json
@@ -158,7 +158,7 @@ def test_sparse_finetuning_runs_stay_sparse_and_validate(tmp_path, gpt2_mask, ru
     run_dir = runs_by_method[method]
     config = json.loads((run_dir / "config.json").read_text())
     assert config["sparsity"] == 0.5 and config["mask_method"] == "unstructured/magnitude/matrix"
-    check = run("validate_sparsity.py", "--checkpoint", str(run_dir / "final"), "--mask_path", str(gpt2_mask),
+    check = run("check_mask.py", "--checkpoint", str(run_dir / "final"), "--mask_path", str(gpt2_mask),
                 "--output", str(tmp_path / "report.json"))
     assert check.returncode == 0, check.stdout + check.stderr
     report = json.loads((tmp_path / "report.json").read_text())
@@ -171,8 +171,8 @@ def test_sparse_finetuning_runs_stay_sparse_and_validate(tmp_path, gpt2_mask, ru
 
 
 @requires_shared(IMDB_JSONL)
-def test_validate_sparsity_fails_on_a_dense_checkpoint(tmp_path, gpt2_mask):
-    result = run("validate_sparsity.py", "--checkpoint", str(TINY_GPT2_DIR), "--mask_path", str(gpt2_mask),
+def test_check_mask_fails_on_a_dense_checkpoint(tmp_path, gpt2_mask):
+    result = run("check_mask.py", "--checkpoint", str(TINY_GPT2_DIR), "--mask_path", str(gpt2_mask),
                  "--output", str(tmp_path / "r.json"))
     report = json.loads((tmp_path / "r.json").read_text())
     masked_out = report["overall"]["masked_out"]
@@ -203,7 +203,8 @@ def test_sparse_finetuning_resumes_bit_identically(tmp_path, gpt2_mask):
 @pytest.mark.slow
 def test_sparse_finetuning_refuses_a_mask_of_another_model(tmp_path):
     other = tiny_model("gpt2", vocab_size=64, n_embd=16)
-    path = save_masks(tmp_path / "m.safetensors", MaskSet(random_masks(other, 0.5), {"model": "x"}, fingerprint_of(other)))
+    path = save_masks(tmp_path / "m.safetensors",
+                      MaskSet(random_masks(other, 0.5), {"model": "x"}, fingerprint_of(other)))
     result = run("main_sparse_ft.py", *ft_args(tmp_path / "run", "--mask", str(path)))
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "does not match the model" in lines[0], result.stderr
@@ -221,12 +222,12 @@ def fake_run(folder: Path, model: str, method: str, sparsity: float, seed: int, 
 
 
 @pytest.mark.slow
-def test_analyze_results_groups_over_seeds(tmp_path):
+def test_prune_report_groups_over_seeds(tmp_path):
     runs = tmp_path / "runs"
     losses = {(0.0, 0): 2.0, (0.0, 1): 2.2, (0.5, 0): 2.5, (0.5, 1): 2.9}
     for (sparsity, seed), loss in losses.items():
         fake_run(runs / f"s{sparsity}_{seed}", "gpt2", "masked", sparsity, seed, loss, 100 + 10 * seed)
-    result = run("analyze_results.py", "--results_dir", str(runs), "--output_dir", str(tmp_path / "out"))
+    result = run("prune_report.py", "--results_dir", str(runs), "--output_dir", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "out" / "grouped_summary.csv") as fh:
         groups = {float(r["target_sparsity"]): r for r in csv.DictReader(fh)}
@@ -243,7 +244,7 @@ def test_analyze_results_groups_over_seeds(tmp_path):
 
 
 def test_sparse_ft_summary_row_reads_wall_time_memory_and_task_score(tmp_path):
-    from subnetscope.cli import results
+    from subnetscope.cli import prune_report
 
     fake_run(tmp_path / "new", "gpt2", "masked", 0.5, 0, 2.0, 100)
     summary = json.loads((tmp_path / "new" / "summary.json").read_text())
@@ -253,7 +254,7 @@ def test_sparse_ft_summary_row_reads_wall_time_memory_and_task_score(tmp_path):
     fake_run(tmp_path / "old", "gpt2", "masked", 0.5, 1, 2.0, 100)  # summary.json from before wall_seconds
     with open(tmp_path / "old" / "metrics.jsonl", "a") as fh:
         fh.write("\n" + json.dumps({"step": 12, "time/elapsed": 7.0}) + "\n")
-    rows = {r["run"]: r for r in results.summary_rows(results.folder_runs(str(tmp_path)))}
+    rows = {r["run"]: r for r in prune_report.summary_rows(prune_report.folder_runs(str(tmp_path)))}
     assert rows["new"]["wall_seconds"] == 12.5 and rows["old"]["wall_seconds"] == 7.0
     assert rows["new"]["peak_cpu_rss_gb"] == 1.25 and rows["new"]["peak_gpu_memory_gb"] is None
     assert (rows["new"]["task_metric"], rows["new"]["task_score"]) == ("accuracy", 0.75)
@@ -264,7 +265,8 @@ def test_task_records_become_training_texts():
     from subnetscope.data import TASKS
 
     boolq = TASKS["boolq"][2]({"passage": "Cats purr.", "question": "do cats purr", "answer": True})
-    hellaswag = TASKS["hellaswag"][2]({"ctx": "He opens the door", "endings": ["and flies.", "and walks in."], "label": "1"})
+    hellaswag = TASKS["hellaswag"][2]({"ctx": "He opens the door", "endings": ["and flies.", "and walks in."],
+                                       "label": "1"})
     gsm8k = TASKS["gsm8k"][2]({"question": "2+2?", "answer": "#### 4"})
     assert boolq == "Cats purr.\nQuestion: do cats purr?\nAnswer: yes"
     assert hellaswag == "He opens the door and walks in."

@@ -375,7 +375,7 @@ def test_sweep_runs_masks_training_and_analysis_and_resumes(tmp_path):
     assert row["task_metric"] == "accuracy" and float(row["task_score"]) == pytest.approx(summary["task_score"])
     assert row["mask_violations"] == "0" and float(row["final_sparsity"]) == pytest.approx(0.5)
     assert "too few tokens" in rows["unstructured_magnitude_matrix_s0.50__seq_len=100000"]["error"]
-    assert (out / "analysis" / "summary.csv").is_file()  # analyze_results.py's tables beside the sweep's
+    assert (out / "analysis" / "summary.csv").is_file()  # prune_report.py's tables beside the sweep's
     again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
     assert again.returncode == 1 and again.stdout.count("done before, skipped") == 1
     assert "masks masks: found" in again.stdout

@@ -11,37 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
-from .. import plots
-from ..checkpoint import BASE_DIR, open_checkpoint, read_ever_changed
-from ..data import calibration_batches, load_task_texts, token_stream
-from ..devices import resolve_device
+from ..config import IMPORTANCES, MASK_EXTRA_TENSORS, MASK_GROUPS, MASK_METHODS
 from ..errors import SubnetscopeError, cli_main
-from ..importance import (
-    EXTRA_TENSORS,
-    GROUPS,
-    IMPORTANCES,
-    METHODS,
-    expected_pruned,
-    importance_scores,
-    nm_masks,
-    prunable_tensors,
-    random_scores,
-    select_masks,
-    unit_groups,
-)
-from ..masks import (
-    MaskSet,
-    model_fingerprint,
-    save_masks,
-    validation_rows,
-    validation_summary,
-)
-from ..models import load_causal_lm, load_tokenizer
 from ..outputs import check_output_dir
-from ..report import write_csv, write_json
-from ..runstate import RUN_CONFIG, read_run_config
 from .training import quiet_transformers
 
 DEFAULT_SPARSITIES = [round(0.1 * i, 1) for i in range(10)]
@@ -58,17 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the mask files and reports go (default checkpoints/masks)")
     p.add_argument("--sparsity", type=float, nargs="+", help="fractions of weights to remove, each in [0, 1) "
                    "(default 0.0 0.1 ... 0.9; not with --method nm, whose sparsity is 1 - N/M)")
-    p.add_argument("--method", choices=METHODS, default="unstructured",
+    p.add_argument("--method", choices=MASK_METHODS, default="unstructured",
                    help="unstructured; structured (whole MLP neurons and attention heads); random (the baseline); "
                         "nm (N of every M consecutive inputs kept) (default unstructured)")
     p.add_argument("--importance", choices=IMPORTANCES, default="magnitude",
                    help="|W|; |grad| or |W*grad| summed over calibration batches; or Wanda's |W|*||x|| "
                         "(default magnitude)")
-    p.add_argument("--group", choices=GROUPS, default="matrix",
+    p.add_argument("--group", choices=MASK_GROUPS, default="matrix",
                    help="which weights compete for the cut (unstructured and random): each matrix, each output row "
                         "(Wanda), or all tensors at once (default matrix)")
     p.add_argument("--nm", default="2:4", help="N:M pattern of --method nm, e.g. 2:4 or 4:8 (default 2:4)")
-    p.add_argument("--include", nargs="+", choices=EXTRA_TENSORS, default=[],
+    p.add_argument("--include", nargs="+", choices=MASK_EXTRA_TENSORS, default=[],
                    help="also mask these (by default only linear-layer weights are prunable)")
     p.add_argument("--calib_data", help="text for gradient/taylor/wanda scores: boolq, hellaswag, gsm8k, imdb "
                                         "(through datasets) or a local file such as ../shared/data/imdb/train.jsonl.gz")
@@ -106,6 +78,9 @@ def mask_name(method: str, importance: str, group: str, sparsity: float, nm: tup
 def run_model(run_dir: Path) -> tuple[dict[str, list[int]], str]:
     """The run's parameter names and shapes (what a mask's fingerprint covers) and its model: from
     run_config.json, or, for a TRL run folder without one, from its base/ (θ0)."""
+    from ..checkpoint import BASE_DIR, open_checkpoint
+    from ..runstate import RUN_CONFIG, read_run_config
+
     if (run_dir / RUN_CONFIG).is_file():
         config = read_run_config(run_dir)
         if "parameters" in config:
@@ -118,6 +93,11 @@ def run_model(run_dir: Path) -> tuple[dict[str, list[int]], str]:
 
 
 def write_run_mask(args: argparse.Namespace, out: Path) -> int:
+    """The 'ever changed' mask of the run in --from_run."""
+    from ..checkpoint import read_ever_changed
+    from ..masks import MaskSet, model_fingerprint, save_masks
+    from ..report import write_json
+
     run_dir = Path(args.from_run)
     step, masks = read_ever_changed(run_dir)
     shapes, model = run_model(run_dir)
@@ -137,9 +117,11 @@ def write_run_mask(args: argparse.Namespace, out: Path) -> int:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_transformers()
     out = check_output_dir(args.output_dir)
     if args.from_run:
+        if not Path(args.from_run).is_dir():
+            raise SubnetscopeError(f"--from_run {args.from_run} is not a folder: pass the run folder a trainer wrote")
+        quiet_transformers()
         return write_run_mask(args, out)
     nm = parse_nm(args.nm)
     if args.method == "nm" and args.sparsity:
@@ -151,11 +133,38 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("calib_batches", "calib_batch_size", "calib_seq_len"):
         if getattr(args, flag) < 1:
             raise SubnetscopeError(f"--{flag} must be at least 1")
-    device = resolve_device(args.device)
     needs_data = args.importance != "magnitude" and args.method != "random"
     if needs_data and not args.calib_data:
         raise SubnetscopeError(f"--importance {args.importance} needs data: pass --calib_data (a data set name "
                                "or a local file such as ../shared/data/imdb/train.jsonl.gz)")
+    quiet_transformers()
+    write_level_masks(args, out, levels, nm, needs_data)
+    return 0
+
+
+def write_level_masks(args: argparse.Namespace, out: Path, levels: list[float], nm: tuple[int, int],
+                      needs_data: bool) -> None:
+    """The masks of the model in --model_path at each sparsity of `levels`, and their validation reports;
+    torch and the model load here, after main has checked the flags."""
+    import torch
+
+    from .. import plots
+    from ..data import calibration_batches, load_task_texts, token_stream
+    from ..devices import resolve_device
+    from ..importance import (
+        expected_pruned,
+        importance_scores,
+        nm_masks,
+        prunable_tensors,
+        random_scores,
+        select_masks,
+        unit_groups,
+    )
+    from ..masks import MaskSet, model_fingerprint, save_masks, validation_rows, validation_summary
+    from ..models import load_causal_lm, load_tokenizer
+    from ..report import write_csv, write_json
+
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model_path, args.tokenizer) if needs_data else None
     model = load_causal_lm(args.model_path, torch.float32, vocab_size=len(tokenizer) if tokenizer else None).to(device)
     tensors = prunable_tensors(model, tuple(args.include))
@@ -197,4 +206,3 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "validation.csv", all_rows)
     if args.plot:
         plots.mask_validation(reports, all_rows, out / "mask_validation.png")
-    return 0

@@ -36,11 +36,6 @@ def field_meta(cls: type, name: str) -> dict:
     return merged
 
 
-def field_help(cls: type, *names: str) -> dict[str, str]:
-    """The help of fields declared in `cls`, for a command whose own dataclass has the same settings."""
-    return {name: field_meta(cls, name)["help"] for name in names}
-
-
 def _field_kinds(cls: type, name: str) -> tuple[type, tuple]:
     """The field's annotation and the types it allows (NoneType included for an optional one)."""
     kind = typing.get_type_hints(cls)[name]
@@ -114,22 +109,21 @@ def _help(text: str, default: Any) -> str:
     return f"{text} (default {shown})" if text else f"(default {shown})"
 
 
-def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, help_texts: dict[str, str] | None = None,
-                        choices: dict[str, tuple] | None = None, presets: dict[str, Preset] | None = None) -> None:
-    """`--config`, one flag per field (help from the field's metadata, else `help_texts`, with the field's
-    actual default appended) and one per preset. A flag not given stays absent from the namespace, so that
+def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, presets: dict[str, Preset] | None = None) -> None:
+    """`--config`, one flag per field (help from the field's metadata, with the field's actual default
+    appended) and one per preset. A flag not given stays absent from the namespace, so that
     presets and the YAML file can tell."""
     p.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,
                    help="YAML file of settings, keys = the flags' names (without --); flags given win over it")
     settings = p.add_argument_group("settings (YAML keys)")
     for f in fields(cls):
         meta = field_meta(cls, f.name)
-        text = meta.get("help", (help_texts or {}).get(f.name, ""))
+        text = meta.get("help", "")
         default, kind = _default(f), _base_type(cls, f.name)
         names = [f"--{n}" for n in (f.name, *meta.get("aliases", ()))]
         if kind is not bool:
             settings.add_argument(*names, dest=f.name, action=_Setting, type=meta.get("type", kind),
-                                  choices=meta.get("choices", (choices or {}).get(f.name)),
+                                  choices=meta.get("choices"),
                                   metavar=meta.get("metavar"), default=argparse.SUPPRESS, help=_help(text, default))
         elif "switches" not in meta:
             settings.add_argument(*names, dest=f.name, action=_Setting, nargs=0, const=True,

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import torch
 
 from .. import plots
 from ..baselines import scored_samples, sft_records
 from ..data import BUILTIN_PROMPTS, EASY_PROMPTS
+from ..env import Env, build_env
 from ..errors import SubnetscopeError, cli_main
 from ..gradrank import ENERGY, Spectrum, gradient_spectra
 from ..grpo import GRPOConfig, GRPOTrainer
@@ -56,11 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def sft_loss_fn(trainer: GRPOTrainer, pairs: dict[str, list[str]], batch_size: int):
+def sft_loss_fn(env: Env, pairs: dict[str, list[str]], batch_size: int):
     """NLL of the reference continuations, batch i = pairs i·batch_size … (k × batch_size distinct pairs:
-    no batch repeats another's), under the trainer's precision, as its own loss."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    tokenizer, device = trainer.tokenizer, trainer.device
+    no batch repeats another's), under the env's precision, as the RL loss is."""
+    model, tokenizer, device = env.policy, env.tokenizer, env.device
     n = len(pairs["prompt"])
 
     def loss(i: int) -> torch.Tensor:
@@ -74,7 +72,7 @@ def sft_loss_fn(trainer: GRPOTrainer, pairs: dict[str, list[str]], batch_size: i
         ids = torch.cat([prompt["input_ids"], completion["input_ids"]], 1).to(device)
         mask = torch.cat([prompt["attention_mask"], completion["attention_mask"]], 1).to(device)
         comp_mask = completion["attention_mask"].to(device).float()
-        with trainer.autocast():
+        with env.precision.autocast(device):
             logps = per_token_logps(model, ids, mask, comp_mask.shape[1], 1.0)
         return -((logps * comp_mask).sum(1) / comp_mask.sum(1).clamp(min=1)).mean()
 
@@ -112,24 +110,21 @@ def run(args: argparse.Namespace) -> dict:
     built_in = {"builtin": BUILTIN_PROMPTS, "easy": EASY_PROMPTS}.get(args.dataset)
     if built_in is not None:  # refused before the model loads; a file's prompts are counted once loaded
         distinct_sft_prompts(list(built_in), args.dataset, args.k, args.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = GRPOTrainer(GRPOConfig(policy=args.policy, reward=args.reward, reward_model=args.reward_model,
-                                         dataset=args.dataset, batch_size=args.batch_size, group_size=args.group_size,
-                                         max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed,
-                                         precision=args.precision,
-                                         max_steps=args.k, output_dir=str(Path(tmp) / "run"), no_tqdm=True))
-        sft_prompts = distinct_sft_prompts(trainer.prompts, args.dataset, args.k, args.batch_size)
-        device = trainer.device
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        results = {"rl": gradient_spectra(model, lambda i: trainer.policy_gradient_loss(i + 1), args.k, device)}
-        with trainer.autocast():
-            samples = scored_samples(model, trainer.tokenizer, sft_prompts, trainer.reward_fn, 4, args.seed,
-                                     args.max_new_tokens, 1.0)
-        pairs = sft_records(sft_prompts, samples)
-        if len(pairs["prompt"]) < len(sft_prompts):
-            raise SubnetscopeError(f"{len(sft_prompts) - len(pairs['prompt'])} of the {len(sft_prompts)} SFT prompts "
-                                   "got no completion with a finite reward: check --reward, or lower --k")
-        results["sft"] = gradient_spectra(model, sft_loss_fn(trainer, pairs, args.batch_size), args.k, device)
+    config = GRPOConfig(policy=args.policy, reward=args.reward, reward_model=args.reward_model, dataset=args.dataset,
+                        batch_size=args.batch_size, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
+                        device=args.device, seed=args.seed, precision=args.precision)
+    env = build_env(config)  # no trainer: no run folder, no θ0 written anywhere
+    sft_prompts = distinct_sft_prompts(env.prompts, args.dataset, args.k, args.batch_size)
+    results = {"rl": gradient_spectra(env.policy, lambda i: GRPOTrainer.policy_gradient_loss(env, config, i + 1),
+                                      args.k, env.device)}
+    with env.precision.autocast(env.device):
+        samples = scored_samples(env.policy, env.tokenizer, sft_prompts, env.reward_fn, 4, args.seed,
+                                 args.max_new_tokens, 1.0)
+    pairs = sft_records(sft_prompts, samples)
+    if len(pairs["prompt"]) < len(sft_prompts):
+        raise SubnetscopeError(f"{len(sft_prompts) - len(pairs['prompt'])} of the {len(sft_prompts)} SFT prompts "
+                               "got no completion with a finite reward: check --reward, or lower --k")
+    results["sft"] = gradient_spectra(env.policy, sft_loss_fn(env, pairs, args.batch_size), args.k, env.device)
     rows, spectra = [], []
     summary = {"k": args.k, "energy": ENERGY, "sft_distinct_prompts": len(sft_prompts), "tasks": {}}
     for task, (total, per_matrix) in results.items():

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = run_sweep(args.config, args.output_dir)
     out = result.out / "analysis"
-    print(f"summary in {out}/sweep_summary.csv, {out}/sweep_grouped.csv and analyze_results.py's tables there")
+    print(f"summary in {out}/sweep_summary.csv, {out}/sweep_grouped.csv and prune_report.py's tables there")
     if result.failed:
         more = len(result.failed) - 10
         shown = ", ".join(result.failed[:10]) + (f" and {more} more" if more > 0 else "")

@@ -24,12 +24,15 @@ from ..testbed import TINY, TestbedConfig, build_testbed
 from .training import quiet_transformers
 
 BUILD_HELP = {
-    "data": "IMDB reviews with labels: imdb (through datasets) or a local file such as ../shared/data/imdb/train.jsonl.gz",
+    "data": "IMDB reviews with labels: imdb (through datasets) or a local file such as "
+            "../shared/data/imdb/train.jsonl.gz",
     "tokenizer": "GPT-2 tokenizer: gpt2 from the Hub, offline ../shared/models/tiny-gpt2 (it has GPT-2's)",
     "n_layer": "policy transformer blocks", "n_head": "attention heads", "n_embd": "width",
     "block_size": "context length in tokens (pretraining windows, classifier inputs)",
-    "lm_steps": "pretraining steps", "lm_batch_size": "windows per pretraining step", "lm_lr": "peak pretraining lr (cosine)",
-    "clf_steps": "classifier training steps", "clf_batch_size": "reviews per classifier step", "clf_lr": "classifier lr",
+    "lm_steps": "pretraining steps", "lm_batch_size": "windows per pretraining step",
+    "lm_lr": "peak pretraining lr (cosine)",
+    "clf_steps": "classifier training steps", "clf_batch_size": "reviews per classifier step",
+    "clf_lr": "classifier lr",
     "max_reviews": "reviews read from the data", "heldout_reviews": "of those, held out for perplexity and accuracy",
     "device": "auto, cpu or cuda", "seed": "seed of the data order, initial weights and batches",
     "output_dir": "the testbed folder",
@@ -53,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=sd.seeds, help="seeds (default 0 1 2)")
     s.add_argument("--max_steps", type=int, default=sd.max_steps, help=f"updates of every run (default {sd.max_steps})")
     s.add_argument("--lr", type=float, default=sd.lr, help=f"learning rate of every run (default {sd.lr})")
-    s.add_argument("--batch_size", type=int, default=sd.batch_size, help=f"prompts per update (default {sd.batch_size})")
+    s.add_argument("--batch_size", type=int, default=sd.batch_size,
+                   help=f"prompts per update (default {sd.batch_size})")
     s.add_argument("--max_prompt_tokens", type=int, default=sd.max_prompt_tokens, help="prompt length (review opening)")
     s.add_argument("--max_new_tokens", type=int, default=sd.max_new_tokens, help="completion length")
     s.add_argument("--device", default=sd.device, help="auto, cpu or cuda")
@@ -64,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype at which every main run's changes are judged (default: bfloat16 under mixed and bf16, "
                         "float32 under fp32)")
     s.add_argument("--output_dir", default=sd.output_dir, help=f"study folder (default {sd.output_dir})")
-    s.add_argument("--no_subnetwork", dest="subnetwork", action="store_false", help="skip the subnetwork-only GRPO rerun")
+    s.add_argument("--no_subnetwork", dest="subnetwork", action="store_false",
+                   help="skip the subnetwork-only GRPO rerun")
     s.add_argument("--no_precision_split", dest="precision_split", action="store_false",
                    help="skip the precision split (GRPO under mixed precision, unless the main runs were, and with "
                         "pure bf16 weights)")
@@ -81,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         cards = build_testbed(TestbedConfig(**values))
         policy, reward = cards["policy"], cards["reward"]
         print(f"policy: {policy['parameters'] / 1e6:.1f}M parameters, held-out perplexity "
-              f"{policy['metrics']['heldout_perplexity']:.1f} after {policy['steps']} steps ({policy['seconds']:.0f} s)")
+              f"{policy['metrics']['heldout_perplexity']:.1f} after {policy['steps']} steps "
+              f"({policy['seconds']:.0f} s)")
         for sample in policy["samples"][:2]:
             print(f"  {sample['prompt']!r} -> {sample['greedy'].strip()[:100]!r}")
         print(f"reward model: held-out accuracy {reward['metrics']['heldout_accuracy']:.3f} (VADER on the same reviews "
-              f"{reward['metrics']['vader_heldout_accuracy']:.3f}); testbed in {values.get('output_dir', TestbedConfig.output_dir)}/")
+              f"{reward['metrics']['vader_heldout_accuracy']:.3f}); testbed in "
+              f"{values.get('output_dir', TestbedConfig.output_dir)}/")
         return 0
     config = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
     out = run_study(config)

@@ -1,4 +1,4 @@
-"""analyze_results.py: tables and figures from a folder of main_prune.py and main_sparse_ft.py runs.
+"""prune_report.py: tables and figures from a folder of main_prune.py and main_sparse_ft.py runs.
 
 Every sub-folder of --results_dir holding config.json and metrics.jsonl is a run. --wandb_run adds
 main_prune.py runs logged to Weights & Biases (--wandb PROJECT): an offline run folder

@@ -2,7 +2,7 @@
 """Sparsity of a saved model's linear weights. See --help."""
 import sys
 
-from subnetscope.cli.check_sparsity import main
+from subnetscope.cli.weight_sparsity import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""validate_sparsity.py: check that a fine-tuned (merged) checkpoint is exactly zero wherever its mask is.
+"""check_mask.py: check that a fine-tuned (merged) checkpoint is exactly zero wherever its mask is.
 
 For every masked tensor: entries non-zero where the mask is False (violations: must be 0), the
 mask's sparsity and the weights' actual zero fraction; the same per layer and overall. Writes the

@@ -1,4 +1,4 @@
-"""check_sparsity.py: how sparse is a saved model? Per-matrix and overall zeros of the linear weights.
+"""weight_sparsity.py: how sparse is a saved model? Per-matrix and overall zeros of the linear weights.
 
 Reads any checkpoint the analysis reads (a model folder, a run's checkpoint-N or final/, a Hub id),
 streaming one tensor at a time. Embeddings, norms and biases are left out, as in main_prune.py.

@@ -1,4 +1,4 @@
-"""analyze_results.py reads main_prune.py runs from Weights & Biases: an offline run's .wandb file
+"""prune_report.py reads main_prune.py runs from Weights & Biases: an offline run's .wandb file
 (a real one, written by wandb in a pruning run, against the run's metrics.jsonl; and hand-framed
 ones for block-spanning records, a cut-off end and a resumed run), or a run id, refused in one
 line when the service cannot be reached."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from subnetscope.cli import results
+from subnetscope.cli import prune_report
 from subnetscope.wandb_runs import BLOCK, offline_runs, read_run_file
 
 from .conftest import SHAKESPEARE, TINY_GPT2_DIR
@@ -92,7 +92,7 @@ def test_a_resumed_run_merges_its_files_later_steps_winning(tmp_path):
 
 def refused(capsys, argv, *needles) -> str:
     with pytest.raises(SystemExit) as exc:
-        results.main([str(a) for a in argv])
+        prune_report.main([str(a) for a in argv])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert exc.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
@@ -140,7 +140,7 @@ def test_an_offline_wandb_pruning_run_gives_the_tables_of_its_metrics_jsonl(tmp_
         assert theirs == pytest.approx({k: v for k, v in mine.items() if v is not None})
     tables = {}
     for name, flags in (("folder", ["--results_dir", run]), ("wandb", ["--wandb_run", offline])):
-        results.main([str(a) for a in [*flags, "--output_dir", tmp_path / name, "--no-plot"]])
+        prune_report.main([str(a) for a in [*flags, "--output_dir", tmp_path / name, "--no-plot"]])
         with open(tmp_path / name / "summary.csv") as fh:
             (tables[name],) = list(csv.DictReader(fh))
     assert tables["wandb"].pop("run") == "half" and tables["folder"].pop("run") == "half"

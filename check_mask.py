@@ -2,7 +2,7 @@
 """Check that a merged checkpoint is exactly zero wherever its mask is. See --help."""
 import sys
 
-from subnetscope.cli.validate_sparsity import main
+from subnetscope.cli.check_mask import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 """Tables and figures from a folder of pruning runs. See --help."""
 import sys
 
-from subnetscope.cli.results import main
+from subnetscope.cli.prune_report import main
 
 if __name__ == "__main__":
     sys.exit(main())
