@@ -47,7 +47,16 @@ MASK_EXTRA_TENSORS = ("embeddings", "norms", "lm_head")
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
     """A field and its flag in one place: `help` and the flag's other metadata (subnetscope.cli.dataclass_args)."""
+    if isinstance(default, list):  # a mutable default: each config gets its own copy
+        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
     return field(default=default, metadata={"help": help, **meta})
+
+
+def yes_no(text: str) -> bool:
+    """A yes/no flag's value (the study's switches are spelled `--contrast no`, as its recorded commands are)."""
+    if text.lower() not in ("yes", "no", "true", "false"):
+        raise argparse.ArgumentTypeError("use yes or no")
+    return text.lower() in ("yes", "true")
 
 
 def same_setting(cls: type, name: str) -> Any:

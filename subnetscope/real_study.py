@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,7 @@ import torch
 from .arithmetic import Difficulty, make_problems
 from .changes import RULES, ChangeRules
 from .checkpoint import open_checkpoint
+from .config import setting, yes_no
 from .errors import SubnetscopeError
 from .logger import read_metrics
 from .report import write_csv, write_json
@@ -54,39 +55,48 @@ CHECKPOINT_DIR = re.compile(r"^(step_|checkpoint-)\d+$")
 class RealStudyConfig:
     """One group of the study: a policy on a task."""
 
-    # a real model's name (smollm2-135m-instruct, gemma3-270m), a local folder, or tiny-gpt2 for tests
-    policy: str = "smollm2-135m-instruct"
-    # arithmetic (exact-match reward) or imdb (VADER sentiment of continued review openings)
-    task: str = "arithmetic"
-    algos: list[str] = field(default_factory=lambda: list(ALGOS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # the lr every algorithm also runs at, besides its usual one (USUAL_LR)
-    shared_lr: float = 1e-6
-    max_steps: int = 300
-    save_every: int = 25
-    batch_size: int = 16
-    group_size: int = 4
-    max_new_tokens: int = 40
-    # arithmetic problems: 2-3 operands in [2, max_value], + and *; SmolLM2-135M-Instruct answers ~38% greedily
-    max_value: int = 10
-    train_prompts: int = 2000
-    heldout_prompts: int = 200
-    # labelled IMDB reviews (prompts: openings of all reviews; SFT targets: real positive reviews)
-    imdb: str = "../shared/data/imdb/train.jsonl.gz"
-    # instruct models see prompts in their chat template; None: when the tokenizer has one
-    chat_template: bool | None = None
-    jobs: int = 1  # runs at once, each its own process; 0 runs them one after another in this process
-    device: str = "auto"
-    precision: str = "mixed"
-    # RFT keeps a prompt's best sample when it scores at least this; None: the task's (RFT_MIN_REWARD)
-    rft_min_reward: float | None = None
-    contrast: bool = True  # GRPO seed 0 with pure bf16 weights: bf16 stagnation, for contrast
-    subnetwork: bool = True  # GRPO seed 0 again, confined to the weights its full run changed
-    # False: start no run; write the group's results from the runs finished so far (a study its GPU time cut short)
-    train: bool = True
-    note: str = ""  # a sentence the table prints under the group (e.g. why runs are missing)
-    output_dir: str = "checkpoints/real_study"
-    results_dir: str = "results/real_study"
+    policy: str = setting("smollm2-135m-instruct", "a real model (smollm2-135m-instruct, gemma3-270m), a local "
+                          "model folder, or tiny-gpt2 for tests")
+    task: str = setting("arithmetic", "arithmetic (exact match of the final number) or imdb (VADER sentiment of "
+                        "continued review openings)", choices=TASKS)
+    algos: list[str] = setting(list(ALGOS), "algorithms: grpo ppo dpo sft rft (rft = SFT on the policy's own "
+                               "reward-passing samples)", choices=ALGOS,
+                               metavar="ALGO")
+    seeds: list[int] = setting([0, 1, 2], "seeds of every run")
+    shared_lr: float = setting(1e-6, "the lr every algorithm also runs at, beside its usual one (RL 1e-6, SFT "
+                               "and RFT 1e-5)")
+    max_steps: int = setting(300, "updates per run")
+    save_every: int = setting(25, "checkpoint every N updates (only the newest is kept)")
+    batch_size: int = setting(16, "prompts per update")
+    group_size: int = setting(4, "GRPO completions per prompt; DPO and RFT samples per prompt")
+    max_new_tokens: int = setting(40, "completion length")
+    max_value: int = setting(10, "arithmetic: operands are integers in [2, max_value], joined by + and *")
+    # SmolLM2-135M-Instruct answers 5 of 48 held-out problems of 2-3 operands right before training, 26 of 48
+    # two-operand ones (greedy, CPU check, session 11): --max_operands 2 starts it inside the issue's 20-60%
+    max_operands: int = setting(3, "arithmetic: at most this many operands (2 or more)")
+    train_prompts: int = setting(2000, "training prompts generated (arithmetic) or read (imdb)")
+    heldout_prompts: int = setting(200, "held-out prompts for the score before and after (arithmetic: accuracy)")
+    imdb: str = setting("../shared/data/imdb/train.jsonl.gz", "labelled IMDB reviews (the imdb task; prompts: "
+                        "openings of all reviews, SFT targets: real positive reviews)")
+    chat_template: bool | None = setting(None, "prompts in the tokenizer's chat template: yes or no (None: when "
+                                         "it has one)", type=yes_no, metavar="{yes,no}")
+    jobs: int = setting(1, "runs at once, each its own process (0: one after another in this process); on "
+                        "several GPUs the processes are spread evenly over CUDA_VISIBLE_DEVICES (every GPU "
+                        "when unset), the CPU cores shared out among them")
+    device: str = setting("auto", "auto, cpu or cuda")
+    precision: str = setting("mixed", "the main runs' precision: mixed (fp32 masters, bf16 view) or fp32")
+    rft_min_reward: float | None = setting(None, "RFT keeps a prompt's best sample when it scores at least this "
+                                           "(None: 1 = correct for arithmetic, 0.5 for imdb's VADER score)")
+    contrast: bool = setting(True, "also GRPO seed 0 with pure bf16 weights, the bf16-stagnation contrast "
+                             "(yes/no)", type=yes_no, metavar="{yes,no}")
+    subnetwork: bool = setting(True, "also GRPO seed 0 confined to the weights its full run changed, started "
+                               "as soon as that run ends (yes/no)", type=yes_no, metavar="{yes,no}")
+    train: bool = setting(True, "no: start no run, write the group's results from the runs finished so far (a "
+                          "study cut short); overlap pairs whose checkpoints are gone keep their rows from the "
+                          "overlap.csv already there", type=yes_no, metavar="{yes,no}")
+    note: str = setting("", "a sentence the table prints under the group (e.g. why runs are missing)")
+    output_dir: str = setting("checkpoints/real_study", "where the runs go (large)")
+    results_dir: str = setting("results/real_study", "where the small result files and table.md go")
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -100,6 +110,8 @@ class RealStudyConfig:
         if self.group_size < 2 or self.jobs < 0 or not self.shared_lr > 0 or not self.seeds:
             raise SubnetscopeError("--group_size must be at least 2, --jobs at least 0, --shared_lr positive, and "
                                    "--seeds must name at least one seed")
+        if self.max_operands < 2 or self.max_value < 2:
+            raise SubnetscopeError("--max_operands and --max_value must be at least 2")
         if self.task == "imdb" and not Path(self.imdb).is_file():
             raise SubnetscopeError(f"--imdb {self.imdb} does not exist: pass a labelled IMDB file such as "
                                    "../shared/data/imdb/train.jsonl.gz")
@@ -137,7 +149,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def arithmetic_files(cfg: RealStudyConfig) -> dict[str, list[dict]]:
     """Training problems (prompt; prompt + worked answer) and distinct held-out problems."""
     problems = make_problems(cfg.train_prompts + cfg.heldout_prompts, seed=DATA_SEED, difficulty=Difficulty(
-        max_value=cfg.max_value))
+        max_operands=cfg.max_operands, max_value=cfg.max_value))
     # the generator's de-duplication leaves the last problems drawn mostly three-operand ones: shuffle first,
     # so the held-out problems come from the training distribution
     random.Random(DATA_SEED).shuffle(problems)

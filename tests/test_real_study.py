@@ -255,3 +255,35 @@ def test_run_processes_share_the_cores_unless_told(monkeypatch):
     assert threads_per_run(16) == {"OMP_NUM_THREADS": "2"} and threads_per_run(40) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads_per_run(16) == {}
+
+
+def test_a_yaml_config_sets_what_the_same_flags_set(tmp_path):
+    """The study's flags come from its config dataclass: a --config file (lists and yes/no switches
+    included) gives the config the flags give, and a bad value is refused in one line."""
+    from subnetscope.cli.dataclass_args import config_from_args
+    from subnetscope.cli.real_study import build_parser
+
+    (tmp_path / "study.yaml").write_text("task: imdb\nalgos: [grpo, rft]\nseeds: [3]\ncontrast: false\n"
+                                         "max_operands: 2\nchat_template: true\n")
+    parser = build_parser()
+    from_file = config_from_args(RealStudyConfig, parser.parse_args(["run", "--config", str(tmp_path / "study.yaml")]))
+    from_flags = config_from_args(RealStudyConfig, parser.parse_args(
+        ["run", "--task", "imdb", "--algos", "grpo", "rft", "--seeds", "3", "--contrast", "no", "--max_operands", "2",
+         "--chat_template", "yes"]))
+    expected = RealStudyConfig(task="imdb", algos=["grpo", "rft"], seeds=[3], contrast=False, max_operands=2,
+                               chat_template=True)
+    assert from_file == from_flags == expected
+    assert RealStudyConfig().algos is not RealStudyConfig().algos  # each config its own list
+    (tmp_path / "bad.yaml").write_text("algos: [grpo, sgd]\n")
+    with pytest.raises(SubnetscopeError, match="sgd"):
+        config_from_args(RealStudyConfig, parser.parse_args(["run", "--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_two_operand_problems_when_asked():
+    from subnetscope.real_study import arithmetic_files
+
+    rows = arithmetic_files(RealStudyConfig(max_operands=2, train_prompts=50, heldout_prompts=10))
+    counts = {r["prompt"].split("?")[0].count("+") + r["prompt"].split("?")[0].count("*") for r in rows["heldout"]}
+    assert counts == {1}  # one operator: two operands
+    with pytest.raises(SubnetscopeError, match="max_operands"):
+        RealStudyConfig(max_operands=1).validate()

@@ -1,7 +1,8 @@
 """The one way flags are made: every field of a config dataclass is a flag and a YAML key, described where
 it is declared (TRL's config dataclasses' pattern). A field's metadata holds its `help`, and optionally
 `choices`, `aliases` (other spellings, e.g. TRL's), `switches` (value-less flags that set a value, e.g.
-`--no_chat_template`), `metavar` and `type` (a parser of the text given). Settings come from the dataclass
+`--no_chat_template`), `metavar` and `type` (a parser of the text given; a bool field with one takes a value,
+e.g. yes/no). A list field's flag takes one or more values. Settings come from the dataclass
 defaults, then the presets named, then the YAML --config, then the flags given; the values of a YAML file
 and of a run matrix are checked here too (check_value)."""
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _field_kinds(cls: type, name: str) -> tuple[type, tuple]:
     return kind, typing.get_args(kind) or (kind,)
 
 
+def _list_item(cls: type, name: str) -> type | None:
+    """The item type of a list field (a flag taking several values), else None."""
+    kind = typing.get_type_hints(cls)[name]
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is list else None
+
+
 def _base_type(cls: type, name: str) -> type:
     return next(t for t in _field_kinds(cls, name)[1] if t is not type(None))
 
@@ -79,9 +86,20 @@ def check_value(cls: type, name: str, value: Any, context: str = "") -> Any:
     checked against its choices; an error names the key and the value."""
     kind, allowed = _field_kinds(cls, name)
     meta = field_meta(cls, name)
+    item = _list_item(cls, name)
+    if item is not None:
+        if not isinstance(value, list):
+            raise SubnetscopeError(f"{name}={value!r} is not a valid value{context} (expected a list of "
+                                   f"{item.__name__})")
+        return [_checked_choice(meta, name, _converted(v, [item], meta.get("type"), name), v, item, context)
+                for v in value]
     if value is None and type(None) in allowed:
         return None
     converted = _converted(value, [t for t in allowed if t is not type(None)], meta.get("type"), name)
+    return _checked_choice(meta, name, converted, value, kind, context)
+
+
+def _checked_choice(meta: dict, name: str, converted: Any, value: Any, kind: Any, context: str) -> Any:
     if converted is None:
         raise SubnetscopeError(f"{name}={value!r} is not a valid value{context} (expected {kind})")
     choices = meta.get("choices")
@@ -119,9 +137,13 @@ def add_dataclass_flags(p: argparse.ArgumentParser, cls: type, presets: dict[str
     for f in fields(cls):
         meta = field_meta(cls, f.name)
         text = meta.get("help", "")
-        default, kind = _default(f), _base_type(cls, f.name)
+        default, kind, item = _default(f), _base_type(cls, f.name), _list_item(cls, f.name)
         names = [f"--{n}" for n in (f.name, *meta.get("aliases", ()))]
-        if kind is not bool:
+        if item is not None:
+            settings.add_argument(*names, dest=f.name, action=_Setting, nargs="+", type=meta.get("type", item),
+                                  choices=meta.get("choices"), metavar=meta.get("metavar"),
+                                  default=argparse.SUPPRESS, help=_help(text, default))
+        elif kind is not bool or "type" in meta:  # a bool with a parser takes a value (yes/no)
             settings.add_argument(*names, dest=f.name, action=_Setting, type=meta.get("type", kind),
                                   choices=meta.get("choices"),
                                   metavar=meta.get("metavar"), default=argparse.SUPPRESS, help=_help(text, default))

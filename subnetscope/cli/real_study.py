@@ -1,6 +1,7 @@
 """real_study.py: the RL-sparsity study on real pretrained models (SmolLM2-135M-Instruct, Gemma-3-270M).
 
   python real_study.py run --policy smollm2-135m-instruct --task arithmetic --jobs 12   # one group, on a GPU
+  python real_study.py run --config study.yaml                                        # settings from a file
   python real_study.py report                                                         # table.md over all groups
 
 run trains, for one policy on one task, GRPO, PPO, DPO, SFT (reference data) and RFT (SFT on the
@@ -16,65 +17,21 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import fields
 
 from ..errors import SubnetscopeError, cli_main
 
-HELP = {
-    "policy": "a real model (smollm2-135m-instruct, gemma3-270m), a local model folder, or tiny-gpt2 for tests",
-    "task": "arithmetic (exact match of the final number) or imdb (VADER sentiment of continued review openings)",
-    "algos": "algorithms: grpo ppo dpo sft rft (rft = SFT on the policy's own reward-passing samples)",
-    "seeds": "seeds of every run",
-    "shared_lr": "the lr every algorithm also runs at, beside its usual one (RL 1e-6, SFT and RFT 1e-5)",
-    "max_steps": "updates per run", "save_every": "checkpoint every N updates (only the newest is kept)",
-    "batch_size": "prompts per update", "group_size": "GRPO completions per prompt; DPO and RFT samples per prompt",
-    "max_new_tokens": "completion length",
-    "max_value": "arithmetic: operands are integers in [2, max_value] (2-3 operands, + and *)",
-    "train_prompts": "training prompts generated (arithmetic) or read (imdb)",
-    "heldout_prompts": "held-out prompts for the score before and after (arithmetic: accuracy)",
-    "imdb": "labelled IMDB reviews (the imdb task), e.g. ../shared/data/imdb/train.jsonl.gz",
-    "chat_template": "prompts in the tokenizer's chat template: yes or no (default: when it has one)",
-    "rft_min_reward": "RFT keeps a prompt's best sample when it scores at least this (default: 1 = correct for "
-                      "arithmetic, 0.5 for imdb's VADER score)",
-    "jobs": "runs at once, each its own process (0: one after another in this process); on several GPUs the "
-            "processes are spread evenly over CUDA_VISIBLE_DEVICES (every GPU when unset)",
-    "device": "auto, cpu or cuda", "precision": "the main runs' precision: mixed (fp32 masters, bf16 view) or fp32",
-    "contrast": "also GRPO seed 0 with pure bf16 weights (yes/no)",
-    "subnetwork": "also GRPO seed 0 confined to the weights its full run changed (yes/no)",
-    "train": "no: start no run, write the group's results from the runs finished so far (a study cut short); "
-             "overlap pairs whose checkpoints are gone keep their rows from the overlap.csv already there",
-    "note": "a sentence the table prints under the group (e.g. why runs are missing)",
-    "output_dir": "where the runs go (large)", "results_dir": "where the small result files and table.md go",
-}
-
-
-def _yes_no(text: str) -> bool:
-    if text.lower() not in ("yes", "no", "true", "false"):
-        raise argparse.ArgumentTypeError("use yes or no")
-    return text.lower() in ("yes", "true")
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ..real_study import RealStudyConfig
+    from .dataclass_args import add_dataclass_flags, field_meta
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and measure one group (policy x task), then rebuild the table")
-    d = RealStudyConfig()
-    for f in fields(RealStudyConfig):
-        default = getattr(d, f.name)
-        kwargs: dict = {"help": f"{HELP[f.name]} (default {default})"}
-        if isinstance(default, list):
-            kwargs.update(nargs="+", type=int if f.name == "seeds" else str)
-        elif f.name == "rft_min_reward":
-            kwargs["type"] = float
-        elif isinstance(default, bool) or f.name == "chat_template":
-            kwargs.update(type=_yes_no, metavar="{yes,no}")
-        else:
-            kwargs["type"] = type(default)
-        run.add_argument(f"--{f.name}", default=default, **kwargs)
+    add_dataclass_flags(run, RealStudyConfig)
     rep = sub.add_parser("report", help="rebuild table.md, localization.csv and the figures from the result files")
-    rep.add_argument("--results_dir", default=d.results_dir, help=f"{HELP['results_dir']} (default {d.results_dir})")
+    default = RealStudyConfig().results_dir
+    rep.add_argument("--results_dir", default=default,
+                     help=f"{field_meta(RealStudyConfig, 'results_dir')['help']} (default {default})")
     rep.add_argument("--missing", nargs=2, action="append", metavar=("GROUP", "WHY"), default=[],
                      help="record a group that was not measured and why (kept in missing.json)")
     return p
@@ -85,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ..real_study import RealStudyConfig, run_group
     from ..real_study_report import write_tables
+    from .dataclass_args import config_from_args
     from .training import quiet_transformers
 
     quiet_transformers()
@@ -93,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             record_missing(args.results_dir, dict(args.missing))
         print(f"table: {write_tables(args.results_dir)}")
         return 0
-    cfg = RealStudyConfig(**{f.name: getattr(args, f.name) for f in fields(RealStudyConfig)})
+    cfg = config_from_args(RealStudyConfig, args)
     command = "python real_study.py " + " ".join(shlex.quote(a) for a in without_note(
         argv if argv is not None else sys.argv[1:]))
     folder = run_group(cfg, command=command)
