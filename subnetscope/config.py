@@ -1,5 +1,5 @@
-"""The settings of every training run (RL, baselines, pruning, sparse fine-tuning) and the names their flags
-choose from, compute_masks.py's included.
+"""The settings of every training run (RL, baselines, pruning, sparse fine-tuning, the testbed's build and
+study) and the names their flags choose from, compute_masks.py's included.
 
 Torch-free on purpose: the training commands build their parsers (and answer `--help`) from these
 dataclasses, and refuse bad settings, before anything heavy is imported; torch, transformers and TRL load
@@ -43,6 +43,8 @@ IMPORTANCES = ("magnitude", "gradient", "taylor", "wanda")
 MASK_METHODS = ("unstructured", "structured", "random", "nm")
 MASK_GROUPS = ("matrix", "row", "global")
 MASK_EXTRA_TENSORS = ("embeddings", "norms", "lm_head")
+# testbed.py study's --algos and the run-matrix task each one runs as (subnetscope.study)
+STUDY_ALGOS = {"grpo": "rl-grpo", "ppo": "rl-ppo", "sft": "sft", "dpo": "dpo"}
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:
@@ -63,7 +65,7 @@ def same_setting(cls: type, name: str) -> Any:
     """Field `name` of `cls` declared again (default, help and flag metadata), for another command's config
     that has the same setting: described once."""
     declared = cls.__dataclass_fields__[name]
-    return field(default=declared.default, metadata=declared.metadata)
+    return field(default=declared.default, default_factory=declared.default_factory, metadata=declared.metadata)
 
 
 def reward_spec(value: str) -> str:
@@ -510,3 +512,75 @@ class SparseFTConfig:
         if self.eval_data and not Path(self.eval_data).expanduser().is_file():
             raise SubnetscopeError(f"--eval_data {self.eval_data} does not exist: pass a local json/jsonl/csv file "
                                    "with the task's columns")
+
+
+@dataclass
+class TestbedConfig:
+    """Every setting of a testbed build (testbed.py build, subnetscope.testbed); each is a flag and a YAML key."""
+
+    data: str = setting("imdb", "IMDB reviews with labels: imdb (through datasets) or a local file such as "
+                                "../shared/data/imdb/train.jsonl.gz")
+    tokenizer: str = setting("gpt2", "GPT-2 tokenizer: gpt2 from the Hub, offline ../shared/models/tiny-gpt2 (it has "
+                                     "GPT-2's)")
+    n_layer: int = setting(6, "policy transformer blocks")
+    n_head: int = setting(6, "attention heads")
+    n_embd: int = setting(384, "width")
+    block_size: int = setting(256, "context length in tokens (pretraining windows, classifier inputs)")
+    lm_steps: int = setting(2000, "pretraining steps")
+    lm_batch_size: int = setting(64, "windows per pretraining step")
+    lm_lr: float = setting(6e-4, "peak pretraining lr (cosine)")
+    clf_steps: int = setting(600, "classifier training steps")
+    clf_batch_size: int = setting(32, "reviews per classifier step")
+    clf_lr: float = setting(2e-4, "classifier lr")
+    max_reviews: int = setting(25000, "reviews read from the data")
+    heldout_reviews: int = setting(1000, "of those, held out for perplexity and accuracy")
+    device: str = setting("auto", "auto, cpu or cuda")
+    seed: int = setting(0, "seed of the data order, initial weights and batches")
+    output_dir: str = setting("checkpoints/testbed", "the testbed folder")
+
+    def validate(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "block_size", "lm_steps", "lm_batch_size", "clf_steps",
+                    "clf_batch_size", "max_reviews", "heldout_reviews"):
+            if getattr(self, key) < 1:
+                raise SubnetscopeError(f"--{key} {getattr(self, key)}: needs at least 1")
+        if self.n_embd % self.n_head:
+            raise SubnetscopeError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}")
+        if self.heldout_reviews >= self.max_reviews:
+            raise SubnetscopeError("--heldout_reviews must be smaller than --max_reviews")
+
+
+@dataclass
+class StudyConfig:
+    """Every setting of the RL-sparsity study on a testbed (testbed.py study, subnetscope.study); each is a flag
+    and a YAML key."""
+
+    testbed: str = setting("checkpoints/testbed", "the built testbed")
+    algos: list[str] = setting(list(STUDY_ALGOS), "algorithms", choices=tuple(STUDY_ALGOS))
+    seeds: list[int] = setting([0, 1, 2], "seeds")
+    max_steps: int = setting(40, "updates of every run")
+    lr: float = setting(1e-5, "learning rate of every run")
+    batch_size: int = setting(16, "prompts per update")
+    max_prompt_tokens: int = setting(16, "prompt length (review opening)")
+    max_new_tokens: int = setting(24, "completion length")
+    device: str = setting("auto", "auto, cpu or cuda")
+    precision: str = setting("auto", "how every main run keeps and computes its weights: mixed (fp32 masters, bf16 "
+                                     "autocast, judged and saved as bf16), bf16, fp32, or auto: mixed on a CUDA GPU "
+                                     "and fp32 elsewhere", choices=PRECISIONS)
+    view_dtype: str | None = setting(None, "dtype at which every main run's changes are judged; none: bfloat16 "
+                                           "under mixed and bf16, float32 under fp32", choices=VIEW_DTYPE_NAMES)
+    output_dir: str = setting("checkpoints/study", "study folder")
+    subnetwork: bool = setting(True, "the subnetwork-only GRPO rerun (confined to the weights the full run changed)",
+                               switches={"no_subnetwork": False})
+    precision_split: bool = setting(True, "the precision split: GRPO under mixed precision, unless the main runs "
+                                          "were, and with pure bf16 weights", switches={"no_precision_split": False})
+
+    def validate(self) -> None:
+        unknown = [a for a in self.algos if a not in STUDY_ALGOS]
+        if unknown:
+            raise SubnetscopeError(f"--algos {' '.join(unknown)}: choose from {', '.join(STUDY_ALGOS)}")
+        for d in ("policy", "reward"):
+            if not (Path(self.testbed) / d / "config.json").is_file():
+                raise SubnetscopeError(f"{self.testbed}/{d} is missing: build the testbed first "
+                                       f"(python testbed.py build --output_dir {self.testbed})")
+        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise SubnetscopeError("--max_steps and --batch_size must be at least 1 and --lr positive")

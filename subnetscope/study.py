@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ import torch
 from . import plots
 from .changes import RULES, ChangeRules
 from .checkpoint import find_step_checkpoints, open_checkpoint, read_ever_changed
+from .config import STUDY_ALGOS, StudyConfig
 from .engine import analyze_overlap
 from .errors import SubnetscopeError
 from .grpo import GRPOConfig, GRPOTrainer
@@ -36,40 +37,8 @@ from .report import write_csv, write_json
 from .runstate import RUN_CONFIG, read_run_config
 from .stats import mean_and_sd
 
-ALGOS = {"grpo": "rl-grpo", "ppo": "rl-ppo", "sft": "sft", "dpo": "dpo"}
 MARKED_RATIO = 1.5  # the paper's "SFT far denser": at least this many times the weights RL changes
 CLEAR_RATIO = 1.1  # below this the two are called the same
-
-
-@dataclass
-class StudyConfig:
-    testbed: str = "checkpoints/testbed"
-    algos: list[str] = field(default_factory=lambda: list(ALGOS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    max_steps: int = 40
-    lr: float = 1e-5
-    batch_size: int = 16
-    max_prompt_tokens: int = 16
-    max_new_tokens: int = 24
-    device: str = "auto"
-    # every main run's --precision: auto (mixed on a CUDA GPU with bf16, fp32 elsewhere), mixed, bf16 or fp32
-    precision: str = "auto"
-    # every main run's --view_dtype; None: bfloat16 under mixed and bf16, float32 under fp32
-    view_dtype: str | None = None
-    output_dir: str = "checkpoints/study"
-    subnetwork: bool = True
-    precision_split: bool = True  # GRPO seed 0 under mixed (bf16 view vs fp32 masters) and pure bf16
-
-    def validate(self) -> None:
-        unknown = [a for a in self.algos if a not in ALGOS]
-        if unknown:
-            raise SubnetscopeError(f"--algos {' '.join(unknown)}: choose from {', '.join(ALGOS)}")
-        for d in ("policy", "reward"):
-            if not (Path(self.testbed) / d / "config.json").is_file():
-                raise SubnetscopeError(f"{self.testbed}/{d} is missing: build the testbed first "
-                                       f"(python testbed.py build --output_dir {self.testbed})")
-        if self.max_steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise SubnetscopeError("--max_steps and --batch_size must be at least 1 and --lr positive")
 
 
 def base_settings(cfg: StudyConfig) -> dict:
@@ -83,7 +52,7 @@ def base_settings(cfg: StudyConfig) -> dict:
 def study_matrix(cfg: StudyConfig) -> dict:
     rl = {"eval_every": cfg.max_steps, "no_tqdm": True}
     ppo = {**rl, "mini_batch_size": math.gcd(cfg.batch_size, 8)}  # PPO's minibatches must divide the batch
-    return {"base": base_settings(cfg), "grid": {"task": [ALGOS[a] for a in cfg.algos], "seed": cfg.seeds},
+    return {"base": base_settings(cfg), "grid": {"task": [STUDY_ALGOS[a] for a in cfg.algos], "seed": cfg.seeds},
             "per_task": {"rl-grpo": rl, "rl-ppo": ppo, "sft": {"sft_data": "positive_reviews"}}}
 
 
@@ -262,7 +231,7 @@ def run_study(cfg: StudyConfig, log=print) -> Path:
     rows, folders = [], {}
     for algo in cfg.algos:
         for seed in cfg.seeds:
-            folder = out / "runs" / run_name(ALGOS[algo], {"seed": seed})
+            folder = out / "runs" / run_name(STUDY_ALGOS[algo], {"seed": seed})
             if not (folder / "done.json").is_file():
                 raise SubnetscopeError(f"{folder.name} failed (see {folder}.error.txt); fix it and run the study again")
             rows.append(run_row(algo, seed, json.loads((folder / "done.json").read_text()), reward_before))

@@ -16,18 +16,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save_dir
+from .config import TestbedConfig
 from .data import EVAL_PROMPTS, load_labelled_reviews
 from .devices import resolve_device
 from .errors import SubnetscopeError
 from .lm import heldout_loss, lm_loss, sample_windows
 from .models import tokenizer_from
+from .rundir import durable_save_dir, durable_write_text, save_model
 from .seeds import SHORT_STRIDE, stream_seed
 
 CARD = "testbed_card.json"
@@ -36,51 +37,16 @@ HELDOUT_SEED = 31_337
 LABELS = {0: "NEGATIVE", 1: "POSITIVE"}
 
 
-@dataclass
-class TestbedConfig:
-    """Every setting of a testbed build; `TINY` shrinks it to a few CPU minutes."""
-
-    data: str = "imdb"
-    tokenizer: str = "gpt2"
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    lm_steps: int = 2000
-    lm_batch_size: int = 64
-    lm_lr: float = 6e-4
-    clf_steps: int = 600
-    clf_batch_size: int = 32
-    clf_lr: float = 2e-4
-    max_reviews: int = 25000
-    heldout_reviews: int = 1000
-    device: str = "auto"
-    seed: int = 0
-    output_dir: str = "checkpoints/testbed"
-
-    def validate(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "lm_steps", "lm_batch_size", "clf_steps",
-                    "clf_batch_size", "max_reviews", "heldout_reviews"):
-            if getattr(self, key) < 1:
-                raise SubnetscopeError(f"--{key} {getattr(self, key)}: needs at least 1")
-        if self.n_embd % self.n_head:
-            raise SubnetscopeError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}")
-        if self.heldout_reviews >= self.max_reviews:
-            raise SubnetscopeError("--heldout_reviews must be smaller than --max_reviews")
-
-
-TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, lm_steps=40, lm_batch_size=8, clf_steps=30,
-            clf_batch_size=8, max_reviews=600, heldout_reviews=100)
-
-
 def save_with_card(model, tokenizer, card: dict, folder: Path) -> None:
-    """save_pretrained of both plus the JSON card, all in one atomic folder."""
+    """The model (rundir.save_model), its tokenizer and the JSON card in one folder, built under a temporary
+    name, fsync'd and renamed into place as RunDir writes base/: a killed stage leaves no card, so the next
+    build redoes it."""
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CARD).write_text(json.dumps(card, indent=1))
 
-    atomic_save_dir(folder, write)
+    durable_save_dir(folder, write)
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -211,8 +177,8 @@ def build_testbed(cfg: TestbedConfig, log=print) -> dict[str, dict]:
                                f"{cfg.heldout_reviews}")
     heldout = (texts[n:], labels[n:])
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "heldout.jsonl", "w") as fh:
-        fh.writelines(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(*heldout))
+    durable_write_text(out / "heldout.jsonl", "".join(json.dumps({"text": t, "label": y}) + "\n"
+                                                      for t, y in zip(*heldout)))
     cards = {}
     policy_dir, reward_dir = out / "policy", out / "reward"
     if (policy_dir / CARD).is_file():

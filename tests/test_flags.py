@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from subnetscope.cli import grpo, ppo, prune, sft, sparse_ft
+from subnetscope.cli import grpo, ppo, prune, sft, sparse_ft, testbed
 from subnetscope.cli.dataclass_args import field_meta
 from subnetscope.cli.training import PRESETS, config_from_args
+from subnetscope import config as configs
 from subnetscope.config import BaselineConfig, GRPOConfig, PPOConfig
 from subnetscope.errors import SubnetscopeError
 from subnetscope.matrix import _check_value
@@ -109,9 +110,50 @@ def test_aliases_set_their_field(module, config_cls):
     ("grpo_gpt2m_imdb", lambda argv: grpo.grpo_config(grpo.build_parser().parse_args(argv))),
     ("ppo_gpt2m_imdb", lambda argv: config_from_args(PPOConfig, ppo.build_parser().parse_args(argv))),
     ("sft_gpt2m_imdb", lambda argv: sft.config_from_args(sft.build_parser().parse_args(argv))),
+    ("testbed_imdb", lambda argv: settings_of_testbed(["build", *argv])),
 ])
 def test_example_configs_are_settings_of_their_command(name, settings_of):
     path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
     written = yaml.safe_load(path.read_text())
     config = settings_of(["--config", str(path)])
     assert {key: getattr(config, key) for key in written} == written
+
+
+def settings_of_testbed(argv: list[str]):
+    """The settings `python testbed.py ARGV` runs with (build or study)."""
+    return testbed.command_config(testbed.build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("command, config_cls", [("build", configs.TestbedConfig), ("study", configs.StudyConfig)])
+def test_every_testbed_flag_is_described_where_its_field_is(command, config_cls):
+    parser = testbed.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    actions = [a for a in sub._actions if a.help != argparse.SUPPRESS]
+    defaults = config_cls()
+    for f in dataclasses.fields(config_cls):
+        helps = [a.help for a in actions if a.dest == f.name]
+        assert helps, f"{f.name} has no flag"
+        default = getattr(defaults, f.name)
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        for text in helps:
+            assert text.startswith(f.metadata["help"]) and text.count("(default") == 1, text
+            assert text.endswith(f"(default {shown})"), text
+
+
+def test_testbed_yaml_gives_the_config_of_the_same_flags(tmp_path):
+    """build: YAML keys and flags set the same settings, over the --tiny preset; study: lists and switches too."""
+    settings = {"n_layer": 3, "n_head": 3, "n_embd": 48, "lm_steps": 7, "lm_lr": 0.001, "data": "reviews.jsonl"}
+    flags = [text for key, value in settings.items() for text in (f"--{key}", str(value))]
+    expected = configs.TestbedConfig(**{**testbed.PRESETS["tiny"].values, **settings})
+    from_yaml = settings_of_testbed(["build", "--tiny", "--config", write_yaml(tmp_path, settings)])
+    assert from_yaml == settings_of_testbed(["build", "--tiny", *flags]) == expected
+    assert settings_of_testbed(["build", "--config", write_yaml(tmp_path, settings), "--n_layer", "5"]).n_layer == 5
+    study = {"algos": ["grpo", "sft"], "seeds": [3, 4], "subnetwork": False, "view_dtype": "float16"}
+    expected = configs.StudyConfig(algos=["grpo", "sft"], seeds=[3, 4], subnetwork=False, view_dtype="float16")
+    from_yaml = settings_of_testbed(["study", "--config", write_yaml(tmp_path, study)])
+    from_flags = settings_of_testbed(["study", "--algos", "grpo", "sft", "--seeds", "3", "4", "--no_subnetwork",
+                                 "--view_dtype", "float16"])
+    assert from_yaml == from_flags == expected
+    for bad in ({"algos": ["grpo", "rft"]}, {"seeds": 3}, {"seeds": [1.5]}):
+        with pytest.raises(SubnetscopeError, match=next(iter(bad))):
+            settings_of_testbed(["study", "--config", write_yaml(tmp_path, bad)])

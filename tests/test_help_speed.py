@@ -34,6 +34,13 @@ def test_help_imports_no_framework(script, flag):
     assert found["loaded"] == [], f"{script} --help imported {found['loaded']}"
 
 
+@pytest.mark.parametrize("command, flag", [("build", "--lm_steps"), ("study", "--no_precision_split")])
+def test_testbed_help_imports_no_framework(command, flag):
+    found, out, _ = probe("testbed.py", command, "--help")
+    assert found["code"] == 0 and flag in out
+    assert found["loaded"] == [], f"testbed.py {command} --help imported {found['loaded']}"
+
+
 def probe(script: str, *args: str) -> tuple[dict, str, str]:
     """The probe's report (exit code, heavy modules loaded) of `python SCRIPT ARGS...`, its other output and
     its stderr."""
@@ -51,6 +58,8 @@ def probe(script: str, *args: str) -> tuple[dict, str, str]:
     ("main_sparse_ft.py", ["--mask", "no/such/mask.safetensors"], "--mask no/such/mask.safetensors does not exist"),
     ("compute_masks.py", ["--model_path", "tiny-gpt2", "--sparsity", "1.5"], "--sparsity 1.5: every sparsity"),
     ("compute_masks.py", ["--from_run", "no/such/run"], "--from_run no/such/run is not a folder"),
+    ("testbed.py", ["build", "--n_embd", "33"], "--n_embd 33 is not divisible by --n_head 6"),
+    ("testbed.py", ["study", "--testbed", "no/such/testbed"], "build the testbed first"),
 ])
 def test_refusal_imports_no_framework(script, args, message):
     """A refused run exits 2 with its one-line error before torch or transformers load (each cost seconds)."""

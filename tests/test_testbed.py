@@ -161,13 +161,12 @@ def test_study_runs_are_valid_configs_for_every_batch(batch):
 
 
 def test_study_precision_flags_reach_every_run():
-    from subnetscope.cli.testbed import build_parser
+    from subnetscope.cli.testbed import build_parser, command_config
     from subnetscope.matrix import expand
     from subnetscope.study import StudyConfig, study_matrix
 
-    args = build_parser().parse_args(["study", "--precision", "mixed", "--view_dtype", "float16",
-                                      "--no_precision_split", "--seeds", "0"])
-    cfg = StudyConfig(**{k: v for k, v in vars(args).items() if k != "command"})
+    cfg = command_config(build_parser().parse_args(["study", "--precision", "mixed", "--view_dtype", "float16",
+                                                    "--no_precision_split", "--seeds", "0"]))
     assert (cfg.precision, cfg.view_dtype, cfg.precision_split) == ("mixed", "float16", False)
     runs = expand(study_matrix(cfg))
     assert len(runs) == 4 and {(r["settings"]["precision"], r["settings"]["view_dtype"]) for r in runs} == {

@@ -83,12 +83,12 @@ def _converted(value: Any, kinds: list[type], parse: Callable[[str], Any] | None
 
 def check_value(cls: type, name: str, value: Any, context: str = "") -> Any:
     """A typed value (from YAML or a run matrix) for field `name` of `cls`, converted to the field's type and
-    checked against its choices; an error names the key and the value."""
+    checked against its choices (each item of a list field's list); an error names the key and the value."""
     kind, allowed = _field_kinds(cls, name)
     meta = field_meta(cls, name)
     item = _list_item(cls, name)
     if item is not None:
-        if not isinstance(value, list):
+        if not isinstance(value, list) or not value:
             raise SubnetscopeError(f"{name}={value!r} is not a valid value{context} (expected a list of "
                                    f"{item.__name__})")
         return [_checked_choice(meta, name, _converted(v, [item], meta.get("type"), name), v, item, context)
@@ -123,7 +123,7 @@ class _Setting(argparse.Action):
 
 
 def _help(text: str, default: Any) -> str:
-    shown = str(default).replace("%", "%%")
+    shown = (" ".join(map(str, default)) if isinstance(default, list) else str(default)).replace("%", "%%")
     return f"{text} (default {shown})" if text else f"(default {shown})"
 
 
