@@ -9,13 +9,13 @@
 --precision (default mixed) is ours' --precision; TRL gets its equivalent: mixed = an fp32-loaded model
 with bf16=True (autocast), bf16 = a bf16 model with bf16=True, fp32 = fp32 throughout. Under mixed ours
 runs two trackers (the bf16 view and the fp32 masters); the overhead reported is both together.
-The model is a folder (--model, e.g. SmolLM2; its tokenizer unless --tokenizer says otherwise) or, by
+The model is a folder (--policy, e.g. SmolLM2; its tokenizer unless --tokenizer says otherwise) or, by
 default, GPT-2-medium shapes (355M parameters, random weights) with the real GPT-2 tokenizer
 (--tokenizer, e.g. a copy of ../shared/models/tiny-gpt2). Both sides get the same plain prompts (no
 chat template). Reports tracker overhead as a share of the step, generated tokens/s and steps/s, and
 peak GPU memory.
 Run: python benchmarks/bench_grpo.py --tokenizer DIR [--steps 10] [--precision mixed]
-     python benchmarks/bench_grpo.py --model DIR
+     python benchmarks/bench_grpo.py --policy DIR
      python benchmarks/bench_grpo.py --tiny   (CPU, tiny shapes, 3 steps: a check that it runs)
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from subnetscope.errors import ArgumentParser, cli_main  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -238,11 +239,12 @@ def check_compiled_tracker_equals_eager() -> str:
     return "compiled tracker == eager tracker on 3 steps"
 
 
+@cli_main
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="a model folder (default: GPT-2-medium shapes with random weights)")
-    p.add_argument("--tokenizer", help="tokenizer folder: required without --model (the GPT-2 tokenizer files); "
-                                       "with --model, the model folder's by default")
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy", help="a model folder (default: GPT-2-medium shapes with random weights)")
+    p.add_argument("--tokenizer", help="tokenizer folder: required without --policy (the GPT-2 tokenizer files); "
+                                       "with --policy, the model folder's by default")
     p.add_argument("--precision", default="mixed", choices=("mixed", "bf16", "fp32"), help="(default mixed)")
     p.add_argument("--steps", type=int, default=10, help="GRPO steps per configuration (first 2 are warm-up)")
     p.add_argument("--tiny", action="store_true", help="CPU, tiny shapes, 3 steps: checks that the benchmark runs")
@@ -255,22 +257,22 @@ def main() -> None:
     steps = 3 if args.tiny else args.steps
     if args.only:
         if args.only.startswith("trl"):
-            result = run_trl(args.model, args.tokenizer, steps, args.precision, device, shape,
+            result = run_trl(args.policy, args.tokenizer, steps, args.precision, device, shape,
                              tracked=args.only == "trl_tracked")
         else:
-            result = run_ours(args.model, args.tokenizer, steps, args.only == "naive", args.precision, device, shape)
+            result = run_ours(args.policy, args.tokenizer, steps, args.only == "naive", args.precision, device, shape)
         print(json.dumps(result))
         return
-    if not args.model and not args.tokenizer and not args.tiny:
-        p.error("pass --tokenizer (the GPT-2 tokenizer files) for the random GPT-2-medium model, or --model DIR")
-    model = args.model or str(build_model(Path(args.workdir), args.tokenizer, args.tiny))
+    if not args.policy and not args.tokenizer and not args.tiny:
+        p.error("pass --tokenizer (the GPT-2 tokenizer files) for the random GPT-2-medium model, or --policy DIR")
+    model = args.policy or str(build_model(Path(args.workdir), args.tokenizer, args.tiny))
     if device == "cuda":
         print(check_compiled_tracker_equals_eager())
     results = {}
     for which in args.configs:
-        command = [sys.executable, __file__, "--model", model, "--steps", str(steps), "--precision", args.precision,
+        command = [sys.executable, __file__, "--policy", model, "--steps", str(steps), "--precision", args.precision,
                    "--only", which, *(["--tiny"] if args.tiny else []),
-                   *(["--tokenizer", args.tokenizer] if args.tokenizer and args.model else [])]
+                   *(["--tokenizer", args.tokenizer] if args.tokenizer and args.policy else [])]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
             print(out.stderr[-3000:])

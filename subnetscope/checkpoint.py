@@ -537,7 +537,7 @@ def _adapter_base(path: Path, base: str | TensorSource | None) -> TensorSource:
     base = base or LoraAdapter(path).base_model
     if not base:
         raise SubnetscopeError(f"{path} is a LoRA adapter and names no base model: pass the base it was trained "
-                               "from (--base / --model)")
+                               "from (--base, or --bases with one per run)")
     return open_checkpoint(base)
 
 
@@ -659,12 +659,12 @@ def default_base_for_run(run_dir: str) -> str | None:
     return str(base) if base.is_dir() else None
 
 
-def bases_for_runs(run_dirs: list[str], models: list[str] | None) -> list[str]:
-    """Each run's θ0: the given --models, else the run folder's base/ (refused in one line when absent)."""
+def bases_for_runs(run_dirs: list[str], given: list[str] | None) -> list[str]:
+    """Each run's θ0: the given --bases, else the run folder's base/ (refused in one line when absent)."""
     bases = []
     for i, run_dir in enumerate(run_dirs):
-        model = models[i] if models else default_base_for_run(run_dir)
-        if model is None:
-            raise SubnetscopeError(f"{run_dir}/base does not exist: pass --models with each run's θ0")
-        bases.append(model)
+        base = given[i] if given else default_base_for_run(run_dir)
+        if base is None:
+            raise SubnetscopeError(f"{run_dir}/base does not exist: pass --bases with each run's θ0")
+        bases.append(base)
     return bases

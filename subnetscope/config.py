@@ -449,8 +449,8 @@ class SparseFTConfig:
     """Every setting of a sparse fine-tuning run (main_sparse_ft.py, subnetscope.sparse_ft); each is a flag and a
     YAML key."""
 
-    model: str = setting("tiny-gpt2", "model to fine-tune: a save_pretrained folder, a Hub id, or tiny-gpt2 / "
-                                      "tiny-gemma3n")
+    policy: str = setting("tiny-gpt2", "model to fine-tune: a save_pretrained folder, a Hub id, or tiny-gpt2 / "
+                                       "tiny-gemma3n")
     tokenizer: str | None = setting(None, "tokenizer for models without one (none: the model's own)")
     task: str = setting("imdb", "boolq, hellaswag, gsm8k or imdb (through datasets), or a local json/jsonl/csv/txt "
                                 "file: with BoolQ's, HellaSwag's or GSM8K's columns it is that task, else plain text "

@@ -76,7 +76,7 @@ class SparseFTTrainer:
         self.run = RunDir(self.run_dir, TRL_PREFIX)
         if not config.resume and (self.run_dir / "metrics.jsonl").exists():
             raise SubnetscopeError(f"{self.run_dir} holds a run already: pass --resume, or pick a new --output_dir")
-        self.tokenizer = load_tokenizer(config.model, config.tokenizer)
+        self.tokenizer = load_tokenizer(config.policy, config.tokenizer)
         self.task_kind, records = load_task_split(config.task, "train", config.max_texts, config.seed)
         n_val = max(1, int(len(records) * config.val_fraction))
         train, held_out = records.select(range(len(records) - n_val)), records.select(range(len(records) - n_val,
@@ -85,7 +85,7 @@ class SparseFTTrainer:
                                                           task_texts(self.task_kind, held_out, config.task),
                                                           self.tokenizer, config.seq_len)
         self.eval_records = self._eval_records(held_out)
-        base = load_causal_lm(config.model, self.precision.weights, vocab_size=len(self.tokenizer))
+        base = load_causal_lm(config.policy, self.precision.weights, vocab_size=len(self.tokenizer))
         self.mask_set = load_masks(config.mask) if config.mask else None
         masks = {}
         if self.mask_set is not None:
@@ -142,7 +142,7 @@ class SparseFTTrainer:
             str(settings[k]) for k in ("method", "importance", "group") if settings.get(k))
         method = self.config.method if self.config.method == "masked" else f"lora-{self.config.lora_mode}"
         return {**asdict(self.config), **{f"{k}_used": v for k, v in self.precision.record().items()},
-                "kind": "sparse_ft", "model_name": Path(self.config.model).name,
+                "kind": "sparse_ft", "model_name": Path(self.config.policy).name,
                 "task_name": Path(self.config.task).name.split(".")[0], "task_format": self.task_kind,
                 "finetune": method, "mask_method": mask_method, "sparsity": self._target_sparsity(),
                 "trainable_parameters": sum(p.numel() for p in self.trainable.values())}

@@ -1,14 +1,14 @@
 """The sparse fine-tuning guide's experiment as one resumable sweep: masks → sparse fine-tuning → analysis.
 
     output_dir: checkpoints/sparse_sweep
-    model: gpt2
+    policy: gpt2
     sparsity: [0.5, 0.7, 0.9]          # mask levels; every level of every mask setting is fine-tuned
     dense: true                        # also one dense (unmasked) run per training setting: the reference
     masks: {method: unstructured, importance: [magnitude, wanda], group: row, calib_data: imdb}
     train: {task: boolq, method: [masked, lora], lora_mode: sparse_to_sparse, max_steps: 500, seed: [0, 1, 2]}
 
 `masks` holds compute_masks.py flags, `train` main_sparse_ft.py settings; a list is a grid axis (except
-compute_masks' --include, a list of tensors). `model`, `tokenizer` and `device` go to both. Everything
+compute_masks' --include, a list of tensors). `policy`, `tokenizer` and `device` go to both. Everything
 is checked before anything runs. Then, under output_dir: masks/<setting>/ (compute_masks.py's output;
 skipped when its files exist), runs/<run>/ (each a main_sparse_ft.py run in its own process, so its
 peak memory is its own; a finished run is skipped, a half-done one resumed; its settings in
@@ -32,16 +32,16 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_file, open_checkpoint
 from .config import SparseFTConfig
-from .errors import SubnetscopeError
+from .errors import SubnetscopeError, refuse_renamed
 from .masks import load_masks
 from .outputs import check_output_dir
 from .report import write_csv, write_json
 from .stats import mean_and_sd
 
-TOP_KEYS = {"output_dir", "model", "tokenizer", "device", "sparsity", "dense", "masks", "train"}
-SHARED = ("model", "tokenizer", "device")  # settings of both compute_masks.py and main_sparse_ft.py
-MASK_MANAGED = {"model_path", "from_run", "output_dir", "sparsity", "plot", "tokenizer", "device"}
-TRAIN_MANAGED = {"model", "tokenizer", "device", "mask", "output_dir", "resume", "no_tqdm"}
+TOP_KEYS = {"output_dir", "policy", "tokenizer", "device", "sparsity", "dense", "masks", "train"}
+SHARED = ("policy", "tokenizer", "device")  # settings of both compute_masks.py and main_sparse_ft.py
+MASK_MANAGED = {"policy", "from_run", "output_dir", "sparsity", "plot", "tokenizer", "device"}
+TRAIN_MANAGED = {"policy", "tokenizer", "device", "mask", "output_dir", "resume", "no_tqdm"}
 MEASURES = ("val_loss", "task_score", "final_sparsity", "wall_seconds", "peak_gpu_memory_gb", "peak_cpu_rss_gb")
 
 
@@ -94,7 +94,7 @@ def _mask_settings(sweep: dict, levels: list[float], out: Path) -> list[MaskSett
     if not isinstance(section, dict):
         raise SubnetscopeError("sweep: masks must be a mapping of compute_masks.py flags")
     parser = build_parser()
-    known = set(vars(parser.parse_args(["--model_path", "m"]))) - MASK_MANAGED
+    known = set(vars(parser.parse_args(["--policy", "m"]))) - MASK_MANAGED
     unknown = sorted(set(section) - known)
     if unknown:
         raise SubnetscopeError(f"sweep: masks: {', '.join(unknown)} is not a compute_masks.py setting here; "
@@ -103,7 +103,7 @@ def _mask_settings(sweep: dict, levels: list[float], out: Path) -> list[MaskSett
     out_settings = []
     for axes in _grid(section, ("include",)):
         flags = {**section, **axes}
-        shared = _flag_args({"model_path": sweep["model"], **{k: sweep[k] for k in SHARED[1:] if k in sweep}})
+        shared = _flag_args({k: sweep[k] for k in SHARED if k in sweep})
         argv = [*shared, *_flag_args(flags)]
         try:
             args, extra = parser.parse_known_args(argv)
@@ -185,11 +185,12 @@ def expand_sweep(sweep: dict, out: Path) -> tuple[list[MaskSetting], list[SweepR
     if not isinstance(sweep, dict):
         raise SubnetscopeError(f"sweep: the file must be a mapping with keys {', '.join(sorted(TOP_KEYS))}")
     unknown = sorted(set(sweep) - TOP_KEYS)
+    refuse_renamed(unknown, TOP_KEYS, keys=True, where="sweep: ")
     if unknown:
         raise SubnetscopeError(f"sweep: unknown top-level key(s) {', '.join(unknown)}; "
                                f"use {', '.join(sorted(TOP_KEYS))}")
-    if not isinstance(sweep.get("model"), str):
-        raise SubnetscopeError("sweep: model is required: a model folder, a Hub id, or tiny-gpt2")
+    if not isinstance(sweep.get("policy"), str):
+        raise SubnetscopeError("sweep: policy is required: a model folder, a Hub id, or tiny-gpt2")
     masks = _mask_settings(sweep, _levels(sweep), out)
     fixed, combos = _train_settings(sweep)
     shared = {k: sweep[k] for k in SHARED if k in sweep}

@@ -218,7 +218,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, case):
 def test_help_explains_every_flag():
     result = run_script("--help")
     assert result.returncode == 0
-    for flag in ("--ckpt_dir", "--model", "--max_step", "--step_interval", "--base", "--tuned", "--atol", "--eta",
+    for flag in ("--ckpt_dir", "--max_step", "--step_interval", "--base", "--tuned", "--atol", "--eta",
                  "--device", "--rank", "--workers", "--output_dir", "--overlap_with", "--shells", "--rule", "--topk",
                  "--view_dtype"):
         assert flag in result.stdout

@@ -265,7 +265,7 @@ def tiny_folder(tmp_path) -> Path:
 def test_compute_masks_refuses_a_truncated_model(tmp_path, tiny_folder):
     weights = tiny_folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
-    result = run_script("compute_masks.py", "--model_path", tiny_folder, "--output_dir", tmp_path / "out",
+    result = run_script("compute_masks.py", "--policy", tiny_folder, "--output_dir", tmp_path / "out",
                         "--sparsity", "0.5", "--no-plot")
     assert_one_error_line(result, f"{weights} is truncated")
     assert not (tmp_path / "out").exists()
@@ -274,7 +274,7 @@ def test_compute_masks_refuses_a_truncated_model(tmp_path, tiny_folder):
 @pytest.mark.slow
 def test_compute_masks_names_the_bad_line_of_its_calibration_data(tmp_path):
     data = write_case(tmp_path, "bad_line")
-    result = run_script("compute_masks.py", "--model_path", "tiny-gpt2", "--importance", "gradient", "--calib_data",
+    result = run_script("compute_masks.py", "--policy", "tiny-gpt2", "--importance", "gradient", "--calib_data",
                         data, "--output_dir", tmp_path / "out", "--sparsity", "0.5", "--no-plot")
     assert_one_error_line(result, f"{data}: line 17 is not valid JSON")
     assert not (tmp_path / "out").exists()

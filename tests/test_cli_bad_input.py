@@ -1,5 +1,7 @@
 """The analysis commands refuse bad input in one line (exit 2) before any work: unwritable output
 locations, --n_boot < 1, a malformed matrix file, a bad --nm; and run_matrix.py exits 1 when a run failed."""
+import argparse
+import importlib
 import json
 
 import pytest
@@ -7,6 +9,7 @@ import pytest
 from subnetscope import checkpoint, models
 from subnetscope.cli import (
     analyze,
+    app,
     check_mask,
     compare,
     compute_masks,
@@ -15,6 +18,7 @@ from subnetscope.cli import (
     weight_sparsity,
 )
 from subnetscope.cli import matrix as matrix_cli
+from subnetscope.errors import RENAMED
 
 from .conftest import tmpfs
 
@@ -76,7 +80,7 @@ def test_localize_refuses_output_dir_before_reading_runs(request, tmp_path, caps
     monkeypatch.setattr(localize, "find_step_checkpoints", no_work)
     monkeypatch.setattr(localize, "open_checkpoint", no_work)
     out = bad_folder(request, tmp_path, case)
-    refused(capsys, localize.main, ["--ckpt_dirs", tmp_path / "r1", tmp_path / "r2", "--models", "m1", "m2",
+    refused(capsys, localize.main, ["--ckpt_dirs", tmp_path / "r1", tmp_path / "r2", "--bases", "m1", "m2",
                                     "--output_dir", out, "--device", "cpu"], "--output_dir", str(out))
 
 
@@ -85,7 +89,7 @@ def test_compute_masks_refuses_output_dir_before_loading_the_model(request, tmp_
     monkeypatch.setattr(models, "load_causal_lm", no_work)  # compute_masks imports them when it needs them
     monkeypatch.setattr(checkpoint, "read_ever_changed", no_work)
     out = bad_folder(request, tmp_path, case)
-    refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--output_dir", out], "--output_dir")
+    refused(capsys, compute_masks.main, ["--policy", "tiny-gpt2", "--output_dir", out], "--output_dir")
     refused(capsys, compute_masks.main, ["--from_run", tmp_path, "--output_dir", out], "--output_dir")
 
 
@@ -126,7 +130,7 @@ def test_check_mask_refuses_output_before_reading(request, tmp_path, capsys, mon
 def test_weight_sparsity_refuses_json_before_reading(request, tmp_path, capsys, monkeypatch, case):
     monkeypatch.setattr(weight_sparsity, "open_checkpoint", no_work)
     target = file_target(request, tmp_path, case)
-    refused(capsys, weight_sparsity.main, ["--model_dir", "m", "--json", target], "--json")
+    refused(capsys, weight_sparsity.main, ["--checkpoint", "m", "--json", target], "--json")
 
 
 def test_refused_analysis_creates_no_output_folder(tmp_path, capsys):
@@ -140,14 +144,14 @@ def test_refused_analysis_creates_no_output_folder(tmp_path, capsys):
 @pytest.mark.parametrize("n_boot", ["0", "-3"])
 def test_localize_refuses_n_boot_below_one(tmp_path, capsys, monkeypatch, n_boot):
     monkeypatch.setattr(localize, "find_step_checkpoints", no_work)
-    refused(capsys, localize.main, ["--ckpt_dirs", "r1", "r2", "--models", "m1", "m2", "--n_boot", n_boot,
+    refused(capsys, localize.main, ["--ckpt_dirs", "r1", "r2", "--bases", "m1", "m2", "--n_boot", n_boot,
                                     "--output_dir", tmp_path / "out", "--device", "cpu"], "--n_boot", n_boot)
 
 
 @pytest.mark.parametrize("spec", ["3:2", "2-4", "0:4", "4:4", "2:x"])
 def test_compute_masks_names_nm_for_a_bad_pattern(tmp_path, capsys, monkeypatch, spec):
     monkeypatch.setattr(models, "load_causal_lm", no_work)
-    line = refused(capsys, compute_masks.main, ["--model_path", "tiny-gpt2", "--method", "nm", "--nm", spec,
+    line = refused(capsys, compute_masks.main, ["--policy", "tiny-gpt2", "--method", "nm", "--nm", spec,
                                                 "--output_dir", tmp_path / "masks"], f"--nm {spec}")
     assert "--sparsity" not in line
 
@@ -202,3 +206,46 @@ def test_matrix_exits_1_naming_the_failed_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("subnetscope.matrix.run_one", lambda run, folder, detail=False: fake_run(
         {"axes": {"seed": 0}}, folder))
     assert matrix_cli.main(["--matrix", str(path)]) == 0  # the retried run now succeeds
+
+
+# Issue 18, one spelling per concept: a command, an old spelling of one of its flags, and the new spelling
+OLD_SPELLINGS = [("sparse-ft", "--model", "--policy"), ("masks", "--model_path", "--policy"),
+                 ("grpo", "--model", "--policy"), ("analyze", "--model", "--base"), ("spatial", "--model", "--base"),
+                 ("localize", "--models", "--bases"), ("rank-vs-size", "--models", "--bases"),
+                 ("weight-sparsity", "--model_dir", "--checkpoint")]
+
+
+@pytest.mark.parametrize("command, old, new", OLD_SPELLINGS)
+def test_an_old_spelling_is_one_line_naming_the_new_one(capsys, command, old, new):
+    refused(capsys, app.main, [command, old, "x"], f"{old} is now {new}")
+
+
+def test_an_old_yaml_key_is_one_line_naming_the_new_one(tmp_path, capsys):
+    path = tmp_path / "settings.yaml"
+    path.write_text("model: gpt2\n")
+    refused(capsys, app.main, ["sparse-ft", "--config", path], f"{path}: model is now policy")
+
+
+def parsers(name: str, parser: argparse.ArgumentParser):
+    """A command's parser and its subcommands' parsers, each with the words that reach it."""
+    yield [name], parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield [name, sub], child
+
+
+def test_every_command_refuses_the_old_spellings_of_its_flags(capsys):
+    """Every parser (subcommands' included) that has a new spelling refuses the old one, in its --x=value form
+    too; compare keeps --models (the models it trains), so there it still parses."""
+    refusals = 0
+    for name, command in app.COMMANDS.items():
+        for words, parser in parsers(name, importlib.import_module(command.module).build_parser()):
+            flags = parser._option_string_actions
+            for old, news in RENAMED.items():
+                new = [n for n in news if n in flags]
+                if new and old not in flags:
+                    refused(capsys, app.main, [*words, f"{old}=x"], f"{old} is now {new[0]}")
+                    refusals += 1
+    assert refusals > len(OLD_SPELLINGS)
+    assert compare.build_parser().parse_known_args(["--models", "a", "b"])[0].models == ["a", "b"]

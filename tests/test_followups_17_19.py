@@ -112,7 +112,7 @@ def test_structured_refusal_comes_before_any_scoring(tmp_path, capsys, monkeypat
     monkeypatch.setattr(importance, "importance_scores", no_scoring)
     monkeypatch.setattr(importance, "random_scores", no_scoring)
     with pytest.raises(SystemExit) as exc:
-        compute_masks.main(["--model_path", "phi3", "--method", "structured", "--sparsity", "0.5", "--device", "cpu",
+        compute_masks.main(["--policy", "phi3", "--method", "structured", "--sparsity", "0.5", "--device", "cpu",
                             "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]

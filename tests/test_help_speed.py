@@ -56,7 +56,7 @@ def probe(script: str, *args: str) -> tuple[dict, str, str]:
     ("main_prune.py", ["--data", "no/such/text.txt"], "no/such/text.txt does not exist"),
     ("main_sparse_ft.py", ["--lora_rank", "0"], "--lora_rank 0: needs at least 1"),
     ("main_sparse_ft.py", ["--mask", "no/such/mask.safetensors"], "--mask no/such/mask.safetensors does not exist"),
-    ("compute_masks.py", ["--model_path", "tiny-gpt2", "--sparsity", "1.5"], "--sparsity 1.5: every sparsity"),
+    ("compute_masks.py", ["--policy", "tiny-gpt2", "--sparsity", "1.5"], "--sparsity 1.5: every sparsity"),
     ("compute_masks.py", ["--from_run", "no/such/run"], "--from_run no/such/run is not a folder"),
     ("testbed.py", ["build", "--n_embd", "33"], "--n_embd 33 is not divisible by --n_head 6"),
     ("testbed.py", ["study", "--testbed", "no/such/testbed"], "build the testbed first"),

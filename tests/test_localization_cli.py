@@ -101,7 +101,7 @@ def test_labels_are_the_shortest_distinguishing_suffixes(tmp_path):
 ])
 def test_runs_that_would_share_a_folder_are_refused(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        main([*argv, "--models", "m1", "m2", "--output_dir", str(tmp_path / "out")])
+        main([*argv, "--bases", "m1", "m2", "--output_dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 

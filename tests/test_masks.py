@@ -209,11 +209,11 @@ def cli_runs(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProc
     calibration data ("calibration", where ../shared has it) and each bad input (by its message). Their folder
     (a subfolder each, by name or bad input's index), and each result by name."""
     tmp = tmp_path_factory.mktemp("compute_masks")
-    commands = {"levels": ["--model_path", "tiny-gpt2", "--output_dir", str(tmp / "levels")],
-                **{message: ["--model_path", "tiny-gpt2", "--output_dir", str(tmp / str(i)), *args]
+    commands = {"levels": ["--policy", "tiny-gpt2", "--output_dir", str(tmp / "levels")],
+                **{message: ["--policy", "tiny-gpt2", "--output_dir", str(tmp / str(i)), *args]
                    for i, (args, message) in enumerate(BAD_INPUT)}}
     if IMDB_JSONL.exists():
-        commands["calibration"] = ["--model_path", "tiny-gemma3n", "--output_dir", str(tmp / "calibration"),
+        commands["calibration"] = ["--policy", "tiny-gemma3n", "--output_dir", str(tmp / "calibration"),
                                    "--sparsity", "0.5", "--importance", "wanda", "--group", "row", "--calib_data",
                                    str(IMDB_JSONL), "--calib_seq_len", "16", "--calib_batches", "2", "--no-plot"]
     env = {**os.environ, **SIDE_BY_SIDE}

@@ -238,7 +238,7 @@ def test_applied_sparsity_follows_the_schedule_exactly(runs_at_60, tmp_path, har
     if hard:  # pruned weights stay zero: nothing revives and the final model is exactly sparse
         assert all(r["weight_revival/revival_rate"] in (None, 0.0) for r in records(run))
         assert last["sparsity/overall"] == pytest.approx(sum(round(0.6 * n) for n in sizes) / sum(sizes), abs=1e-12)
-        check = subprocess.run([sys.executable, str(ROOT / "weight_sparsity.py"), "--model_dir", str(run / "final"),
+        check = subprocess.run([sys.executable, str(ROOT / "weight_sparsity.py"), "--checkpoint", str(run / "final"),
                                 "--json", str(tmp_path / "s.json")], capture_output=True, text=True, cwd=ROOT)
         assert check.returncode == 0, check.stderr
         assert json.loads((tmp_path / "s.json").read_text())["overall_sparsity"] == pytest.approx(

@@ -80,7 +80,7 @@ def test_analysis_per_tensor_and_summary_carry_the_plan_rank(tmp_path):
 
 
 @pytest.mark.parametrize("flags,needle", [(["--labels", "a"], "--labels"), (["--view_dtype", "int8"], "--view_dtype"),
-                                          (["--models", "x", "y", "z"], "--models")])
+                                          (["--bases", "x", "y", "z"], "--bases")])
 def test_rank_vs_size_bad_input(tmp_path, capsys, flags, needle):
     gpt2_run(tmp_path / "a", layers=1, width=8)
     gpt2_run(tmp_path / "b", layers=1, width=8)

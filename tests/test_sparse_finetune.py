@@ -123,14 +123,14 @@ ONE_THREAD = {**os.environ, **SIDE_BY_SIDE}
 @pytest.fixture(scope="module")
 def gpt2_mask(tmp_path_factory):
     out = tmp_path_factory.mktemp("masks")
-    result = run("compute_masks.py", "--model_path", str(TINY_GPT2_DIR), "--output_dir", str(out), "--sparsity", "0.5",
+    result = run("compute_masks.py", "--policy", str(TINY_GPT2_DIR), "--output_dir", str(out), "--sparsity", "0.5",
                  "--no-plot")
     assert result.returncode == 0, result.stderr
     return out / "mask_unstructured_magnitude_matrix_s0.50.safetensors"
 
 
 def ft_args(out: Path, *extra: str) -> list[str]:
-    return ["--model", str(TINY_GPT2_DIR), "--task", str(IMDB_JSONL), "--max_texts", "200", "--seq_len", "32",
+    return ["--policy", str(TINY_GPT2_DIR), "--task", str(IMDB_JSONL), "--max_texts", "200", "--seq_len", "32",
             "--batch_size", "4", "--max_steps", "8", "--save_every", "4", "--log_every", "2", "--eval_every", "4",
             "--eval_batches", "2", "--output_dir", str(out), "--no_tqdm", *extra]
 

@@ -150,7 +150,7 @@ def test_local_task_files_are_recognised_by_their_columns(tmp_path):
 
 
 def ft_config(tmp_path: Path, task: Path, **extra) -> SparseFTConfig:
-    return SparseFTConfig(**{"model": str(TINY_GPT2_DIR), "task": str(task), "seq_len": 32, "batch_size": 4,
+    return SparseFTConfig(**{"policy": str(TINY_GPT2_DIR), "task": str(task), "seq_len": 32, "batch_size": 4,
                              "max_steps": 4, "save_every": 2, "log_every": 2, "eval_every": 2, "eval_batches": 1,
                              "val_fraction": 0.25, "eval_max_new_tokens": 8, "device": "cpu", "precision": "fp32",
                              "output_dir": str(tmp_path / "run"), "no_tqdm": True, **extra})
@@ -296,7 +296,7 @@ def test_named_task_offline_says_in_one_line_what_it_needs(refusals, task, hub_i
 
 def sweep_file(tmp_path: Path, **overrides) -> dict:
     train = task_file(tmp_path / "train.jsonl", "boolq")
-    sweep = {"model": str(TINY_GPT2_DIR), "device": "cpu", "sparsity": [0.5], "dense": True,
+    sweep = {"policy": str(TINY_GPT2_DIR), "device": "cpu", "sparsity": [0.5], "dense": True,
              "masks": {"method": "unstructured", "importance": "magnitude"},
              "train": {"task": str(train), "method": "masked", "seq_len": 32, "batch_size": 4, "max_steps": 2,
                        "save_every": 2, "log_every": 2, "eval_every": 2, "eval_batches": 1, "val_fraction": 0.25,
@@ -312,6 +312,7 @@ def sweep_file(tmp_path: Path, **overrides) -> dict:
 
 @pytest.mark.parametrize("override, message", [
     ({"colour": 1}, "unknown top-level key"),
+    ({"model": "gpt2"}, "sweep: model is now policy"),
     ({"masks.importance": "bogus"}, "invalid choice: 'bogus'"),
     ({"masks.learning_rate": 1}, "learning_rate is not a compute_masks.py setting"),
     ({"train.dtype": "float32"}, "dtype was replaced by precision"),

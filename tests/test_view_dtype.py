@@ -207,7 +207,7 @@ def test_a_bad_view_dtype_is_one_line_before_any_work(fp32_pair, tmp_path, capsy
     monkeypatch.setattr(module, "open_checkpoint", no_work)
     out = tmp_path / "out"
     argv = (["--base", str(base_dir), "--tuned", str(tuned_dir)] if cli == "analyze"
-            else ["--ckpt_dirs", str(base_dir), str(tuned_dir), "--models", "a", "b"])
+            else ["--ckpt_dirs", str(base_dir), str(tuned_dir), "--bases", "a", "b"])
     with pytest.raises(SystemExit) as exc:
         module.main([*argv, "--output_dir", str(out), "--device", "cpu", "--view_dtype", "bf16"])
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ from pathlib import Path
 from .. import plots
 from ..checkpoint import default_base_for_run, find_step_checkpoints, open_checkpoint
 from ..engine import analyze_overlap, analyze_pair, analyze_series
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..report import (
     format_pair_table,
     write_json,
@@ -23,25 +23,24 @@ Compare fine-tuned checkpoints with their starting point and report which weight
 and, for a run folder, how the changed subnetwork grows over steps.
 
 Two modes:
-  series:  --ckpt_dir RUN [--model BASE]   every step checkpoint in RUN against BASE
+  series:  --ckpt_dir RUN [--base BASE]    every step checkpoint in RUN against BASE (default RUN/base)
   pair:    --base A --tuned B [--overlap_with C]
 Models are folders written by save_pretrained (model.safetensors, sharded safetensors or
 pytorch_model.bin), compact checkpoints written by main_grpo.py/main_ppo.py, Hub ids, or LoRA
 adapter folders (PEFT's save_pretrained, a TRL LoRA run's checkpoint-N), merged onto --base (series:
-onto the run's base) one matrix at a time: W0 + scale·B·A in W0's dtype, as merge_and_unload does.
+by default the run's base) one matrix at a time: W0 + scale·B·A in W0's dtype, as merge_and_unload does.
 --view_dtype bfloat16 judges float32 checkpoints as their bf16 roundings (summary.json records it).
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", help="the starting weights θ0 (folder or Hub id); series mode: default RUN/base")
     series = p.add_argument_group("series mode")
     series.add_argument("--ckpt_dir", help="run folder with step checkpoints (checkpoint-N, step_N, ...)")
-    series.add_argument("--model", help="the starting weights θ0 (folder or Hub id); default: RUN/base")
     series.add_argument("--max_step", type=int, help="ignore checkpoints after this step")
     series.add_argument("--step_interval", type=int, help="keep only steps that are multiples of this")
     pair = p.add_argument_group("pair mode")
-    pair.add_argument("--base", help="the starting weights (folder or Hub id)")
     pair.add_argument("--tuned", help="the fine-tuned weights (folder or Hub id), or a LoRA adapter folder to merge "
                                       "onto --base")
     pair.add_argument("--overlap_with", help="a second run tuned from --base: report the two subnetworks' overlap")
@@ -62,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _pick_mode(args: argparse.Namespace) -> str:
-    if args.ckpt_dir and (args.base or args.tuned):
-        raise SubnetscopeError("use either --ckpt_dir (series) or --base/--tuned (pair), not both")
+    if args.ckpt_dir and args.tuned:
+        raise SubnetscopeError("use either --ckpt_dir (series) or --tuned (pair), not both")
     if args.ckpt_dir:
         if args.overlap_with:
             raise SubnetscopeError("--overlap_with goes with --base/--tuned")
@@ -101,10 +100,10 @@ def run(args: argparse.Namespace) -> dict:
                 f"{args.ckpt_dir} has one checkpoint (step {checkpoints[0].step}) in range: a series needs two; "
                 "compare it with --base/--tuned instead"
             )
-        model = args.model or default_base_for_run(args.ckpt_dir)
-        if model is None:
-            raise SubnetscopeError(f"no --model given and {args.ckpt_dir}/base does not exist: pass --model BASE")
-        base = open_checkpoint(model)
+        base_spec = args.base or default_base_for_run(args.ckpt_dir)
+        if base_spec is None:
+            raise SubnetscopeError(f"no --base given and {args.ckpt_dir}/base does not exist: pass --base BASE")
+        base = open_checkpoint(base_spec)
         opened = [(c.step, open_checkpoint(str(c.path), base=base)) for c in checkpoints]
         tuned = opened[-1][1]
         series = analyze_series(base, opened, rules, device, progress, view)

@@ -12,7 +12,7 @@ import sys
 import torch
 
 from ..checkpoint import open_checkpoint
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 from ..masks import check_masks_fit, load_masks
 from ..naming import block_index
 from ..report import write_json
@@ -20,7 +20,7 @@ from .common import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="model folder or weights file (e.g. a run's final/)")
     p.add_argument("--mask_path", required=True, help="the mask file the model was trained under")
     p.add_argument("--output", default="sparsity_report.json", help="JSON report (default sparsity_report.json)")

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..changes import ChangeRules
 from ..checkpoint import find_step_checkpoints, open_checkpoint
 from ..engine import analyze_overlap
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..grpo import GRPOConfig, GRPOTrainer
 from ..logger import read_metrics
 from ..outputs import check_output_dir
@@ -48,7 +48,7 @@ models: --easy --max_steps 4 --save_every 2 --batch_size 8 --mini_batch_size 4 -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, allow_abbrev=False,
+    p = ArgumentParser(description=__doc__, epilog=EPILOG, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["tiny-gpt2", "tiny-gemma3n"],
                    help="policies to compare (default tiny-gpt2 tiny-gemma3n; on a GPU e.g. gpt2-medium "

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..config import IMPORTANCES, MASK_EXTRA_TENSORS, MASK_GROUPS, MASK_METHODS
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..outputs import check_output_dir
 from .training import quiet_transformers
 
@@ -20,10 +20,10 @@ DEFAULT_SPARSITIES = [round(0.1 * i, 1) for i in range(10)]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model_path", help="model to score: a folder written by save_pretrained, a Hub id, or "
-                                          "tiny-gpt2 / tiny-gemma3n (random, offline)")
+    src.add_argument("--policy", help="model to score: a folder written by save_pretrained, a Hub id, or "
+                                      "tiny-gpt2 / tiny-gemma3n (random, offline)")
     src.add_argument("--from_run", help="a run folder (main_grpo.py / main_ppo.py / main_sft.py, or a TRL trainer's "
                                         "output_dir with SubnetTrackerCallback): write its 'ever changed' mask")
     p.add_argument("--output_dir", default="checkpoints/masks",
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_level_masks(args: argparse.Namespace, out: Path, levels: list[float], nm: tuple[int, int],
                       needs_data: bool) -> None:
-    """The masks of the model in --model_path at each sparsity of `levels`, and their validation reports;
+    """The masks of the model in --policy at each sparsity of `levels`, and their validation reports;
     torch and the model load here, after main has checked the flags."""
     import torch
 
@@ -165,8 +165,8 @@ def write_level_masks(args: argparse.Namespace, out: Path, levels: list[float], 
     from ..report import write_csv, write_json
 
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.model_path, args.tokenizer) if needs_data else None
-    model = load_causal_lm(args.model_path, torch.float32, vocab_size=len(tokenizer) if tokenizer else None).to(device)
+    tokenizer = load_tokenizer(args.policy, args.tokenizer) if needs_data else None
+    model = load_causal_lm(args.policy, torch.float32, vocab_size=len(tokenizer) if tokenizer else None).to(device)
     tensors = prunable_tensors(model, tuple(args.include))
     units = unit_groups(model, tensors) if args.method == "structured" else None  # refused before any scoring
     if args.method == "structured" and not units:
@@ -187,7 +187,7 @@ def write_level_masks(args: argparse.Namespace, out: Path, levels: list[float], 
     for level in levels:
         masks = nm_masks(scores, tensors, *nm) if args.method == "nm" else select_masks(
             scores, tensors, level, args.method, args.group, units)
-        settings = {"model": args.model_path, "method": args.method,
+        settings = {"model": args.policy, "method": args.method,
                     "importance": "random" if args.method == "random" else args.importance,
                     "group": args.group if args.method in ("unstructured", "random") else None, "sparsity": level,
                     "include": args.include, "seed": args.seed,

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import SubnetscopeError
+from ..errors import SubnetscopeError, refuse_renamed
 
 SPELLINGS = "_spellings"  # the namespace's record of which spelling set each field
 
@@ -178,6 +178,7 @@ def load_yaml_config(cls: type, path: str) -> dict:
         raise SubnetscopeError(f"{path}: must be a mapping of setting: value")
     known = [f.name for f in fields(cls)]
     unknown = sorted(map(str, set(data) - set(known)))
+    refuse_renamed(unknown, known, keys=True, where=f"{path}: ")
     if unknown:
         raise SubnetscopeError(f"{path}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
     return {key: check_value(cls, key, value, f" in {path}") for key, value in data.items()}

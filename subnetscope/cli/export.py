@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 
 DESCRIPTION = """\
 Write a step checkpoint as a model folder (save_pretrained layout: config, tokenizer, safetensors):
@@ -15,7 +15,7 @@ tokenizer come from the run's base/ (or --base).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--step_dir", required=True, help="the step checkpoint: RUN/step_N or RUN/checkpoint-N")
     p.add_argument("--base", help="the model folder the step belongs to (default: the run's base/; for an adapter "
                                   "checkpoint outside a run, the base it was trained from)")

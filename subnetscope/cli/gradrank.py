@@ -9,7 +9,7 @@ from .. import plots
 from ..baselines import scored_samples, sft_records
 from ..data import BUILTIN_PROMPTS, EASY_PROMPTS
 from ..env import Env, build_env
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..gradrank import ENERGY, Spectrum, gradient_spectra
 from ..grpo import GRPOConfig, GRPOTrainer
 from ..metrics import PLAN_RANK_RATIO
@@ -35,7 +35,7 @@ default k 100 × batch 8 pass --dataset imdb or a file, e.g. ../shared/data/imdb
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", default="tiny-gpt2", help="Hub id, folder, or tiny-gpt2 / tiny-gemma3n")
     p.add_argument("--reward", default="vader", choices=REWARDS, help="reward of both tasks")
     p.add_argument("--reward_model", default="lvwerra/distilbert-imdb", help="classifier for --reward model")

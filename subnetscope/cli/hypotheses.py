@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .. import plots
 from ..changes import RULES
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..hypotheses import (
     ADVANTAGE_KEYS,
     advantage_vs_sparsity,
@@ -35,7 +35,7 @@ Consecutive steps are not independent samples: the p-values describe, they do no
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("hypothesis", choices=("h2", "h3"),
                    help="h2: sparsity vs reward; h3: advantage sharpness vs sparsity")
     p.add_argument("--runs", nargs="+", required=True, help="run folders holding metrics.jsonl")

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import plots
 from ..checkpoint import bases_for_runs, find_step_checkpoints, open_checkpoint
 from ..engine import analyze_pair, analyze_series
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..naming import TEXT_TOWER
 from ..report import write_csv, write_json, write_pair_outputs
 from ..stats import bootstrap_ci, concentration_statistics, more_concentrated_test
@@ -29,9 +29,9 @@ model's (a multimodal checkpoint's vision and audio towers left out, as in the p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dirs", nargs="+", required=True, help="one run folder per model")
-    p.add_argument("--models", nargs="+",
+    p.add_argument("--bases", nargs="+",
                    help="θ0 of each run, in the same order (folder or Hub id); default: each RUN/base")
     p.add_argument("--labels", nargs="+",
                    help="names for the figures and each run's table folder (default: the run folders' names, "
@@ -86,27 +86,26 @@ def _check_lengths(args: argparse.Namespace) -> tuple[list[str], list[str], list
     n = len(args.ckpt_dirs)
     if n < 2:
         raise SubnetscopeError("--ckpt_dirs needs at least two runs to compare")
-    if args.models and len(args.models) != n:
-        raise SubnetscopeError(f"--models has {len(args.models)} entries for {n} --ckpt_dirs: give one per run")
+    if args.bases and len(args.bases) != n:
+        raise SubnetscopeError(f"--bases has {len(args.bases)} entries for {n} --ckpt_dirs: give one per run")
     if args.labels and len(args.labels) != n:
         raise SubnetscopeError(f"--labels has {len(args.labels)} entries for {n} --ckpt_dirs: give one per run")
     if args.n_boot < 1:
         raise SubnetscopeError(f"--n_boot {args.n_boot}: needs at least 1 resample (default 2000)")
     labels, folders = run_labels(args)
-    models = bases_for_runs(args.ckpt_dirs, args.models)
-    return labels, folders, models
+    return labels, folders, bases_for_runs(args.ckpt_dirs, args.bases)
 
 
 def run(args: argparse.Namespace) -> dict:
-    labels, folders, models = _check_lengths(args)
+    labels, folders, bases = _check_lengths(args)
     cfg = settings_from_args(args)
     rules, device, shells, out, progress = cfg.rules, cfg.device, cfg.shells, cfg.out, cfg.progress
     view = cfg.view_dtype
     statistics = concentration_statistics(args.topk)
     profiles, per_model, series_curves = [], [], []
-    for label, folder, model, run_dir in zip(labels, folders, models, args.ckpt_dirs):
+    for label, folder, base_spec, run_dir in zip(labels, folders, bases, args.ckpt_dirs):
         checkpoints = find_step_checkpoints(run_dir, args.max_step, args.step_interval)
-        base = open_checkpoint(model)
+        base = open_checkpoint(base_spec)
         opened = [(c.step, open_checkpoint(str(c.path), base=base)) for c in checkpoints]
         pair = analyze_pair(base, opened[-1][1], rules, device, False, shells, progress, view_dtype=view)
         write_pair_outputs(pair, out / folder, args.topk)

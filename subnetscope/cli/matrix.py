@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 from ..matrix import TASKS, expand, load_matrix, run_matrix
 from .training import quiet_transformers
 
@@ -25,7 +25,7 @@ one factor at a time: configs/matrix_cpu_one_factor.yaml, configs/matrix_gpu_one
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--matrix", required=True, help="the matrix file (.yaml, .yml or .json)")
     p.add_argument("--output_dir", help="overrides the file's output_dir")
     p.add_argument("--dry_run", action="store_true", help="check the file and list its runs, run nothing")

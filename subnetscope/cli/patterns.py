@@ -20,7 +20,7 @@ from ..checkpoint import (
 )
 from ..devices import resolve_device
 from ..engine import view_of
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..outputs import check_output_dir
 from ..patterns import (
     HOT,
@@ -51,9 +51,9 @@ prediction.png.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", required=True, help="run folder with step checkpoints (step_N, checkpoint-N, ...)")
-    p.add_argument("--model", help="the starting weights θ0 (folder or Hub id); default: RUN/base")
+    p.add_argument("--base", help="the starting weights θ0 (folder or Hub id); default: RUN/base")
     p.add_argument("--max_step", type=int, help="ignore checkpoints after this step")
     p.add_argument("--step_interval", type=int, help="keep only steps that are multiples of this")
     add_rule_args(p)
@@ -150,9 +150,9 @@ def _print(summary: dict) -> None:
 def run(args: argparse.Namespace) -> dict:
     settings, out = _check(args)
     checkpoints = find_step_checkpoints(args.ckpt_dir, args.max_step, args.step_interval)
-    model = args.model or default_base_for_run(args.ckpt_dir)
+    model = args.base or default_base_for_run(args.ckpt_dir)
     if model is None:
-        raise SubnetscopeError(f"no --model given and {args.ckpt_dir}/base does not exist: pass --model BASE")
+        raise SubnetscopeError(f"no --base given and {args.ckpt_dir}/base does not exist: pass --base BASE")
     head_dim, note = _head_dim(model, settings.head_dim)
     settings = dataclasses.replace(settings, head_dim=head_dim)
     base = open_checkpoint(model)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 
 from ..config import PruneConfig
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 from .dataclass_args import add_dataclass_flags, config_from_args
 from .training import quiet_transformers
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(p, PruneConfig)
     return p
 

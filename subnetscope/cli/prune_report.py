@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from .. import plots
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..logger import read_metrics
 from ..naming import block_index
 from ..outputs import check_output_dir
@@ -209,7 +209,7 @@ def revival_rows(runs: list[dict]) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results_dir", help="folder of main_prune.py / main_sparse_ft.py run folders (or one run)")
     p.add_argument("--wandb_run", nargs="+", metavar="RUN",
                    help="main_prune.py runs logged with --wandb: an offline run folder (RUN/wandb/offline-run-*), its "

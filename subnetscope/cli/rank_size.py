@@ -10,7 +10,7 @@ from ..changes import ChangeRules
 from ..checkpoint import bases_for_runs, find_step_checkpoints, open_checkpoint
 from ..devices import resolve_device
 from ..engine import PairResult, analyze_pair, view_of
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..metrics import RANK_DEFINITIONS
 from ..naming import TEXT_TOWER
 from ..outputs import check_output_dir
@@ -31,10 +31,10 @@ matrix: use --device cuda for large models.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dirs", nargs="+", required=True, help="one run folder per model (e.g. GPT-2 small, medium, "
                                                                  "large with one recipe)")
-    p.add_argument("--models", nargs="+", help="θ0 of each run, in the same order (default: each RUN/base)")
+    p.add_argument("--bases", nargs="+", help="θ0 of each run, in the same order (default: each RUN/base)")
     p.add_argument("--labels", nargs="+", help="names in the figure and tables (default: the run folders' names)")
     p.add_argument("--max_step", type=int, help="use the last checkpoint at or before this step")
     p.add_argument("--view_dtype", metavar="{bfloat16,float16,float32}",
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> tuple[list[str], list[str], Path, str]:
     """Labels, bases, the output folder and the device, before any work."""
     n = len(args.ckpt_dirs)
-    for flag in ("models", "labels"):
+    for flag in ("bases", "labels"):
         given = getattr(args, flag)
         if given and len(given) != n:
             raise SubnetscopeError(f"--{flag} has {len(given)} entries for {n} --ckpt_dirs: give one per run")
@@ -58,8 +58,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[str], Path, str]:
     view_of(args.view_dtype)
     out = check_output_dir(args.output_dir)
     device = resolve_device(args.device)
-    models = bases_for_runs(args.ckpt_dirs, args.models)
-    return labels, models, out, device
+    return labels, bases_for_runs(args.ckpt_dirs, args.bases), out, device
 
 
 def matrix_rows(label: str, pair: PairResult) -> list[dict]:
@@ -84,11 +83,11 @@ def model_row(label: str, run_dir: str, step: int, pair: PairResult, matrices: l
 
 
 def run(args: argparse.Namespace) -> dict:
-    labels, models, out, device = _check(args)
+    labels, bases, out, device = _check(args)
     rows, per_matrix = [], []
-    for label, model, run_dir in zip(labels, models, args.ckpt_dirs):
+    for label, base, run_dir in zip(labels, bases, args.ckpt_dirs):
         last = find_step_checkpoints(run_dir, args.max_step)[-1]
-        pair = analyze_pair(open_checkpoint(model), open_checkpoint(str(last.path)), ChangeRules(), device, rank=True,
+        pair = analyze_pair(open_checkpoint(base), open_checkpoint(str(last.path)), ChangeRules(), device, rank=True,
                             progress=not args.no_tqdm, view_dtype=args.view_dtype)
         matrices = matrix_rows(label, pair)
         if not any(m["block"] is not None for m in matrices):

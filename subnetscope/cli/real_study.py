@@ -18,13 +18,13 @@ import argparse
 import shlex
 import sys
 
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 
 def build_parser() -> argparse.ArgumentParser:
     from ..real_study import RealStudyConfig
     from .dataclass_args import add_dataclass_flags, field_meta
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and measure one group (policy x task), then rebuild the table")
     add_dataclass_flags(run, RealStudyConfig)

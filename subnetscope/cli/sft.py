@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import BaselineConfig
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..rewards import reward_from_flags
 from . import dataclass_args
 from .dataclass_args import add_dataclass_flags
@@ -21,7 +21,7 @@ from the dataclass defaults, then --config YAML, then the flags given.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     add_dataclass_flags(p, BaselineConfig)
     return p

@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from ..config import SparseFTConfig
-from ..errors import SubnetscopeError, cli_main
+from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from .dataclass_args import add_dataclass_flags, config_from_args
 from .training import quiet_transformers
 
@@ -29,7 +29,7 @@ REPLACED = {"dtype": "--precision (auto, mixed, bf16 or fp32) and --view_dtype (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_flags(p, SparseFTConfig)
     for old in REPLACED:
         p.add_argument(f"--{old}", help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 from ..sparse_sweep import __doc__ as SWEEP_DOC
 from ..sparse_sweep import expand_sweep, load_sweep, run_sweep
 from .training import quiet_transformers
@@ -18,7 +18,7 @@ Exits 1 when any run failed, naming them (each one's output is in OUTPUT/runs/<r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=SWEEP_DOC, epilog=EPILOG,
+    p = ArgumentParser(description=SWEEP_DOC, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="the sweep file (.yaml)")
     p.add_argument("--output_dir", help="overrides the file's output_dir")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import StudyConfig, TestbedConfig
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 from .dataclass_args import Preset, add_dataclass_flags, config_from_args
 from .training import quiet_transformers
 
@@ -30,7 +30,7 @@ PRESETS = {"tiny": Preset("a few minutes on 2 CPU cores, for tests: " + ", ".joi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="pretrain the policy and train the reward classifier")
     add_dataclass_flags(build, TestbedConfig, presets=PRESETS)

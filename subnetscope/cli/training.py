@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import RLConfig
-from ..errors import SubnetscopeError
+from ..errors import ArgumentParser, SubnetscopeError
 from ..launch import warn_launch_mismatch
 from ..rewards import reward_from_flags
 from . import dataclass_args
@@ -38,7 +38,7 @@ def new_parser(description: str, config_cls: type[RLConfig],
                preset_extra: dict | None = None) -> argparse.ArgumentParser:
     """A trainer's parser: every field of `config_cls` as a flag, the presets, and TRL's batch size; flags
     not given stay absent (presets and --config can tell)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     add_dataclass_flags(p, config_cls, presets=command_presets(preset_extra))
     trl = p.add_argument_group("TRL's spellings (the same settings)")

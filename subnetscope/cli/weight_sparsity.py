@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from ..checkpoint import open_checkpoint
-from ..errors import cli_main
+from ..errors import ArgumentParser, cli_main
 from ..naming import module_type
 from ..pruning import dead_rows_cols
 from ..report import write_json
@@ -21,8 +21,8 @@ def is_linear_weight(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and name.endswith(".weight") and module_type(name) not in NOT_LINEAR
 
 
-def sparsity_summary(model_dir: str) -> dict:
-    source = open_checkpoint(model_dir)
+def sparsity_summary(checkpoint: str) -> dict:
+    source = open_checkpoint(checkpoint)
     rows, zeros, total = [], 0, 0
     for name in source.names():
         if not is_linear_weight(name, source.shape(name)):
@@ -33,12 +33,13 @@ def sparsity_summary(model_dir: str) -> dict:
         rows.append({"name": name, "numel": w.numel(), "zeros": z, "sparsity": z / w.numel(),
                      "dead_rows": dead_r, "dead_cols": dead_c})
         zeros, total = zeros + z, total + w.numel()
-    return {"model": model_dir, "overall_sparsity": zeros / total if total else 0.0, "numel": total, "tensors": rows}
+    return {"checkpoint": checkpoint, "overall_sparsity": zeros / total if total else 0.0, "numel": total,
+            "tensors": rows}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_dir", required=True, help="model folder, run checkpoint (checkpoint-N, final) or Hub id")
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="model folder, run checkpoint (checkpoint-N, final) or Hub id")
     p.add_argument("--json", help="also write the summary to this JSON file")
     return p
 
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     json_path = check_output_file(args.json, "--json") if args.json else None
-    summary = sparsity_summary(args.model_dir)
+    summary = sparsity_summary(args.checkpoint)
     width = max((len(r["name"]) for r in summary["tensors"]), default=4)
     print(f"{'tensor':<{width}}  {'sparsity':>9}  {'dead rows':>9}  {'dead cols':>9}")
     for r in summary["tensors"]:
