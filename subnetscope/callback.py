@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -76,7 +75,6 @@ TRACKER_FILE = TRL_TRACKER_STATE
 MASTER_BASE_FILE = "subnet_master_base.safetensors"  # θ0 of the fp32 weights, when base/ holds a rounding
 FINGERPRINT_KEY = "theta0_fingerprint"  # tracker files' metadata: θ0 they were tracked against
 LOGGED = ("changed/", "changed_master/", "sparsity/", "time/")  # what goes to the trainer's logs as subnet/*
-_CHECKPOINT = re.compile(r"^checkpoint-\d+$")
 FSDP1_PREFIX = "_fsdp_wrapped_module"  # FSDP1 with use_orig_params: plain tensors under its wrapper's names
 
 
@@ -455,7 +453,7 @@ class SubnetTrackerCallback(TrainerCallback):
         base_dir = out / BASE_DIR
         if not base_dir.is_dir():
             return
-        checkpoints = sorted(c.name for c in out.iterdir() if c.is_dir() and _CHECKPOINT.match(c.name))
+        checkpoints = [c.path.name for c in RunDir(out, TRL_PREFIX).steps() if c.path.name.startswith(TRL_PREFIX)]
         if not checkpoints and self.save_base:
             return  # a killed start's leftover: replaced below
         problem = _base_mismatch(base_dir, params, self._theta0)

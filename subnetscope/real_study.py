@@ -18,7 +18,6 @@ import itertools
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -48,7 +47,6 @@ DATA_SEED = 1234  # the task data (problems, review order): the same for every r
 # resume state a finished run no longer needs (optimizer moments, fp32 masters, TRL's full weights): the
 # study keeps base/, final/, the metrics and the tracker state (the subnetwork mask is read from it)
 RESUME_ONLY = ("optimizer.pt", "trainer_state.pt", "master.safetensors", "model.safetensors", "scheduler.pt")
-CHECKPOINT_DIR = re.compile(r"^(step_|checkpoint-)\d+$")
 
 
 @dataclass
@@ -319,9 +317,11 @@ def drop_resume_state(folder: Path) -> int:
     """Delete what only a resume needs from a finished run's checkpoints (a study of 24 runs of a 135M
     model otherwise fills a 64 GB disk); returns the bytes freed."""
     freed = 0
-    for checkpoint in (c for c in folder.iterdir() if c.is_dir() and CHECKPOINT_DIR.match(c.name)):
+    from .rundir import RunDir
+
+    for checkpoint in RunDir(folder).steps():
         for name in RESUME_ONLY:
-            path = checkpoint / name
+            path = checkpoint.path / name
             if path.is_file():
                 freed += path.stat().st_size
                 path.unlink()

@@ -186,8 +186,7 @@ class RunDir:
         """Whether the folder already holds (part of) a training run beyond a half-written start."""
         if not self.path.is_dir():
             return False
-        return (self.path / RUN_CONFIG).exists() or any(
-            c.is_dir() and re.fullmatch(r"(?:step_|checkpoint-)\d+", c.name) for c in self.path.iterdir())
+        return (self.path / RUN_CONFIG).exists() or bool(self.steps())
 
     def latest(self, required: tuple[str, ...] = STEP_FILES, one_of: tuple[str, ...] = WEIGHT_FILES) -> ResumePoint:
         """The newest step folder holding all of `required` and, unless it is empty, one of `one_of`

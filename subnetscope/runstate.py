@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .errors import SubnetscopeError
 from .models import model_signature
-from .rundir import HEADER_BYTES, RUN_CONFIG, RunDir, durable_write_text, tensor_bytes
+from .rundir import HEADER_BYTES, RUN_CONFIG, TRL_PREFIX, RunDir, durable_write_text, tensor_bytes
 
 # Settings that steer a run without changing what it measures: they may differ on --resume.
 RUN_CONTROL = frozenset({"max_steps", "save_every", "save_total_limit", "eval_every", "no_tqdm", "wandb", "resume",
@@ -114,7 +114,8 @@ def run_algorithm(run_dir: Path, config: dict | None) -> str | None:
             return str(settings["task"]).upper()
         return None
     run_dir = Path(run_dir)
-    if (run_dir / "subnet_metrics.jsonl").is_file() or any(run_dir.glob("checkpoint-*")):
+    if (run_dir / "subnet_metrics.jsonl").is_file() or any(
+            c.path.name.startswith(TRL_PREFIX) for c in RunDir(run_dir).steps()):
         return "SFT/DPO"
     return None
 
