@@ -172,9 +172,35 @@ def imdb_files(cfg: RealStudyConfig, opening_words: int = 12, completion_words: 
             "heldout": [{"prompt": o} for o in openings[-cfg.heldout_prompts:]]}
 
 
+def data_settings(cfg: RealStudyConfig) -> dict:
+    """The settings the task's data is made from."""
+    names = ("max_value", "max_operands", "train_prompts", "heldout_prompts") if cfg.task == "arithmetic" else (
+        "train_prompts", "heldout_prompts")
+    return {name: getattr(cfg, name) for name in names}
+
+
+def check_data_settings(cfg: RealStudyConfig, out: Path) -> None:
+    """Refuse, in one line, a call whose data settings differ from those the group's kept data was made
+    with: the group folder is named by policy and task only, and kept data would silently win."""
+    recorded = out / "data" / "settings.json"
+    if recorded.is_file():
+        kept, asked = json.loads(recorded.read_text()), data_settings(cfg)
+        changed = [f"--{k} {kept.get(k)} (this call {v})" for k, v in asked.items() if kept.get(k) != v]
+        if changed:
+            raise SubnetscopeError(f"{out} holds task data made with {', '.join(changed)}: pass another "
+                                   "--output_dir, or the same settings to resume")
+
+
 def write_task_files(cfg: RealStudyConfig, out: Path) -> dict[str, Path]:
-    """The group's data files (kept when present, so a resumed study trains on the same data)."""
+    """The group's data files and the settings they were made with (kept when present, so a resumed study
+    trains on the same data)."""
+    check_data_settings(cfg, out)
     paths = {k: out / "data" / f"{k}.jsonl" for k in ("prompts", "reference", "heldout")}
+    if not (out / "data" / "settings.json").is_file():
+        from .checkpoint import atomic_write_file
+
+        settings = json.dumps(data_settings(cfg), indent=1) + "\n"
+        atomic_write_file(out / "data" / "settings.json", lambda tmp: tmp.write_text(settings))
     if not all(p.is_file() for p in paths.values()):
         rows = arithmetic_files(cfg) if cfg.task == "arithmetic" else imdb_files(cfg)
         for key, path in paths.items():
@@ -375,7 +401,7 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
                 active.remove(item)
                 finished = item[1].returncode == 0
                 log(f"{item[0].name}: " + ("done" if finished else f"FAILED, see runs/{item[0].name}.log"))
-                queue[:0] = [f for f in [follow_up(item[0].name)] if f is not None and finished]
+                queue[:0] = [f for f in [follow_up(item[0].name) if finished else None] if f is not None]
     return finished_summaries(specs, out)
 
 
@@ -384,7 +410,12 @@ def threads_per_run(jobs: int) -> dict[str, str]:
     Each process's torch otherwise starts a thread per core, and 16 runs on 32 cores ran slower for it."""
     if "OMP_NUM_THREADS" in os.environ:
         return {}
-    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(jobs, 1)))}
+    return {"OMP_NUM_THREADS": str(max(1, usable_cores() // max(jobs, 1)))}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's affinity, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def visible_gpus() -> list[str]:
@@ -467,11 +498,12 @@ def subnetwork_spec(full: RunSpec, out: Path) -> RunSpec:
 
     full_dir = out / "runs" / full.name
     mask_path = out / "subnetwork_mask.safetensors"
-    if not mask_path.is_file():
-        step, masks = read_ever_changed(full_dir)  # the tracker state: what drop_resume_state keeps
-        save_masks(mask_path, MaskSet(masks, {"method": "ever_changed", "source_run": str(full_dir.resolve()),
-                                              "step": step},
-                                      model_fingerprint(read_run_config(full_dir)["parameters"])))
+    # written again from the finished run each time (the same bytes on a resume): a mask left by an
+    # earlier, unfinished attempt of the full run is never reused
+    step, masks = read_ever_changed(full_dir)  # the tracker state: what drop_resume_state keeps
+    save_masks(mask_path, MaskSet(masks, {"method": "ever_changed", "source_run": str(full_dir.resolve()),
+                                          "step": step},
+                                  model_fingerprint(read_run_config(full_dir)["parameters"])))
     return RunSpec("subnetwork_" + full.name, "grpo", full.lr, full.seed, full.precision,
                    {**full.settings, "update_mask": str(mask_path)})
 

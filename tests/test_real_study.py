@@ -252,7 +252,7 @@ def test_run_processes_share_the_cores_unless_told(monkeypatch):
     from subnetscope.real_study import threads_per_run
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    monkeypatch.setattr("subnetscope.real_study.usable_cores", lambda: 32)
     assert threads_per_run(16) == {"OMP_NUM_THREADS": "2"} and threads_per_run(40) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads_per_run(16) == {}
@@ -288,3 +288,57 @@ def test_two_operand_problems_when_asked():
     assert counts == {1}  # one operator: two operands
     with pytest.raises(SubnetscopeError, match="max_operands"):
         RealStudyConfig(max_operands=1).validate()
+
+
+def test_a_failed_source_run_gets_no_follow_up(tmp_path, monkeypatch):
+    """With run processes (--jobs >= 1), a full run that failed must not start its subnetwork rerun (whose
+    mask would come from a partial run); one that finished does."""
+    from subnetscope import real_study
+
+    class FakeProcess:
+        def __init__(self, argv, **kwargs):
+            self.name = Path(argv[-1]).name.removesuffix(".spec.json")
+            self.returncode = 1 if self.name == "a" else 0
+            if self.returncode == 0:
+                write_json(Path(argv[-1]).parent / self.name / real_study.SUMMARY, {"run": self.name})
+
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(real_study.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(real_study.time, "sleep", lambda s: None)
+    asked = []
+
+    def follow(name):
+        asked.append(name)
+        return real_study.RunSpec(f"sub_{name}", "grpo", 1e-6, 0, "mixed", {}) if name in ("a", "b") else None
+
+    specs = [real_study.RunSpec(n, "grpo", 1e-6, 0, "mixed", {}) for n in ("a", "b")]
+    cfg = real_study.RealStudyConfig(policy="tiny", task="imdb", jobs=1, device="cpu")
+    summaries = real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
+    assert "a" not in asked and set(summaries) == {"b"}
+    assert (tmp_path / "runs" / "sub_b" / real_study.SUMMARY).is_file()
+    assert not (tmp_path / "runs" / "sub_a").exists()
+
+
+def test_kept_task_data_made_with_other_settings_is_refused(tmp_path):
+    from subnetscope.real_study import write_task_files
+
+    cfg = RealStudyConfig(max_operands=3, train_prompts=40, heldout_prompts=8)
+    paths = write_task_files(cfg, tmp_path)
+    assert json.loads((tmp_path / "data" / "settings.json").read_text())["max_operands"] == 3
+    assert write_task_files(cfg, tmp_path) == paths  # the same settings resume
+    with pytest.raises(SubnetscopeError, match="max_operands 3 .this call 2."):
+        write_task_files(RealStudyConfig(max_operands=2, train_prompts=40, heldout_prompts=8), tmp_path)
+
+
+def test_a_quoted_yes_or_no_in_yaml_is_read_like_the_flag(tmp_path):
+    from subnetscope.cli.dataclass_args import config_from_args
+    from subnetscope.cli.real_study import build_parser
+
+    (tmp_path / "s.yaml").write_text('contrast: "no"\nsubnetwork: "yes"\n')
+    cfg = config_from_args(RealStudyConfig, build_parser().parse_args(["run", "--config", str(tmp_path / "s.yaml")]))
+    assert cfg.contrast is False and cfg.subnetwork is True
+    (tmp_path / "bad.yaml").write_text('contrast: "maybe"\n')
+    with pytest.raises(SubnetscopeError, match="use yes or no"):
+        config_from_args(RealStudyConfig, build_parser().parse_args(["run", "--config", str(tmp_path / "bad.yaml")]))

@@ -63,6 +63,11 @@ def _converted(value: Any, kinds: list[type], parse: Callable[[str], Any] | None
     for kind in kinds:
         if kind is bool and isinstance(value, bool):
             return value
+        if kind is bool and isinstance(value, str) and parse is not None:  # a quoted yes/no in YAML
+            try:
+                return parse(value)
+            except (ValueError, argparse.ArgumentTypeError) as err:
+                raise SubnetscopeError(f"--{name} {value!r}: {err}") from None
         number = value
         if kind in (int, float) and isinstance(value, str):
             try:
