@@ -370,9 +370,10 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
     the subnetwork rerun needs its full run's mask, and waiting for every other run left a GPU idle."""
     runs = out / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    queue = [s for s in specs if not (runs / s.name / SUMMARY).is_file()]
-    queue += [f for s in specs if s not in queue and (f := follow_up(s.name)) is not None
-              and not (runs / f.name / SUMMARY).is_file()]
+    pending = [s for s in specs if not (runs / s.name / SUMMARY).is_file()]
+    # follow-ups of runs finished in an earlier call go first, as they would have then
+    queue = [f for s in specs if s not in pending and (f := follow_up(s.name)) is not None
+             and not (runs / f.name / SUMMARY).is_file()] + pending
     device = _resolved_device(cfg.device)
     if cfg.jobs == 0:
         while queue:

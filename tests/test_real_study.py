@@ -242,10 +242,11 @@ def test_a_follow_up_run_starts_as_soon_as_its_source_finishes(tmp_path, monkeyp
     assert order == ["a", "sub_a", "b", "c"] and set(summaries) == {"a", "b", "c"}
     order.clear()
     (tmp_path / "runs" / "sub_a" / real_study.SUMMARY).unlink()
+    (tmp_path / "runs" / "c" / real_study.SUMMARY).unlink()
     real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
-    assert order == ["sub_a"]  # a resumed study: the source had finished, its follow-up had not
+    assert order == ["sub_a", "c"]  # a resumed study: the source had finished, its follow-up had not: first
     real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
-    assert order == ["sub_a"]
+    assert order == ["sub_a", "c"]
 
 
 def test_run_processes_share_the_cores_unless_told(monkeypatch):
