@@ -197,10 +197,7 @@ def write_task_files(cfg: RealStudyConfig, out: Path) -> dict[str, Path]:
     check_data_settings(cfg, out)
     paths = {k: out / "data" / f"{k}.jsonl" for k in ("prompts", "reference", "heldout")}
     if not (out / "data" / "settings.json").is_file():
-        from .checkpoint import atomic_write_file
-
-        settings = json.dumps(data_settings(cfg), indent=1) + "\n"
-        atomic_write_file(out / "data" / "settings.json", lambda tmp: tmp.write_text(settings))
+        write_json(out / "data" / "settings.json", data_settings(cfg))
     if not all(p.is_file() for p in paths.values()):
         rows = arithmetic_files(cfg) if cfg.task == "arithmetic" else imdb_files(cfg)
         for key, path in paths.items():
