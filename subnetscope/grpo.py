@@ -15,8 +15,8 @@ from .data import chat_prompts
 from .env import Env
 from .hypotheses import advantage_stats
 from .rewards import RewardFunction, score_rollout
-from .rl import RLTrainer, per_token_logps, step_prompt_ids
-from .sampling import generate
+from .rl import RLTrainer, per_token_logps, reference_logps, step_prompt_ids
+from .sampling import Rollout, generate
 
 ADV_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not NaN
 
@@ -61,6 +61,41 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     return loss, stats
 
 
+def grpo_batch(rollout: Rollout, rewards: torch.Tensor, ref_logps: torch.Tensor | None, config: GRPOConfig,
+               device: str) -> dict:
+    """One step's rollout as the loss reads it: group-relative advantages, ids and masks on `device`."""
+    return {"rollout": rollout, "rewards": rewards,
+            "advantages": group_advantages(rewards, config.group_size, config.adv_clip).to(device),
+            "ids": rollout.input_ids.to(device), "mask": rollout.attention_mask.to(device),
+            "comp_mask": rollout.completion_mask.to(device), "n_comp": rollout.completion_ids.shape[1],
+            "ref_logps": ref_logps}
+
+
+def batch_loss(logps: torch.Tensor, batch: dict, old_logps: torch.Tensor | None,
+               config: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """grpo_loss of `batch` at the policy's `logps` (old_logps None: the first pass, ratio 1)."""
+    return grpo_loss(logps, logps.detach() if old_logps is None else old_logps, batch["ref_logps"],
+                     batch["advantages"], batch["comp_mask"], config.beta, config.epsilon, config.kl_correction)
+
+
+def first_pass_loss(env: Env, config: GRPOConfig, step: int) -> torch.Tensor:
+    """The loss of `step`'s fresh rollout at the env's policy, as one process's first pass of
+    GRPOTrainer.train_step computes it (same prompts, completions, batch and loss), without a trainer, a run
+    folder or an optimizer step: what gradient studies differentiate."""
+    chosen = step_prompt_ids(len(env.prompts), step, config.batch_size, config.seed)
+    prompts = [env.prompts[i] for i in chosen for _ in range(config.group_size)]
+    text = chat_prompts(env.tokenizer, prompts) if env.chat_template else prompts
+    static = env.device.startswith("cuda") and not config.gradient_checkpointing
+    rollout = generate(env.policy if env.sampler is None else env.sampler, env.tokenizer, text,
+                       torch.arange(len(prompts)), seed=config.seed, step=step,
+                       max_new_tokens=config.max_new_tokens, temperature=config.temperature, static_cache=static)
+    ref = reference_logps(env.ref, env.ref_device, env.precision, rollout, config.temperature, env.device)
+    batch = grpo_batch(rollout, score_rollout(env.reward_fn, prompts, rollout), ref, config, env.device)
+    with env.precision.autocast(env.device):
+        logps = per_token_logps(env.policy, batch["ids"], batch["mask"], batch["n_comp"], config.temperature)
+    return batch_loss(logps, batch, None, config)[0]
+
+
 class GRPOTrainer(RLTrainer):
     name = "GRPO"
 
@@ -70,45 +105,13 @@ class GRPOTrainer(RLTrainer):
 
     def _prepare(self, step: int) -> dict:
         """A fresh rollout for `step`, its rewards, advantages and reference log-probs."""
-        cfg = self.config
         prompts, rollout = self._rollout(step)
-        rewards = self._rewards(prompts, rollout)
-        return {"rollout": rollout, "rewards": rewards,
-                "advantages": group_advantages(rewards, cfg.group_size, cfg.adv_clip).to(self.device),
-                "ids": rollout.input_ids.to(self.device), "mask": rollout.attention_mask.to(self.device),
-                "comp_mask": rollout.completion_mask.to(self.device), "n_comp": rollout.completion_ids.shape[1],
-                "ref_logps": self._ref_logps(rollout)}
+        return grpo_batch(rollout, self._rewards(prompts, rollout), self._ref_logps(rollout), self.config,
+                          self.device)
 
     def _loss(self, batch: dict, old_logps: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-        cfg = self.config
         logps = self.policy_logps(self.model, batch["ids"], batch["mask"], batch["n_comp"])
-        return grpo_loss(logps, logps.detach() if old_logps is None else old_logps, batch["ref_logps"],
-                         batch["advantages"], batch["comp_mask"], cfg.beta, cfg.epsilon, cfg.kl_correction)
-
-    @staticmethod
-    def policy_gradient_loss(env: Env, config: GRPOConfig, step: int) -> torch.Tensor:
-        """The loss of `step`'s fresh rollout batch at the env's policy, as one process's first pass of train_step
-        computes it, without a trainer, a run folder or an optimizer step (for gradient studies)."""
-        chosen = step_prompt_ids(len(env.prompts), step, config.batch_size, config.seed)
-        prompts = [env.prompts[i] for i in chosen for _ in range(config.group_size)]
-        text = chat_prompts(env.tokenizer, prompts) if env.chat_template else prompts
-        static = env.device.startswith("cuda") and not config.gradient_checkpointing
-        rollout = generate(env.policy if env.sampler is None else env.sampler, env.tokenizer, text,
-                           torch.arange(len(prompts)), seed=config.seed, step=step,
-                           max_new_tokens=config.max_new_tokens, temperature=config.temperature, static_cache=static)
-        rewards = score_rollout(env.reward_fn, prompts, rollout)
-        advantages = group_advantages(rewards, config.group_size, config.adv_clip).to(env.device)
-        ids, mask = rollout.input_ids.to(env.device), rollout.attention_mask.to(env.device)
-        n_comp = rollout.completion_ids.shape[1]
-        ref_logps = None
-        if env.ref is not None:
-            with torch.no_grad(), env.precision.autocast(env.ref_device):
-                ref_logps = per_token_logps(env.ref, ids.to(env.ref_device), mask.to(env.ref_device), n_comp,
-                                            config.temperature).to(env.device)
-        with env.precision.autocast(env.device):
-            logps = per_token_logps(env.policy, ids, mask, n_comp, config.temperature)
-        return grpo_loss(logps, logps.detach(), ref_logps, advantages,
-                         rollout.completion_mask.to(env.device), config.beta, config.epsilon, config.kl_correction)[0]
+        return batch_loss(logps, batch, old_logps, self.config)
 
     def train_step(self, step: int) -> dict[str, float]:
         cfg = self.config

@@ -117,6 +117,19 @@ def per_token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return selective_log_softmax(logits, input_ids[:, -n_completion:])
 
 
+@torch.no_grad()
+def reference_logps(ref: torch.nn.Module | None, ref_device: str, precision: Precision, rollout: Rollout,
+                    temperature: float, device: str) -> torch.Tensor | None:
+    """The frozen reference's completion log-probabilities (on its own device, moved to `device`); None
+    without a reference."""
+    if ref is None:
+        return None
+    ids, mask = rollout.input_ids.to(ref_device), rollout.attention_mask.to(ref_device)
+    with precision.autocast(ref_device):
+        logps = per_token_logps(ref, ids, mask, rollout.completion_ids.shape[1], temperature)
+    return logps.to(device)
+
+
 def precision_settings(precision: Precision) -> dict[str, str]:
     """What run_config.json keeps of the resolved precision (`--precision auto` becomes what it chose)."""
     return {f"{key}_used": value for key, value in precision.record().items()}
@@ -379,15 +392,9 @@ class RLTrainer:
             self.skipped_rewards += int(torch.isnan(rewards).sum())
         return rewards
 
-    @torch.no_grad()
     def _ref_logps(self, rollout: Rollout) -> torch.Tensor | None:
-        if self.ref is None:
-            return None
-        ids = rollout.input_ids.to(self.ref_device)
-        mask = rollout.attention_mask.to(self.ref_device)
-        with self.autocast(self.ref_device):
-            logps = per_token_logps(self.ref, ids, mask, rollout.completion_ids.shape[1], self.config.temperature)
-        return logps.to(self.device)
+        return reference_logps(self.ref, self.ref_device, self.precision, rollout, self.config.temperature,
+                               self.device)
 
     def policy_logps(self, model, ids: torch.Tensor, mask: torch.Tensor, n_completion: int) -> torch.Tensor:
         """The policy's completion log-probabilities, computed as every forward pass here is."""

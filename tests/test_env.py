@@ -4,7 +4,7 @@ import tempfile
 import torch
 
 from subnetscope.env import build_env
-from subnetscope.grpo import GRPOConfig, GRPOTrainer
+from subnetscope.grpo import GRPOConfig, GRPOTrainer, first_pass_loss
 from subnetscope.models import word_tokenizer
 
 TINY = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", batch_size=4, group_size=2)
@@ -36,3 +36,31 @@ def test_build_env_policy_is_what_grpo_trains_from(tiny_gpt2_pair, tmp_path):
     state = env.policy.state_dict()
     assert all(torch.equal(state[k], v.float()) for k, v in saved.items())  # the fixture's bf16 θ0, exactly
     assert (env.prompts, env.eval_prompts) == (trainer.prompts, trainer.eval_prompts)
+
+
+def test_first_pass_loss_is_the_trainers_first_pass(tmp_path):
+    """gradient_rank differentiates first_pass_loss: it must be the loss GRPOTrainer.train_step's first pass
+    computes (same prompts, completions, advantages, reference log-probs). At θ0 the first pass's loss and its
+    KL term's gradient vanish whatever the batch, so both policies first move by the same offset from θ0 (the
+    reference stays there): then the loss and its gradient depend on every part of the batch."""
+    config = GRPOConfig(**{**TINY, "precision": "fp32", "output_dir": str(tmp_path / "run"), "max_new_tokens": 6,
+                           "beta": 0.5})
+    env = build_env(config)
+    trainer = GRPOTrainer(config)
+    moved = dict(trainer.policy.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in env.policy.named_parameters():
+            offset = 0.05 * torch.randn(p.shape, generator=generator)
+            p.add_(offset)
+            moved[name].add_(offset)
+    for step in (1, 2):
+        batch = trainer._prepare(step)
+        expected = trainer._loss(batch, None)[0]
+        got = first_pass_loss(env, config, step)
+        assert abs(float(expected)) > 1e-3 and float(batch["advantages"].abs().sum()) > 0
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+        grads = torch.autograd.grad(got, [p for _, p in env.policy.named_parameters()])
+        want = torch.autograd.grad(expected, [moved[n] for n, _ in env.policy.named_parameters()])
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)

@@ -59,7 +59,7 @@ def test_cli_compares_rl_and_sft(tmp_path, capsys):
 @pytest.mark.parametrize("dataset, distinct", [("builtin", 40), ("easy", 32)])
 def test_k_beyond_the_data_is_refused_before_any_work(tmp_path, capsys, monkeypatch, dataset, distinct):
     """Before: 40 built-in prompts capped the SFT rank at 40 / batch_size whatever --k asked for."""
-    monkeypatch.setattr(gradrank_cli, "GRPOTrainer", no_work)
+    monkeypatch.setattr(gradrank_cli, "build_env", no_work)
     with pytest.raises(SystemExit) as exc:
         main(["--dataset", dataset, "--k", "6", "--batch_size", "8", "--device", "cpu",
               "--output_dir", str(tmp_path / "out")])

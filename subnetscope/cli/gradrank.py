@@ -11,7 +11,7 @@ from ..data import BUILTIN_PROMPTS, EASY_PROMPTS
 from ..env import Env, build_env
 from ..errors import ArgumentParser, SubnetscopeError, cli_main
 from ..gradrank import ENERGY, Spectrum, gradient_spectra
-from ..grpo import GRPOConfig, GRPOTrainer
+from ..grpo import GRPOConfig, first_pass_loss
 from ..metrics import PLAN_RANK_RATIO
 from ..outputs import check_output_dir
 from ..precision import PRECISIONS
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                         device=args.device, seed=args.seed, precision=args.precision)
     env = build_env(config)  # no trainer: no run folder, no θ0 written anywhere
     sft_prompts = distinct_sft_prompts(env.prompts, args.dataset, args.k, args.batch_size)
-    results = {"rl": gradient_spectra(env.policy, lambda i: GRPOTrainer.policy_gradient_loss(env, config, i + 1),
+    results = {"rl": gradient_spectra(env.policy, lambda i: first_pass_loss(env, config, i + 1),
                                       args.k, env.device)}
     with env.precision.autocast(env.device):
         samples = scored_samples(env.policy, env.tokenizer, sft_prompts, env.reward_fn, 4, args.seed,
