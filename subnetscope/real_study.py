@@ -43,6 +43,8 @@ TASK_REWARD = {"arithmetic": "arithmetic", "imdb": "vader"}
 RFT_MIN_REWARD = {"arithmetic": 1.0, "imdb": 0.5}
 VIEW = "bfloat16"
 SUMMARY = "summary.json"
+# a run that ran out of GPU memory beside the others is tried again this often, with fewer runs at a time
+OOM_RETRIES = 2
 DATA_SEED = 1234  # the task data (problems, review order): the same for every run, seed and session
 # resume state a finished run no longer needs (optimizer moments, fp32 masters, TRL's full weights): the
 # study keeps base/, final/, the metrics and the tracker state (the subnetwork mask is read from it)
@@ -80,7 +82,8 @@ class RealStudyConfig:
                                          "it has one)", type=yes_no, metavar="{yes,no}")
     jobs: int = setting(1, "runs at once, each its own process (0: one after another in this process); on "
                         "several GPUs the processes are spread evenly over CUDA_VISIBLE_DEVICES (every GPU "
-                        "when unset), the CPU cores shared out among them")
+                        "when unset), the CPU cores shared out among them; a run that runs out of GPU memory "
+                        "is tried again, resuming, with fewer runs at a time")
     device: str = setting("auto", "auto, cpu or cuda")
     precision: str = setting("mixed", "the main runs' precision: mixed (fp32 masters, bf16 view) or fp32")
     rft_min_reward: float | None = setting(None, "RFT keeps a prompt's best sample when it scores at least this "
@@ -362,7 +365,9 @@ def _resolved_device(device: str) -> str:
 def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig, log=print,
             follow_up: Callable[[str], RunSpec | None] = lambda name: None) -> dict[str, dict]:
     """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
-    visible GPUs (each process sees one); a failed run is logged with its error file and the others go on.
+    visible GPUs (each process sees one); a failed run is logged with its error file and the others go on,
+    except one that ran out of GPU memory: it is queued again (up to OOM_RETRIES times; it resumes from its
+    last checkpoint) and from then on no more run at a time than were running and did not run out.
     `follow_up(name)` gives a run to start as soon as run `name` has finished (it goes first in the queue):
     the subnetwork rerun needs its full run's mask, and waiting for every other run left a GPU idle."""
     runs = out / "runs"
@@ -381,26 +386,50 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
     else:
         gpus = visible_gpus() if device == "cuda" else []
         env = {**_child_env(), **threads_per_run(cfg.jobs)}
-        active: list[tuple[RunSpec, subprocess.Popen, str | None]] = []
+        limit, retries = cfg.jobs, {}
+        active: list[tuple[RunSpec, subprocess.Popen, str | None, int]] = []
         while queue or active:
-            while queue and len(active) < cfg.jobs:
+            while queue and len(active) < limit:
                 spec = queue.pop(0)
                 spec_file = runs / f"{spec.name}.spec.json"
                 write_json(spec_file, {**asdict(spec), "heldout": str(heldout), "device": device})
                 gpu = least_busy(gpus, [a[2] for a in active]) if len(gpus) > 1 else None
-                with open(runs / f"{spec.name}.log", "a") as log_file:  # the child keeps its own descriptor
+                log_path = runs / f"{spec.name}.log"
+                offset = log_path.stat().st_size if log_path.is_file() else 0
+                with open(log_path, "a") as log_file:  # the child keeps its own descriptor
                     active.append((spec, subprocess.Popen(
                         [sys.executable, "-m", "subnetscope.real_study", str(spec_file)], stdout=log_file,
                         stderr=subprocess.STDOUT, env={**env, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}),
-                        gpu))
+                        gpu, offset))
                 log(f"{spec.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             time.sleep(2)
+            load, out_of_memory_now = len(active), 0
             for item in [a for a in active if a[1].poll() is not None]:
                 active.remove(item)
-                finished = item[1].returncode == 0
-                log(f"{item[0].name}: " + ("done" if finished else f"FAILED, see runs/{item[0].name}.log"))
-                queue[:0] = [f for f in [follow_up(item[0].name) if finished else None] if f is not None]
+                spec, finished = item[0], item[1].returncode == 0
+                if not finished and retries.get(spec.name, 0) < OOM_RETRIES and \
+                        out_of_memory(runs / f"{spec.name}.log", item[3]):
+                    retries[spec.name] = retries.get(spec.name, 0) + 1
+                    out_of_memory_now += 1
+                    limit = max(1, min(limit, load - out_of_memory_now))  # as many as did not run out
+                    queue.append(spec)
+                    log(f"{spec.name}: out of GPU memory; queued again to resume from its last checkpoint, "
+                        f"{limit} run(s) at a time from now on")
+                    continue
+                log(f"{spec.name}: " + ("done" if finished else f"FAILED, see runs/{spec.name}.log"))
+                queue[:0] = [f for f in [follow_up(spec.name) if finished else None] if f is not None]
     return finished_summaries(specs, out)
+
+
+def out_of_memory(log_path: Path, offset: int) -> bool:
+    """Whether a run process's log, from `offset` (where this attempt began), ends in a CUDA out-of-memory
+    error: a failure of the moment's load on the GPU, not of the run, so it is worth another try."""
+    if not log_path.is_file():
+        return False
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode("utf-8", "replace")
+    return "CUDA out of memory" in text or "OutOfMemoryError" in text
 
 
 def threads_per_run(jobs: int) -> dict[str, str]:

@@ -343,3 +343,46 @@ def test_a_quoted_yes_or_no_in_yaml_is_read_like_the_flag(tmp_path):
     (tmp_path / "bad.yaml").write_text('contrast: "maybe"\n')
     with pytest.raises(SubnetscopeError, match="use yes or no"):
         config_from_args(RealStudyConfig, build_parser().parse_args(["run", "--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_a_run_out_of_gpu_memory_is_tried_again_with_fewer_at_a_time(tmp_path, monkeypatch):
+    """Session 12: 15 Gemma runs on one GPU, 8 died of CUDA OOM and were lost for the session. Now an OOM
+    run is queued again (at most OOM_RETRIES times) with one run fewer at a time; other failures are not."""
+    from subnetscope import real_study
+
+    attempts: dict[str, int] = {}
+    running: list[int] = []
+    alive: set[str] = set()
+
+    class FakeProcess:
+        def __init__(self, argv, stdout, **kwargs):
+            self.name = Path(argv[-1]).name.removesuffix(".spec.json")
+            attempts[self.name] = attempts.get(self.name, 0) + 1
+            alive.add(self.name)
+            running.append(len(alive))
+            oom = self.name == "c" or (self.name == "a" and attempts["a"] == 1)
+            if oom:
+                stdout.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB\n")
+            elif self.name == "b":
+                stdout.write("ValueError: something else\n")
+            self.returncode = 1 if oom or self.name == "b" else 0
+            if self.returncode == 0:
+                write_json(Path(argv[-1]).parent / self.name / real_study.SUMMARY, {"run": self.name})
+
+        def poll(self):
+            alive.discard(self.name)
+            return self.returncode
+
+    monkeypatch.setattr(real_study.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(real_study.time, "sleep", lambda s: None)
+    messages = []
+    specs = [real_study.RunSpec(n, "grpo", 1e-6, 0, "mixed", {}) for n in ("a", "b", "c", "d")]
+    cfg = real_study.RealStudyConfig(policy="tiny", task="imdb", jobs=3, device="cpu")
+    summaries = real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=messages.append)
+    assert set(summaries) == {"a", "d"}
+    assert attempts == {"a": 2, "b": 1, "c": 1 + real_study.OOM_RETRIES, "d": 1}
+    assert "b: FAILED, see runs/b.log" in messages and "c: FAILED, see runs/c.log" in messages
+    assert running[:3] == [1, 2, 3] and max(running[3:]) <= 2  # after the first OOM, at most 2 at a time
+    assert any(m.startswith("a: out of GPU memory") and "2 run(s) at a time" in m for m in messages)
+    assert any(m.startswith("c: out of GPU memory") and "1 run(s) at a time" in m for m in messages)
+    assert (tmp_path / "runs" / "a.log").read_text().count("OutOfMemoryError") == 1  # the retry read its own part
