@@ -15,7 +15,7 @@ from .data import chat_prompts
 from .env import Env
 from .hypotheses import advantage_stats
 from .rewards import RewardFunction, score_rollout
-from .rl import RLTrainer, per_token_logps, reference_logps, step_prompt_ids
+from .rl import RLTrainer, per_token_logps, reference_logps, step_prompts
 from .sampling import Rollout, generate
 
 ADV_EPS = 1e-4  # TRL's: a group of equal rewards gets advantage 0, not NaN
@@ -81,13 +81,13 @@ def batch_loss(logps: torch.Tensor, batch: dict, old_logps: torch.Tensor | None,
 def first_pass_loss(env: Env, config: GRPOConfig, step: int) -> torch.Tensor:
     """The loss of `step`'s fresh rollout at the env's policy, as one process's first pass of
     GRPOTrainer.train_step computes it (same prompts, completions, batch and loss), without a trainer, a run
-    folder or an optimizer step: what gradient studies differentiate."""
-    chosen = step_prompt_ids(len(env.prompts), step, config.batch_size, config.seed)
-    prompts = [env.prompts[i] for i in chosen for _ in range(config.group_size)]
+    folder or an optimizer step: what gradient studies differentiate. Rollouts come from the env's sampler
+    as built (the policy at θ0, rounded), so under mixed precision this holds while the policy is at θ0."""
+    prompts, rows = step_prompts(env.prompts, step, config.batch_size, config.seed, config.group_size)
     text = chat_prompts(env.tokenizer, prompts) if env.chat_template else prompts
     static = env.device.startswith("cuda") and not config.gradient_checkpointing
     rollout = generate(env.policy if env.sampler is None else env.sampler, env.tokenizer, text,
-                       torch.arange(len(prompts)), seed=config.seed, step=step,
+                       rows, seed=config.seed, step=step,
                        max_new_tokens=config.max_new_tokens, temperature=config.temperature, static_cache=static)
     ref = reference_logps(env.ref, env.ref_device, env.precision, rollout, config.temperature, env.device)
     batch = grpo_batch(rollout, score_rollout(env.reward_fn, prompts, rollout), ref, config, env.device)

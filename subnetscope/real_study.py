@@ -21,6 +21,7 @@ import random
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,8 +83,8 @@ class RealStudyConfig:
                                          "it has one)", type=yes_no, metavar="{yes,no}")
     jobs: int = setting(1, "runs at once, each its own process (0: one after another in this process); on "
                         "several GPUs the processes are spread evenly over CUDA_VISIBLE_DEVICES (every GPU "
-                        "when unset), the CPU cores shared out among them; a run that runs out of GPU memory "
-                        "is tried again, resuming, with fewer runs at a time")
+                        "when unset), the CPU cores shared out among them; a run process that runs out of GPU "
+                        "memory is tried again, resuming, with fewer runs at a time")
     device: str = setting("auto", "auto, cpu or cuda")
     precision: str = setting("mixed", "the main runs' precision: mixed (fp32 masters, bf16 view) or fp32")
     rft_min_reward: float | None = setting(None, "RFT keeps a prompt's best sample when it scores at least this "
@@ -367,7 +368,7 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
     """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
     visible GPUs (each process sees one); a failed run is logged with its error file and the others go on,
     except one that ran out of GPU memory: it is queued again (up to OOM_RETRIES times; it resumes from its
-    last checkpoint) and from then on no more run at a time than were running and did not run out.
+    last checkpoint) and from then on each GPU gets no more runs at a time than it held without running out.
     `follow_up(name)` gives a run to start as soon as run `name` has finished (it goes first in the queue):
     the subnetwork rerun needs its full run's mask, and waiting for every other run left a GPU idle."""
     runs = out / "runs"
@@ -403,15 +404,16 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
                         gpu, offset))
                 log(f"{spec.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             time.sleep(2)
-            load, out_of_memory_now = len(active), 0
+            load = Counter(a[2] for a in active)  # runs on each GPU (None: no GPU) as this round began
+            out_of_memory_now: Counter = Counter()
             for item in [a for a in active if a[1].poll() is not None]:
                 active.remove(item)
                 spec, finished = item[0], item[1].returncode == 0
                 if not finished and retries.get(spec.name, 0) < OOM_RETRIES and \
                         out_of_memory(runs / f"{spec.name}.log", item[3]):
                     retries[spec.name] = retries.get(spec.name, 0) + 1
-                    out_of_memory_now += 1
-                    limit = max(1, min(limit, load - out_of_memory_now))  # as many as did not run out
+                    out_of_memory_now[item[2]] += 1
+                    limit = min(limit, fitting_limit(load[item[2]] - out_of_memory_now[item[2]], len(gpus)))
                     queue.append(spec)
                     log(f"{spec.name}: out of GPU memory; queued again to resume from its last checkpoint, "
                         f"{limit} run(s) at a time from now on")
@@ -419,6 +421,12 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
                 log(f"{spec.name}: " + ("done" if finished else f"FAILED, see runs/{spec.name}.log"))
                 queue[:0] = [f for f in [follow_up(spec.name) if finished else None] if f is not None]
     return finished_summaries(specs, out)
+
+
+def fitting_limit(fitted_on_gpu: int, n_gpus: int) -> int:
+    """Runs at a time once a GPU held only `fitted_on_gpu` of its runs: that many on every GPU (runs go to the
+    least busy GPU, so none gets more), at least one."""
+    return max(1, fitted_on_gpu) * max(1, n_gpus)
 
 
 def out_of_memory(log_path: Path, offset: int) -> bool:
@@ -429,7 +437,9 @@ def out_of_memory(log_path: Path, offset: int) -> bool:
     with open(log_path, "rb") as f:
         f.seek(offset)
         text = f.read().decode("utf-8", "replace")
-    return "CUDA out of memory" in text or "OutOfMemoryError" in text
+    # the caching allocator's OutOfMemoryError; a CUDA context, cuBLAS handle or kernel launch that finds the
+    # GPU full raises "CUDA error: out of memory" (RuntimeError, AcceleratorError) instead
+    return any(sign in text for sign in ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory"))
 
 
 def threads_per_run(jobs: int) -> dict[str, str]:

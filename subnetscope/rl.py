@@ -94,6 +94,17 @@ def step_prompt_ids(n: int, step: int, batch_size: int, seed: int) -> list[int]:
     return [order[(start + i) % n] for i in range(batch_size)]
 
 
+def step_prompts(prompts: list[str], step: int, batch_size: int, seed: int, group: int, rank: int = 0,
+                 world: int = 1) -> tuple[list[str], torch.Tensor]:
+    """Process `rank` of `world`'s share of `step`'s prompts, each repeated `group` times, and their global
+    row ids (prompt i's g-th completion is row i * group + g, whichever process draws it)."""
+    chosen = step_prompt_ids(len(prompts), step, batch_size, seed)
+    per_rank = batch_size // world
+    own = range(rank * per_rank, (rank + 1) * per_rank)
+    return ([prompts[chosen[i]] for i in own for _ in range(group)],
+            torch.tensor([i * group + g for i in own for g in range(group)]))
+
+
 def selective_log_softmax(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[targets] in float32, one row at a time to bound memory."""
     rows = [torch.log_softmax(row.float(), dim=-1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
@@ -375,15 +386,8 @@ class RLTrainer:
     def _step_prompts(self, step: int) -> tuple[list[str], torch.Tensor]:
         """This process's prompts for `step` (repeated per group) and their global row ids."""
         cfg = self.config
-        global_idx = step_prompt_ids(len(self.prompts), step, cfg.batch_size, cfg.seed)
-        per_rank = cfg.batch_size // self.accelerator.num_processes
-        lo = self.accelerator.process_index * per_rank
-        prompts, rows = [], []
-        for local, i in enumerate(range(lo, lo + per_rank)):
-            for g in range(self.completions_per_prompt):
-                prompts.append(self.prompts[global_idx[i]])
-                rows.append(i * self.completions_per_prompt + g)
-        return prompts, torch.tensor(rows)
+        return step_prompts(self.prompts, step, cfg.batch_size, cfg.seed, self.completions_per_prompt,
+                            self.accelerator.process_index, self.accelerator.num_processes)
 
     def _rewards(self, prompts: list[str], rollout: Rollout, training: bool = True) -> torch.Tensor:
         """Rewards as a tensor; NaN/inf become NaN (advantage 0) and, in training, are counted."""

@@ -5,7 +5,7 @@ import torch
 
 from subnetscope.env import build_env
 from subnetscope.grpo import GRPOConfig, GRPOTrainer, first_pass_loss
-from subnetscope.models import word_tokenizer
+from subnetscope.models import tiny_model, word_tokenizer
 
 TINY = dict(policy="tiny-gpt2", reward="easy", dataset="easy", device="cpu", batch_size=4, group_size=2)
 
@@ -42,10 +42,16 @@ def test_first_pass_loss_is_the_trainers_first_pass(tmp_path):
     """gradient_rank differentiates first_pass_loss: it must be the loss GRPOTrainer.train_step's first pass
     computes (same prompts, completions, advantages, reference log-probs). At θ0 the first pass's loss and its
     KL term's gradient vanish whatever the batch, so both policies first move by the same offset from θ0 (the
-    reference stays there): then the loss and its gradient depend on every part of the batch."""
-    config = GRPOConfig(**{**TINY, "precision": "fp32", "output_dir": str(tmp_path / "run"), "max_new_tokens": 6,
-                           "beta": 0.5})
+    reference stays there): then the loss and its gradient depend on every part of the batch, the chat
+    template and the temperature (not 1) included."""
+    tokenizer = word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}watching {{ m['content'] }}{% endfor %}"
+    tiny_model("gpt2", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "instruct")
+    tokenizer.save_pretrained(tmp_path / "instruct")
+    config = GRPOConfig(**{**TINY, "policy": str(tmp_path / "instruct"), "precision": "fp32",
+                           "output_dir": str(tmp_path / "run"), "max_new_tokens": 6, "beta": 0.5, "temperature": 0.7})
     env = build_env(config)
+    assert env.chat_template
     trainer = GRPOTrainer(config)
     moved = dict(trainer.policy.named_parameters())
     generator = torch.Generator().manual_seed(0)
@@ -58,7 +64,7 @@ def test_first_pass_loss_is_the_trainers_first_pass(tmp_path):
         batch = trainer._prepare(step)
         expected = trainer._loss(batch, None)[0]
         got = first_pass_loss(env, config, step)
-        assert abs(float(expected)) > 1e-3 and float(batch["advantages"].abs().sum()) > 0
+        assert abs(expected.item()) > 1e-3 and float(batch["advantages"].abs().sum()) > 0
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
         grads = torch.autograd.grad(got, [p for _, p in env.policy.named_parameters()])
         want = torch.autograd.grad(expected, [moved[n] for n, _ in env.policy.named_parameters()])

@@ -347,26 +347,29 @@ def test_a_quoted_yes_or_no_in_yaml_is_read_like_the_flag(tmp_path):
 
 def test_a_run_out_of_gpu_memory_is_tried_again_with_fewer_at_a_time(tmp_path, monkeypatch):
     """Session 12: 15 Gemma runs on one GPU, 8 died of CUDA OOM and were lost for the session. Now an OOM
-    run is queued again (at most OOM_RETRIES times) with one run fewer at a time; other failures are not."""
+    run is queued again (at most OOM_RETRIES times) with as many at a time as were running and did not run
+    out; other failures are not, an attempt is judged by its own part of the log, and a run's follow-up
+    waits for the attempt that finished."""
     from subnetscope import real_study
 
-    attempts: dict[str, int] = {}
+    oom, other = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB\n", "ValueError: no\n"
+    context_oom = "RuntimeError: CUDA error: out of memory\n"  # a CUDA context or cuBLAS handle on a full GPU
+    plan = {"a": [oom, ""], "b": [other], "c": [oom, context_oom] + [oom] * (real_study.OOM_RETRIES - 1),
+            "d": [""], "e": [""], "f": [oom, other]}  # what each attempt writes; "" finishes
+    started: list[str] = []
     running: list[int] = []
     alive: set[str] = set()
 
     class FakeProcess:
         def __init__(self, argv, stdout, **kwargs):
             self.name = Path(argv[-1]).name.removesuffix(".spec.json")
-            attempts[self.name] = attempts.get(self.name, 0) + 1
+            text = plan[self.name][started.count(self.name)]
+            started.append(self.name)
             alive.add(self.name)
             running.append(len(alive))
-            oom = self.name == "c" or (self.name == "a" and attempts["a"] == 1)
-            if oom:
-                stdout.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB\n")
-            elif self.name == "b":
-                stdout.write("ValueError: something else\n")
-            self.returncode = 1 if oom or self.name == "b" else 0
-            if self.returncode == 0:
+            stdout.write(text)
+            self.returncode = 1 if text else 0
+            if not text:
                 write_json(Path(argv[-1]).parent / self.name / real_study.SUMMARY, {"run": self.name})
 
         def poll(self):
@@ -376,13 +379,57 @@ def test_a_run_out_of_gpu_memory_is_tried_again_with_fewer_at_a_time(tmp_path, m
     monkeypatch.setattr(real_study.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(real_study.time, "sleep", lambda s: None)
     messages = []
-    specs = [real_study.RunSpec(n, "grpo", 1e-6, 0, "mixed", {}) for n in ("a", "b", "c", "d")]
+    specs = [real_study.RunSpec(n, "grpo", 1e-6, 0, "mixed", {}) for n in ("a", "b", "c", "d", "f")]
     cfg = real_study.RealStudyConfig(policy="tiny", task="imdb", jobs=3, device="cpu")
-    summaries = real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=messages.append)
+    summaries = real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=messages.append,
+                                   follow_up=lambda n: real_study.RunSpec("e", "grpo", 1e-6, 0, "mixed", {})
+                                   if n == "a" else None)
     assert set(summaries) == {"a", "d"}
-    assert attempts == {"a": 2, "b": 1, "c": 1 + real_study.OOM_RETRIES, "d": 1}
-    assert "b: FAILED, see runs/b.log" in messages and "c: FAILED, see runs/c.log" in messages
-    assert running[:3] == [1, 2, 3] and max(running[3:]) <= 2  # after the first OOM, at most 2 at a time
-    assert any(m.startswith("a: out of GPU memory") and "2 run(s) at a time" in m for m in messages)
-    assert any(m.startswith("c: out of GPU memory") and "1 run(s) at a time" in m for m in messages)
-    assert (tmp_path / "runs" / "a.log").read_text().count("OutOfMemoryError") == 1  # the retry read its own part
+    assert {n: started.count(n) for n in plan} == {n: len(texts) for n, texts in plan.items()}
+    assert started.index("e") == started.index("a", 1) + 1  # right after the attempt of a that finished
+    assert [m for m in messages if "FAILED" in m] == [f"{n}: FAILED, see runs/{n}.log" for n in ("b", "f", "c")]
+    # a and c ran out beside 3 (one of them b): 2, then 1 at a time; one at a time from then on
+    limits = [(m[0], re.search(r"(\d+) run\(s\) at a time", m).group(1)) for m in messages if "out of GPU" in m]
+    assert limits[:2] == [("a", "2"), ("c", "1")] and {n for _, n in limits[2:]} == {"1"}
+    assert running[:3] == [1, 2, 3] and set(running[3:]) == {1}
+
+
+def test_on_two_gpus_the_limit_is_what_one_gpu_held_on_each(tmp_path, monkeypatch):
+    """6 runs at a time on 2 GPUs (3 each); two of GPU 0's three run out of memory in one round: GPU 0 held one,
+    so from then on one run a GPU, 2 at a time (a total cut by 2 would have put 2 on a GPU again)."""
+    from subnetscope import real_study
+
+    started: list[tuple[str, str]] = []
+    alive: dict[str, str] = {}
+    most: list[int] = []
+
+    class FakeProcess:
+        def __init__(self, argv, stdout, env, **kwargs):
+            self.name = Path(argv[-1]).name.removesuffix(".spec.json")
+            gpu = env["CUDA_VISIBLE_DEVICES"]
+            first = all(n != self.name for n, _ in started)
+            started.append((self.name, gpu))
+            alive[self.name] = gpu
+            most.append(max(list(alive.values()).count(g) for g in ("0", "1")))
+            self.returncode = 1 if first and self.name in ("r0", "r2") else 0
+            stdout.write("torch.OutOfMemoryError: CUDA out of memory.\n" if self.returncode else "")
+            if not self.returncode:
+                write_json(Path(argv[-1]).parent / self.name / real_study.SUMMARY, {"run": self.name})
+
+        def poll(self):
+            alive.pop(self.name, None)
+            return self.returncode
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(real_study, "_resolved_device", lambda device: "cuda")
+    monkeypatch.setattr(real_study.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(real_study.time, "sleep", lambda s: None)
+    messages = []
+    specs = [real_study.RunSpec(f"r{i}", "grpo", 1e-6, 0, "mixed", {}) for i in range(8)]
+    cfg = real_study.RealStudyConfig(policy="tiny", task="imdb", jobs=6, device="cuda")
+    summaries = real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=messages.append)
+    assert set(summaries) == {f"r{i}" for i in range(8)}
+    assert [gpu for _, gpu in started[:6]] == ["0", "1"] * 3  # r0, r2, r4 on GPU 0
+    assert [m.split(":")[0] for m in messages if "out of GPU" in m] == ["r0", "r2"]
+    assert "2 run(s) at a time" in [m for m in messages if m.startswith("r2: out of GPU")][0]
+    assert most[:6] == [1, 1, 2, 2, 3, 3] and set(most[6:]) == {1}
