@@ -7,6 +7,7 @@ whole prompts (and their groups), so per-prompt statistics never need other rank
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -167,6 +168,22 @@ def build_optimizer(params, config: RLConfig) -> torch.optim.Optimizer:
                      warmup_init=False)
 
 
+def plain_accelerator(cpu: bool):
+    """An Accelerator that adds no autocast of its own: --precision decides every dtype. Its state is a
+    process-wide singleton, so a TRL trainer with bf16=True run earlier in the process (a notebook, a test) left
+    bf16 autocast that `prepare` would wrap the policy in, silently turning an fp32 run into a bf16 one (its
+    loss moved by 0.2%); `accelerate launch --mixed_precision bf16` asks the same through the environment."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        warn(f"accelerate's mixed precision ({os.environ['ACCELERATE_MIXED_PRECISION']}) is ignored: --precision "
+             "decides the dtypes here (mixed: fp32 masters, bf16 compute)")
+    if AcceleratorState._shared_state.get("_mixed_precision", "no") != "no":
+        AcceleratorState._reset_state()  # the process group (PartialState) stays
+    return Accelerator(cpu=cpu, mixed_precision="no")
+
+
 class RLTrainer:
     """The loop and everything around it; subclasses implement `train_step` (and may add modules)."""
 
@@ -174,11 +191,9 @@ class RLTrainer:
     completions_per_prompt = 1
 
     def __init__(self, config: RLConfig, reward_fn: RewardFunction | None = None):
-        from accelerate import Accelerator
-
         self.config = config
         self.start = check_run_start(config, self.name)
-        self.accelerator = Accelerator(cpu=config.device == "cpu")
+        self.accelerator = plain_accelerator(cpu=config.device == "cpu")
         self.check_split(self.accelerator.num_processes)
         self._check_comm_hook()
         self.run_dir = Path(config.output_dir)

@@ -70,3 +70,24 @@ def test_first_pass_loss_is_the_trainers_first_pass(tmp_path):
         want = torch.autograd.grad(expected, [moved[n] for n, _ in env.policy.named_parameters()])
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_an_earlier_bf16_accelerator_leaves_our_fp32_trainer_in_fp32(tmp_path, monkeypatch, capsys):
+    """accelerate's state is one per process: a TRL trainer with bf16=True run before (here: its Accelerator)
+    made `prepare` wrap our fp32 policy in bf16 autocast, and the trainer's loss moved by 0.2% (found by the
+    test above, run after tests/test_callback.py). `accelerate launch --mixed_precision bf16` is warned about."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # whatever an earlier test left
+    Accelerator(cpu=True, mixed_precision="bf16")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    try:
+        trainer = GRPOTrainer(GRPOConfig(**{**TINY, "precision": "fp32", "output_dir": str(tmp_path / "run")}))
+        dtypes = []
+        trainer.policy.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+        trainer._loss(trainer._prepare(1), None)
+        assert dtypes and set(dtypes) == {torch.float32}
+        assert "accelerate's mixed precision (bf16) is ignored" in capsys.readouterr().err
+    finally:
+        AcceleratorState._reset_state()
