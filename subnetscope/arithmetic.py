@@ -38,6 +38,13 @@ class Difficulty:
         if self.max_value < 2 or not 0.0 <= self.product_share <= 1.0:
             raise SubnetscopeError("arithmetic: max_value must be at least 2 and product_share in [0, 1]")
 
+    def distinct_problems(self) -> int:
+        """How many different problems this difficulty can draw: (max_value - 1) choices per operand and, where
+        both operators occur, 2 per operator, summed over the operand counts."""
+        operators = 2 if 0.0 < self.product_share < 1.0 else 1
+        return sum((self.max_value - 1) ** k * operators ** (k - 1)
+                   for k in range(self.min_operands, self.max_operands + 1))
+
 
 @dataclass(frozen=True)
 class Problem:

@@ -433,3 +433,26 @@ def test_on_two_gpus_the_limit_is_what_one_gpu_held_on_each(tmp_path, monkeypatc
     assert [m.split(":")[0] for m in messages if "out of GPU" in m] == ["r0", "r2"]
     assert "2 run(s) at a time" in [m for m in messages if m.startswith("r2: out of GPU")][0]
     assert most[:6] == [1, 1, 2, 2, 3, 3] and set(most[6:]) == {1}
+
+
+def test_distinct_problems_counted_as_the_generator_finds_them():
+    for difficulty, by_hand in [(Difficulty(max_operands=2, max_value=10), 9 * 9 * 2),
+                                (Difficulty(max_operands=3, max_value=4), 3 * 3 * 2 + 3 * 3 * 3 * 4),
+                                (Difficulty(max_operands=2, max_value=6, product_share=0.0), 5 * 5)]:
+        assert difficulty.distinct_problems() == by_hand
+        assert len(make_problems(by_hand + 50, seed=0, difficulty=difficulty)) == by_hand  # every one, no more
+
+
+def test_too_few_distinct_problems_are_refused_before_any_work(tmp_path, capsys):
+    """Session 12: --max_operands 2 at the default --max_value 10 has 162 problems; the held-out 200 took them
+    all and the training set came out empty, which only a GPU run would have shown."""
+    from subnetscope.cli.real_study import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--policy", "tiny-gpt2", "--task", "arithmetic", "--max_operands", "2",
+              "--output_dir", str(tmp_path / "study"), "--results_dir", str(tmp_path / "results")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: ")
+    assert "only 162 distinct problems, fewer than the 2200" in err[0]
+    assert not (tmp_path / "study").exists() and not (tmp_path / "results").exists()
+    RealStudyConfig(max_operands=2, max_value=35).validate()  # 2 x 34^2 = 2312 problems: enough
