@@ -130,6 +130,11 @@ class RealStudyConfig:
 
     @property
     def group(self) -> str:
+        """The group's folder name: policy and task, and an arithmetic difficulty other than the default
+        (e.g. smollm2-135m-instruct__arithmetic-2ops-max20), so that groups of two difficulties sit side by side."""
+        default = RealStudyConfig.max_operands, RealStudyConfig.max_value
+        if self.task == "arithmetic" and (self.max_operands, self.max_value) != default:
+            return f"{Path(self.policy).name}__arithmetic-{self.max_operands}ops-max{self.max_value}"
         return f"{Path(self.policy).name}__{self.task}"
 
 

@@ -207,7 +207,7 @@ def write_tables(results_dir: str | Path) -> Path:
         rows, overlaps = read_csv(folder / "results.csv"), read_csv(folder / "overlap.csv")
         per_group_layers[folder.name] = read_csv(folder / "layers.csv")
         cfg = group["config"]
-        lines += [f"## {Path(cfg['policy']).name} on {cfg['task']}", "",
+        lines += [f"## {Path(cfg['policy']).name} on {task_title(cfg)}", "",
                   f"{cfg['max_steps']} updates per run, batch {cfg['batch_size']}, seeds {cfg['seeds']}, device "
                   f"{group['device']}; command: `{group.get('command', 'python real_study.py run ...')}`.", ""]
         lines += main_table(rows) + [""] + [f"- {c}" for c in claims(rows, overlaps, group)]
@@ -241,6 +241,15 @@ def write_tables(results_dir: str | Path) -> Path:
             per_group_layers[r["group"]], r["algo"]) for r in loc}, results / "localization_by_depth.png")
     write_text(results / "table.md", "\n".join(lines) + "\n")
     return results / "table.md"
+
+
+def task_title(cfg: dict) -> str:
+    """The task as a group's heading names it; arithmetic with its difficulty (groups of two can sit side by side)."""
+    if cfg["task"] != "arithmetic":
+        return cfg["task"]
+    operands = cfg.get("max_operands", 3)  # groups written before the setting existed used 2-3 operands
+    span = f", each 2 to {cfg['max_value']}" if "max_value" in cfg else ""
+    return f"arithmetic ({'2' if operands == 2 else f'2-{operands}'} operands{span})"
 
 
 def model_pairs(loc: list[dict]) -> list[tuple[str, str, str]]:

@@ -456,3 +456,17 @@ def test_too_few_distinct_problems_are_refused_before_any_work(tmp_path, capsys)
     assert "only 162 distinct problems, fewer than the 2200" in err[0]
     assert not (tmp_path / "study").exists() and not (tmp_path / "results").exists()
     RealStudyConfig(max_operands=2, max_value=35).validate()  # 2 x 34^2 = 2312 problems: enough
+
+
+def test_an_arithmetic_group_of_another_difficulty_gets_its_own_folder_and_heading():
+    from subnetscope.real_study_report import task_title
+
+    default = RealStudyConfig(policy="/m/smollm2-135m-instruct", task="arithmetic")
+    easier = RealStudyConfig(policy="/m/smollm2-135m-instruct", task="arithmetic", max_operands=2, max_value=20)
+    assert default.group == "smollm2-135m-instruct__arithmetic"  # the committed group keeps its folder
+    assert easier.group == "smollm2-135m-instruct__arithmetic-2ops-max20"
+    assert RealStudyConfig(policy="p", task="imdb", max_value=20).group == "p__imdb"
+    assert task_title({"task": "arithmetic", "max_operands": 2, "max_value": 20}) == \
+        "arithmetic (2 operands, each 2 to 20)"
+    assert task_title({"task": "arithmetic", "max_value": 10}) == "arithmetic (2-3 operands, each 2 to 10)"
+    assert task_title({"task": "imdb", "max_value": 10}) == "imdb"
