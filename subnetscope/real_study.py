@@ -6,8 +6,9 @@ the stagnation contrast) run as parallel processes (`jobs`), each resumable; eve
 a small summary.json (changed share under the three rules, the density curve, per-layer and per-module
 tables, update rank, held-out score before and after). The group's report adds seed-to-seed overlap,
 the subnetwork-only GRPO rerun and the precision split, and writes small files to
-`results_dir/<policy>__<task>/`; `write_tables` then builds `table.md` over every group found there, so
-groups measured in different sessions (the GPU comes in 30-minute pieces) make one table.
+`results_dir/<policy>__<task>/` (an arithmetic difficulty other than the default also named:
+`RealStudyConfig.group`); `write_tables` then builds `table.md` over every group found there, so groups
+measured in different sessions (the GPU comes in 30-minute pieces) make one table.
 
 Learning rates: each algorithm's usual one (RL 1e-6 as in the paper's recipes; SFT and RFT 1e-5, the
 usual SFT lr) and one shared lr (1e-6) for all, so "RL vs SFT" is not only "small vs large lr".
@@ -107,9 +108,10 @@ class RealStudyConfig:
         unknown = [a for a in self.algos if a not in ALGOS]
         if unknown:
             raise SubnetscopeError(f"--algos {' '.join(unknown)}: choose from {', '.join(ALGOS)}")
-        if min(self.max_steps, self.save_every, self.batch_size, self.max_new_tokens, self.heldout_prompts) < 1:
-            raise SubnetscopeError("--max_steps, --save_every, --batch_size, --max_new_tokens and --heldout_prompts "
-                                   "must be at least 1")
+        if min(self.max_steps, self.save_every, self.batch_size, self.max_new_tokens, self.train_prompts,
+               self.heldout_prompts) < 1:
+            raise SubnetscopeError("--max_steps, --save_every, --batch_size, --max_new_tokens, --train_prompts and "
+                                   "--heldout_prompts must be at least 1")
         if self.group_size < 2 or self.jobs < 0 or not self.shared_lr > 0 or not self.seeds:
             raise SubnetscopeError("--group_size must be at least 2, --jobs at least 0, --shared_lr positive, and "
                                    "--seeds must name at least one seed")
@@ -203,7 +205,7 @@ def data_settings(cfg: RealStudyConfig) -> dict:
 
 def check_data_settings(cfg: RealStudyConfig, out: Path) -> None:
     """Refuse, in one line, a call whose data settings differ from those the group's kept data was made
-    with: the group folder is named by policy and task only, and kept data would silently win."""
+    with: the group folder does not name the prompt counts, and kept data would silently win."""
     recorded = out / "data" / "settings.json"
     if recorded.is_file():
         kept, asked = json.loads(recorded.read_text()), data_settings(cfg)
@@ -218,10 +220,12 @@ def write_task_files(cfg: RealStudyConfig, out: Path) -> dict[str, Path]:
     trains on the same data)."""
     check_data_settings(cfg, out)
     paths = {k: out / "data" / f"{k}.jsonl" for k in ("prompts", "reference", "heldout")}
+    # the rows first: a refusal while making them leaves no settings.json to refuse the corrected call
+    rows = None if all(p.is_file() for p in paths.values()) else (
+        arithmetic_files(cfg) if cfg.task == "arithmetic" else imdb_files(cfg))
     if not (out / "data" / "settings.json").is_file():
         write_json(out / "data" / "settings.json", data_settings(cfg))
-    if not all(p.is_file() for p in paths.values()):
-        rows = arithmetic_files(cfg) if cfg.task == "arithmetic" else imdb_files(cfg)
+    if rows is not None:
         for key, path in paths.items():
             _write_jsonl(path, rows[key])
     return paths

@@ -470,3 +470,19 @@ def test_an_arithmetic_group_of_another_difficulty_gets_its_own_folder_and_headi
         "arithmetic (2 operands, each 2 to 20)"
     assert task_title({"task": "arithmetic", "max_value": 10}) == "arithmetic (2-3 operands, each 2 to 10)"
     assert task_title({"task": "imdb", "max_value": 10}) == "imdb"
+
+
+def test_a_refusal_while_making_the_data_leaves_nothing_to_refuse_the_corrected_call(tmp_path, monkeypatch):
+    """settings.json was written before the rows: after 'only N distinct problems drawn', the call with a lower
+    --train_prompts was refused for changing the kept data's settings, though no data had been kept."""
+    import subnetscope.real_study as rs
+
+    with pytest.raises(SubnetscopeError, match="--train_prompts"):
+        RealStudyConfig(train_prompts=0).validate()  # an empty training set
+    monkeypatch.setattr(rs, "make_problems", lambda n, seed, difficulty: [])
+    with pytest.raises(SubnetscopeError, match="distinct problems drawn"):
+        rs.write_task_files(RealStudyConfig(train_prompts=40, heldout_prompts=8), tmp_path)
+    assert not (tmp_path / "data" / "settings.json").exists()
+    monkeypatch.undo()
+    paths = rs.write_task_files(RealStudyConfig(train_prompts=20, heldout_prompts=8), tmp_path)
+    assert len(paths["prompts"].read_text().splitlines()) == 20

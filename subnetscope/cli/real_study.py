@@ -8,9 +8,10 @@ run trains, for one policy on one task, GRPO, PPO, DPO, SFT (reference data) and
 policy's own reward-passing samples), each at its usual lr and at --shared_lr, every seed, plus GRPO
 with pure bf16 weights (the stagnation contrast) and GRPO confined to its own subnetwork, as parallel
 processes that resume where a killed call stopped; it writes small files to
---results_dir/<policy>__<task>/ (results.csv, overlap.csv, layers.csv, modules.csv, curves.csv,
-group.json) and rebuilds table.md and the figures. report rebuilds them alone (groups measured in
-different sessions make one table). The runs themselves stay in --output_dir (large: not for git).
+--results_dir/<policy>__<task>/ (an arithmetic difficulty other than the default also named, e.g.
+…__arithmetic-2ops-max20: results.csv, overlap.csv, layers.csv, modules.csv, curves.csv, group.json) and
+rebuilds table.md and the figures. report rebuilds them alone (groups measured in different sessions make
+one table). The runs themselves stay in --output_dir (large: not for git).
 """
 from __future__ import annotations
 
