@@ -68,6 +68,13 @@ def same_setting(cls: type, name: str) -> Any:
     return field(default=declared.default, default_factory=declared.default_factory, metadata=declared.metadata)
 
 
+def check_at_least_one(config: Any, keys: tuple[str, ...], prefix: str = "--") -> None:
+    """One line for the first of `keys` whose setting is below 1 (`prefix`: how the message names it)."""
+    for key in keys:
+        if getattr(config, key) < 1:
+            raise SubnetscopeError(f"{prefix}{key} {getattr(config, key)}: needs at least 1")
+
+
 def reward_spec(value: str) -> str:
     """--reward: a reward's name, or module:function, imported now so that a bad one is refused before any work."""
     if value in REWARDS:
@@ -427,10 +434,8 @@ class PruneConfig:
 
     def validate(self) -> None:
         """Every check that needs no tokens, so that a refusal comes before torch is imported."""
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "epochs", "log_every",
-                    "eval_every", "eval_batches", "save_every"):
-            if getattr(self, key) < 1:
-                raise SubnetscopeError(f"{key} {getattr(self, key)}: needs at least 1")
+        check_at_least_one(self, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "epochs", "log_every",
+                                  "eval_every", "eval_batches", "save_every"), prefix="")
         if self.n_embd % self.n_head:
             raise SubnetscopeError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -493,10 +498,8 @@ class SparseFTConfig:
     def validate(self) -> None:
         """Every check that needs neither the model nor the task, so that a refusal comes before torch is
         imported (the mask file is not checked here: a sweep validates its runs before their masks exist)."""
-        for key in ("lora_rank", "seq_len", "batch_size", "max_steps", "max_texts", "log_every", "eval_every",
-                    "eval_batches", "save_every", "eval_examples", "eval_max_new_tokens"):
-            if getattr(self, key) < 1:
-                raise SubnetscopeError(f"--{key} {getattr(self, key)}: needs at least 1")
+        check_at_least_one(self, ("lora_rank", "seq_len", "batch_size", "max_steps", "max_texts", "log_every",
+                                  "eval_every", "eval_batches", "save_every", "eval_examples", "eval_max_new_tokens"))
         if self.method not in SPARSE_FT_METHODS:
             raise SubnetscopeError(f"--method {self.method!r}: use masked or lora")
         if self.lora_mode not in LORA_MODES:
@@ -539,10 +542,8 @@ class TestbedConfig:
     output_dir: str = setting("checkpoints/testbed", "the testbed folder")
 
     def validate(self) -> None:
-        for key in ("n_layer", "n_head", "n_embd", "block_size", "lm_steps", "lm_batch_size", "clf_steps",
-                    "clf_batch_size", "max_reviews", "heldout_reviews"):
-            if getattr(self, key) < 1:
-                raise SubnetscopeError(f"--{key} {getattr(self, key)}: needs at least 1")
+        check_at_least_one(self, ("n_layer", "n_head", "n_embd", "block_size", "lm_steps", "lm_batch_size",
+                                  "clf_steps", "clf_batch_size", "max_reviews", "heldout_reviews"))
         if self.n_embd % self.n_head:
             raise SubnetscopeError(f"--n_embd {self.n_embd} is not divisible by --n_head {self.n_head}")
         if self.heldout_reviews >= self.max_reviews:

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -385,6 +385,16 @@ def _resolved_device(device: str) -> str:
     return "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
 
 
+class RunProcess(NamedTuple):
+    """A run process run_all is waiting for: its run, the GPU it was given (None: no choice), and where this
+    attempt's output begins in the run's log."""
+
+    spec: RunSpec
+    process: subprocess.Popen
+    gpu: str | None
+    log_offset: int
+
+
 def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig, log=print,
             follow_up: Callable[[str], RunSpec | None] = lambda name: None) -> dict[str, dict]:
     """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
@@ -410,32 +420,32 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
         gpus = visible_gpus() if device == "cuda" else []
         env = {**_child_env(), **threads_per_run(cfg.jobs)}
         limit, retries = cfg.jobs, {}
-        active: list[tuple[RunSpec, subprocess.Popen, str | None, int]] = []
+        active: list[RunProcess] = []
         while queue or active:
             while queue and len(active) < limit:
                 spec = queue.pop(0)
                 spec_file = runs / f"{spec.name}.spec.json"
                 write_json(spec_file, {**asdict(spec), "heldout": str(heldout), "device": device})
-                gpu = least_busy(gpus, [a[2] for a in active]) if len(gpus) > 1 else None
+                gpu = least_busy(gpus, [a.gpu for a in active]) if len(gpus) > 1 else None
                 log_path = runs / f"{spec.name}.log"
                 offset = log_path.stat().st_size if log_path.is_file() else 0
                 with open(log_path, "a") as log_file:  # the child keeps its own descriptor
-                    active.append((spec, subprocess.Popen(
+                    active.append(RunProcess(spec, subprocess.Popen(
                         [sys.executable, "-m", "subnetscope.real_study", str(spec_file)], stdout=log_file,
                         stderr=subprocess.STDOUT, env={**env, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {})}),
                         gpu, offset))
                 log(f"{spec.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             time.sleep(2)
-            load = Counter(a[2] for a in active)  # runs on each GPU (None: no GPU) as this round began
+            load = Counter(a.gpu for a in active)  # runs on each GPU (None: no GPU) as this round began
             out_of_memory_now: Counter = Counter()
-            for item in [a for a in active if a[1].poll() is not None]:
+            for item in [a for a in active if a.process.poll() is not None]:
                 active.remove(item)
-                spec, finished = item[0], item[1].returncode == 0
+                spec, finished = item.spec, item.process.returncode == 0
                 if not finished and retries.get(spec.name, 0) < OOM_RETRIES and \
-                        out_of_memory(runs / f"{spec.name}.log", item[3]):
+                        out_of_memory(runs / f"{spec.name}.log", item.log_offset):
                     retries[spec.name] = retries.get(spec.name, 0) + 1
-                    out_of_memory_now[item[2]] += 1
-                    limit = min(limit, fitting_limit(load[item[2]] - out_of_memory_now[item[2]], len(gpus)))
+                    out_of_memory_now[item.gpu] += 1
+                    limit = min(limit, fitting_limit(load[item.gpu] - out_of_memory_now[item.gpu], len(gpus)))
                     queue.append(spec)
                     log(f"{spec.name}: out of GPU memory; queued again to resume from its last checkpoint, "
                         f"{limit} run(s) at a time from now on")

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -43,6 +44,9 @@ from .runstate import (
 from .sampling import Rollout, generate
 from .seeds import EVAL_SAMPLING_STEP, SHORT_STRIDE, stream_seed
 from .tracker import UpdateTracker
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 MASTER_PREFIX = "master::"  # tracker.safetensors keys of the master-weight tracker
 
@@ -168,7 +172,7 @@ def build_optimizer(params, config: RLConfig) -> torch.optim.Optimizer:
                      warmup_init=False)
 
 
-def plain_accelerator(cpu: bool):
+def plain_accelerator(cpu: bool) -> Accelerator:
     """An Accelerator that adds no autocast of its own: --precision decides every dtype. Its state is a
     process-wide singleton, so a TRL trainer with bf16=True run earlier in the process (a notebook, a test) left
     bf16 autocast that `prepare` would wrap the policy in, silently turning an fp32 run into a bf16 one (its
