@@ -590,10 +590,15 @@ def real_study_depth_profiles(profiles: dict[str, list[float]], path: Path) -> P
     axis, each profile divided by its mean so models that change different amounts compare by shape."""
     fig, ax = _axes("Where RL's changes sit, by relative depth", "relative depth (0 = first block)",
                     "share changed / model mean")
+    fig.set_size_inches(10, 4.6)
+    models = sorted({name.split("__")[0] for name in profiles})  # a group is named model__task
     for name, profile in sorted(profiles.items()):
         if len(profile) < 2 or not sum(profile):
             continue
         mean = statistics.fmean(profile)
         xs = [i / (len(profile) - 1) for i in range(len(profile))]
-        ax.plot(xs, [v / mean for v in profile], marker="o", markersize=3, label=name)
-    return _save_with_legend(fig, ax, path)
+        style = ("-", "--", ":", "-.")[models.index(name.split("__")[0]) % 4]  # one line style per model
+        ax.plot(xs, [v / mean for v in profile], marker="o", markersize=3, linestyle=style, label=name)
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: the profiles fill the whole plot
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _save(fig, path)

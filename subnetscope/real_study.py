@@ -647,8 +647,9 @@ def run_group(cfg: RealStudyConfig, log=print, command: str = "") -> Path:
 
     summaries = (run_all(specs, out, data["heldout"], cfg, log, follow_up) if cfg.train
                  else finished_summaries(specs, out))
-    missing = [s.name for s in specs if s.name not in summaries]
     subnet = subnetwork_result(full, out)
+    missing = [s.name for s in specs if s.name not in summaries] + (
+        ["subnetwork_" + full.name] if full is not None and subnet is None else [])
     results = Path(cfg.results_dir) / cfg.group
     write_csv(results / "results.csv", result_rows(summaries, before, cfg))
     write_csv(results / "overlap.csv", overlap_rows(summaries, out / "runs", device, kept=results / "overlap.csv"))

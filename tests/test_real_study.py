@@ -100,8 +100,14 @@ def test_claims_state_each_verdict_from_hand_computed_numbers():
 
 def test_table_writer_builds_one_table_over_the_groups_it_finds(tmp_path):
     folder = tmp_path / "tiny__arithmetic"
-    rows = [{**_row("grpo", 1e-6, s, 0.1 + 0.1 * s), "policy": "tiny", "task": "arithmetic"} for s in (0, 1)]
+    rows = [{**_row("grpo", 1e-6, s, 0.1 + 0.1 * s), "policy": "tiny", "task": "arithmetic", "run": f"grpo_{s}"}
+            for s in (0, 1)]
     write_csv(folder / "results.csv", rows)
+    # 60 of 100 weights in the embedding; outside it seed 0 changed 10 of 40, seed 1 changed 20 of 40
+    write_csv(folder / "modules.csv", [{"run": f"grpo_{s}", "algo": "grpo", "lr": 1e-6, "seed": s, "module": m,
+                                        "numel": n, "exact": c} for s, outside in ((0, (4, 6)), (1, (8, 12)))
+                                       for m, n, c in (("embedding", 60, 5), ("attn.q", 10, outside[0]),
+                                                       ("mlp.up", 30, outside[1]))])
     write_csv(folder / "overlap.csv", [])
     layers = [{"run": f"grpo_{s}", "algo": "grpo", "lr": 1e-6, "seed": s, "precision": "mixed", "block": b,
                "relative_depth": b / 3, "numel": 10, "changed_exact": 0.1, "changed_atol": 0.1,
@@ -118,8 +124,10 @@ def test_table_writer_builds_one_table_over_the_groups_it_finds(tmp_path):
     # a group recorded as missing and measured since shows its table, not the old reason
     assert "not run yet" not in table and "## tiny__imdb: not measured\n\nno reviews" in table
     assert "## tiny on arithmetic" in table and "`python real_study.py run --policy tiny`" in table
-    assert "| grpo | 1e-06 | mixed | 2 | 85.00 ± 7.07 |" in table  # identical 90% and 80%
-    assert "Runs that did not finish: ppo_lr1e-06_s0." in table
+    assert "| grpo | 1e-06 | mixed | 2 | 85.00 ± 7.07 | 62.50 ± 17.68 |" in table  # identical 90%, 80%; 75%, 50%
+    assert "RL 85.0% identical, 62.5% outside the vocabulary matrices" in table
+    assert "The vocabulary matrices hold 60.0% of the weights." in table
+    assert "Runs missing (not run, or not finished; the note says why): ppo_lr1e-06_s0." in table
     with open(tmp_path / "localization.csv") as f:
         loc = list(csv.DictReader(f))
     profile = [0.1, 0.2, 0.3, 0.4]  # Gini of a uniform ramp: sum |xi - xj| / (2 n^2 mean)
@@ -247,6 +255,19 @@ def test_a_follow_up_run_starts_as_soon_as_its_source_finishes(tmp_path, monkeyp
     assert order == ["sub_a", "c"]  # a resumed study: the source had finished, its follow-up had not: first
     real_study.run_all(specs, tmp_path, tmp_path / "heldout", cfg, log=lambda _: None, follow_up=follow)
     assert order == ["sub_a", "c"]
+
+
+def test_a_group_rebuilt_before_its_runs_names_each_missing_run_and_the_subnetwork_rerun(tmp_path):
+    from subnetscope import real_study
+
+    cfg = real_study.RealStudyConfig(policy="tiny", task="arithmetic", algos=["grpo", "sft"], seeds=[0], train=False,
+                                     max_operands=2, max_value=20, train_prompts=8, heldout_prompts=4,
+                                     output_dir=str(tmp_path / "runs"), results_dir=str(tmp_path / "results"))
+    write_json(tmp_path / "runs" / cfg.group / "heldout_before.json", {"heldout_before": 0.25})
+    group = json.loads((real_study.run_group(cfg, log=lambda _: None) / "group.json").read_text())
+    assert group["missing_runs"] == ["grpo_lr1e-06_s0", "sft_lr1e-05_s0", "sft_lr1e-06_s0", "grpo_lr1e-06_s0_bf16",
+                                     "subnetwork_grpo_lr1e-06_s0"]
+    assert group["subnetwork"] is None and group["heldout_before"] == 0.25
 
 
 def test_run_processes_share_the_cores_unless_told(monkeypatch):
