@@ -45,7 +45,8 @@ TASK_REWARD = {"arithmetic": "arithmetic", "imdb": "vader"}
 RFT_MIN_REWARD = {"arithmetic": 1.0, "imdb": 0.5}
 VIEW = "bfloat16"
 SUMMARY = "summary.json"
-# a run that ran out of GPU memory beside the others is tried again this often, with fewer runs at a time
+# a run that ran out of GPU memory or disk space beside the others is tried again this often, with fewer runs
+# at a time
 OOM_RETRIES = 2
 DATA_SEED = 1234  # the task data (problems, review order): the same for every run, seed and session
 # resume state a finished run no longer needs (optimizer moments, fp32 masters, TRL's full weights): the
@@ -86,7 +87,7 @@ class RealStudyConfig:
     jobs: int = setting(1, "runs at once, each its own process (0: one after another in this process); on "
                         "several GPUs the processes are spread evenly over CUDA_VISIBLE_DEVICES (every GPU "
                         "when unset), the CPU cores shared out among them; a run process that runs out of GPU "
-                        "memory is tried again, resuming, with fewer runs at a time")
+                        "memory or disk space is tried again, resuming, with fewer runs at a time")
     device: str = setting("auto", "auto, cpu or cuda")
     precision: str = setting("mixed", "the main runs' precision: mixed (fp32 masters, bf16 view) or fp32")
     rft_min_reward: float | None = setting(None, "RFT keeps a prompt's best sample when it scores at least this "
@@ -399,8 +400,8 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
             follow_up: Callable[[str], RunSpec | None] = lambda name: None) -> dict[str, dict]:
     """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
     visible GPUs (each process sees one); a failed run is logged with its error file and the others go on,
-    except one that ran out of GPU memory: it is queued again (up to OOM_RETRIES times; it resumes from its
-    last checkpoint) and from then on each GPU gets no more runs at a time than it held without running out.
+    except one that ran out of GPU memory or disk space: it is queued again (up to OOM_RETRIES times; it resumes
+    from its last checkpoint) and from then on each GPU gets no more runs at a time than it held without running out.
     `follow_up(name)` gives a run to start as soon as run `name` has finished (it goes first in the queue):
     the subnetwork rerun needs its full run's mask, and waiting for every other run left a GPU idle."""
     runs = out / "runs"
@@ -437,17 +438,17 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
                 log(f"{spec.name}: started" + (f" on GPU {gpu}" if gpu is not None else ""))
             time.sleep(2)
             load = Counter(a.gpu for a in active)  # runs on each GPU (None: no GPU) as this round began
-            out_of_memory_now: Counter = Counter()
+            out_of_room_now: Counter = Counter()
             for item in [a for a in active if a.process.poll() is not None]:
                 active.remove(item)
                 spec, finished = item.spec, item.process.returncode == 0
-                if not finished and retries.get(spec.name, 0) < OOM_RETRIES and \
-                        out_of_memory(runs / f"{spec.name}.log", item.log_offset):
+                room = None if finished else out_of_room(runs / f"{spec.name}.log", item.log_offset)
+                if room is not None and retries.get(spec.name, 0) < OOM_RETRIES:
                     retries[spec.name] = retries.get(spec.name, 0) + 1
-                    out_of_memory_now[item.gpu] += 1
-                    limit = min(limit, fitting_limit(load[item.gpu] - out_of_memory_now[item.gpu], len(gpus)))
+                    out_of_room_now[item.gpu] += 1
+                    limit = min(limit, fitting_limit(load[item.gpu] - out_of_room_now[item.gpu], len(gpus)))
                     queue.append(spec)
-                    log(f"{spec.name}: out of GPU memory; queued again to resume from its last checkpoint, "
+                    log(f"{spec.name}: out of {room}; queued again to resume from its last checkpoint, "
                         f"{limit} run(s) at a time from now on")
                     continue
                 log(f"{spec.name}: " + ("done" if finished else f"FAILED, see runs/{spec.name}.log"))
@@ -461,17 +462,23 @@ def fitting_limit(fitted_on_gpu: int, n_gpus: int) -> int:
     return max(1, fitted_on_gpu) * max(1, n_gpus)
 
 
-def out_of_memory(log_path: Path, offset: int) -> bool:
-    """Whether a run process's log, from `offset` (where this attempt began), ends in a CUDA out-of-memory
-    error: a failure of the moment's load on the GPU, not of the run, so it is worth another try."""
+def out_of_room(log_path: Path, offset: int) -> str | None:
+    """What a run process ran out of ("GPU memory" or "disk space"), from its log from `offset` (where this
+    attempt began), or None: a failure of the moment's load (the other runs' memory, their checkpoints on the
+    disk), not of the run, so it is worth another try once fewer run beside it."""
     if not log_path.is_file():
-        return False
+        return None
     with open(log_path, "rb") as f:
         f.seek(offset)
         text = f.read().decode("utf-8", "replace")
     # the caching allocator's OutOfMemoryError; a CUDA context, cuBLAS handle or kernel launch that finds the
     # GPU full raises "CUDA error: out of memory" (RuntimeError, AcceleratorError) instead
-    return any(sign in text for sign in ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory"))
+    if any(sign in text for sign in ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory")):
+        return "GPU memory"
+    # rundir's refusal to write a checkpoint the disk cannot hold; an OSError of a write it did not foresee
+    if any(sign in text for sign in ("no space left on the disk for", "No space left on device")):
+        return "disk space"
+    return None
 
 
 def threads_per_run(jobs: int) -> dict[str, str]:

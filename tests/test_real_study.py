@@ -366,17 +366,19 @@ def test_a_quoted_yes_or_no_in_yaml_is_read_like_the_flag(tmp_path):
         config_from_args(RealStudyConfig, build_parser().parse_args(["run", "--config", str(tmp_path / "bad.yaml")]))
 
 
-def test_a_run_out_of_gpu_memory_is_tried_again_with_fewer_at_a_time(tmp_path, monkeypatch):
+def test_a_run_out_of_gpu_memory_or_disk_space_is_tried_again_with_fewer_at_a_time(tmp_path, monkeypatch):
     """Session 12: 15 Gemma runs on one GPU, 8 died of CUDA OOM and were lost for the session. Now an OOM
     run is queued again (at most OOM_RETRIES times) with as many at a time as were running and did not run
-    out; other failures are not, an attempt is judged by its own part of the log, and a run's follow-up
-    waits for the attempt that finished."""
+    out; so is one whose checkpoint did not fit on a disk full of its neighbours' (session 14); other failures
+    are not, an attempt is judged by its own part of the log, and a run's follow-up waits for the attempt
+    that finished."""
     from subnetscope import real_study
 
     oom, other = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB\n", "ValueError: no\n"
     context_oom = "RuntimeError: CUDA error: out of memory\n"  # a CUDA context or cuBLAS handle on a full GPU
+    disk = "SubnetscopeError: no space left on the disk for runs/d/step_200: it needs about 4.1 GB, 2.4 GB free\n"
     plan = {"a": [oom, ""], "b": [other], "c": [oom, context_oom] + [oom] * (real_study.OOM_RETRIES - 1),
-            "d": [""], "e": [""], "f": [oom, other]}  # what each attempt writes; "" finishes
+            "d": [disk, ""], "e": [""], "f": [oom, other]}  # what each attempt writes; "" finishes
     started: list[str] = []
     running: list[int] = []
     alive: set[str] = set()
@@ -410,8 +412,9 @@ def test_a_run_out_of_gpu_memory_is_tried_again_with_fewer_at_a_time(tmp_path, m
     assert started.index("e") == started.index("a", 1) + 1  # right after the attempt of a that finished
     assert [m for m in messages if "FAILED" in m] == [f"{n}: FAILED, see runs/{n}.log" for n in ("b", "f", "c")]
     # a and c ran out beside 3 (one of them b): 2, then 1 at a time; one at a time from then on
-    limits = [(m[0], re.search(r"(\d+) run\(s\) at a time", m).group(1)) for m in messages if "out of GPU" in m]
+    limits = [(m[0], re.search(r"(\d+) run\(s\) at a time", m).group(1)) for m in messages if "; queued" in m]
     assert limits[:2] == [("a", "2"), ("c", "1")] and {n for _, n in limits[2:]} == {"1"}
+    assert "d: out of disk space; queued again" in " ".join(messages) and started.count("d") == 2
     assert running[:3] == [1, 2, 3] and set(running[3:]) == {1}
 
 
