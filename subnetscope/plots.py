@@ -223,9 +223,10 @@ def _axes(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def _save_with_legend(fig, ax, path: Path) -> Path:
+def _save_with_legend(fig, ax, path: Path, beside: bool = False) -> Path:
+    """Write the figure with its legend inside the axes, or `beside` them where the lines fill the plot."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, **({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if beside else {}))
     return _save(fig, path)
 
 
@@ -561,18 +562,25 @@ def _mean_by(rows: list[dict], key: tuple[str, ...], x: str, y: str) -> dict[tup
     return {k: (sorted(v), [statistics.fmean(v[s]) for s in sorted(v)]) for k, v in acc.items()}
 
 
+# one colour per algorithm in every figure of the real-model study, so GRPO reads the same in each
+ALGO_COLOURS = {"grpo": "C0", "ppo": "C1", "dpo": "C2", "sft": "C3", "rft": "C4"}
+
+
 def real_study_group_figures(curves: list[dict], layers: list[dict], out: Path) -> list[Path]:
     """One group of the real-model study: the density curves (share changed at the bf16 view against the
     update step, mean over seeds) and the per-block share changed against relative depth."""
     made = []
     fig, ax = _axes("Weights changed during training (bf16 view, mean over seeds)", "update step",
                     "changed, exact rule (%)")
-    for (algo, lr, precision), (xs, ys) in sorted(_mean_by(curves, ("algo", "lr", "precision"), "step",
-                                                           "exact").items()):
+    series = _mean_by(curves, ("algo", "lr", "precision"), "step", "exact")
+    largest = {algo: max(lr for a, lr, _ in series if a == algo) for algo, _, _ in series}
+    for (algo, lr, precision), (xs, ys) in sorted(series.items()):
+        style = ":" if precision == "bf16" else ("-" if lr == largest[algo] else "--")  # dashed: the smaller lr
         ax.plot(xs, [100 * v for v in ys], label=f"{algo} lr {lr:g}" + (" (bf16)" if precision == "bf16" else ""),
-                linestyle=":" if precision == "bf16" else "-")
+                linestyle=style, color=ALGO_COLOURS.get(algo))
     _integer_ticks(ax.xaxis)
-    made.append(_save_with_legend(fig, ax, out / "density_curves.png"))
+    fig.set_size_inches(9, 4.2)  # the legend beside the axes: the curves fill the plot's corners
+    made.append(_save_with_legend(fig, ax, out / "density_curves.png", beside=True))
     fig, ax = _axes("Share changed per block (relative rule, usual lr, mean over seeds)", "relative depth",
                     "changed (%)")
     mixed = [r for r in layers if r.get("precision") != "bf16" and r.get("relative_depth") is not None]
@@ -580,8 +588,10 @@ def real_study_group_figures(curves: list[dict], layers: list[dict], out: Path) 
     for (algo, lr), (xs, ys) in sorted(_mean_by(mixed, ("algo", "lr"), "relative_depth",
                                                 "changed_relative").items()):
         if lr == usual[algo]:
-            ax.plot(xs, [100 * v for v in ys], marker="o", markersize=3, label=f"{algo} lr {lr:g}")
-    made.append(_save_with_legend(fig, ax, out / "layers_by_depth.png"))
+            ax.plot(xs, [100 * v for v in ys], marker="o", markersize=3, label=f"{algo} lr {lr:g}",
+                    color=ALGO_COLOURS.get(algo))
+    fig.set_size_inches(9, 4.2)
+    made.append(_save_with_legend(fig, ax, out / "layers_by_depth.png", beside=True))
     return made
 
 
@@ -589,7 +599,7 @@ def real_study_depth_profiles(profiles: dict[str, list[float]], path: Path) -> P
     """Each group's per-block share changed (one line per group and RL algorithm) on a common relative-depth
     axis, each profile divided by its mean so models that change different amounts compare by shape."""
     fig, ax = _axes("Where RL's changes sit, by relative depth", "relative depth (0 = first block)",
-                    "share changed / model mean")
+                    "share changed / its profile's mean")
     fig.set_size_inches(10, 4.6)
     models = sorted({name.split("__")[0] for name in profiles})  # a group is named model__task
     for name, profile in sorted(profiles.items()):
@@ -599,6 +609,4 @@ def real_study_depth_profiles(profiles: dict[str, list[float]], path: Path) -> P
         xs = [i / (len(profile) - 1) for i in range(len(profile))]
         style = ("-", "--", ":", "-.")[models.index(name.split("__")[0]) % 4]  # one line style per model
         ax.plot(xs, [v / mean for v in profile], marker="o", markersize=3, linestyle=style, label=name)
-    if ax.get_legend_handles_labels()[0]:  # beside the axes: the profiles fill the whole plot
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return _save_with_legend(fig, ax, path, beside=True)

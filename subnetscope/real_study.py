@@ -47,7 +47,7 @@ VIEW = "bfloat16"
 SUMMARY = "summary.json"
 # a run that ran out of GPU memory or disk space beside the others is tried again this often, with fewer runs
 # at a time
-OOM_RETRIES = 2
+OUT_OF_ROOM_RETRIES = 2
 DATA_SEED = 1234  # the task data (problems, review order): the same for every run, seed and session
 # resume state a finished run no longer needs (optimizer moments, fp32 masters, TRL's full weights): the
 # study keeps base/, final/, the metrics and the tracker state (the subnetwork mask is read from it)
@@ -400,8 +400,9 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
             follow_up: Callable[[str], RunSpec | None] = lambda name: None) -> dict[str, dict]:
     """Every run, `cfg.jobs` at a time as processes (or in this process with jobs=0), spread over the
     visible GPUs (each process sees one); a failed run is logged with its error file and the others go on,
-    except one that ran out of GPU memory or disk space: it is queued again (up to OOM_RETRIES times; it resumes
-    from its last checkpoint) and from then on each GPU gets no more runs at a time than it held without running out.
+    except one that ran out of GPU memory or disk space: it is queued again (up to OUT_OF_ROOM_RETRIES times; it
+    resumes from its last checkpoint) and from then on each GPU gets no more runs at a time than it held without
+    running out.
     `follow_up(name)` gives a run to start as soon as run `name` has finished (it goes first in the queue):
     the subnetwork rerun needs its full run's mask, and waiting for every other run left a GPU idle."""
     runs = out / "runs"
@@ -443,7 +444,7 @@ def run_all(specs: list[RunSpec], out: Path, heldout: Path, cfg: RealStudyConfig
                 active.remove(item)
                 spec, finished = item.spec, item.process.returncode == 0
                 room = None if finished else out_of_room(runs / f"{spec.name}.log", item.log_offset)
-                if room is not None and retries.get(spec.name, 0) < OOM_RETRIES:
+                if room is not None and retries.get(spec.name, 0) < OUT_OF_ROOM_RETRIES:
                     retries[spec.name] = retries.get(spec.name, 0) + 1
                     out_of_room_now[item.gpu] += 1
                     limit = min(limit, fitting_limit(load[item.gpu] - out_of_room_now[item.gpu], len(gpus)))
@@ -463,22 +464,33 @@ def fitting_limit(fitted_on_gpu: int, n_gpus: int) -> int:
 
 
 def out_of_room(log_path: Path, offset: int) -> str | None:
-    """What a run process ran out of ("GPU memory" or "disk space"), from its log from `offset` (where this
-    attempt began), or None: a failure of the moment's load (the other runs' memory, their checkpoints on the
-    disk), not of the run, so it is worth another try once fewer run beside it."""
+    """What a run process ran out of ("GPU memory" or "disk space"), from the error that ended this attempt
+    (its log from `offset`), or None: a failure of the moment's load (the other runs' memory, their checkpoints
+    on the disk), not of the run, so it is worth another try once fewer run beside it."""
     if not log_path.is_file():
         return None
     with open(log_path, "rb") as f:
         f.seek(offset)
-        text = f.read().decode("utf-8", "replace")
+        error = final_error(f.read().decode("utf-8", "replace"))
     # the caching allocator's OutOfMemoryError; a CUDA context, cuBLAS handle or kernel launch that finds the
     # GPU full raises "CUDA error: out of memory" (RuntimeError, AcceleratorError) instead
-    if any(sign in text for sign in ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory")):
+    if any(sign in error for sign in ("CUDA out of memory", "OutOfMemoryError", "CUDA error: out of memory")):
         return "GPU memory"
     # rundir's refusal to write a checkpoint the disk cannot hold; an OSError of a write it did not foresee
-    if any(sign in text for sign in ("no space left on the disk for", "No space left on device")):
+    if any(sign in error for sign in ("no space left on the disk for", "No space left on device")):
         return "disk space"
     return None
+
+
+def final_error(log: str) -> str:
+    """The exception that ended a process: the unindented lines of its log's last traceback after the frames
+    (a warning that mentions a full disk or GPU earlier in the log is not it), else its last non-empty line."""
+    head = "Traceback (most recent call last):"
+    if head in log:
+        tail = log[log.rindex(head) + len(head):].splitlines()
+        return "\n".join(line for line in tail if line.strip() and not line[0].isspace())
+    lines = [line for line in log.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def threads_per_run(jobs: int) -> dict[str, str]:

@@ -14,7 +14,6 @@ from .stats import bootstrap_ci, concentration_statistics, mean_and_sd, more_con
 
 RL = ("grpo", "ppo", "dpo")
 LOCALIZED = ("grpo", "dpo")  # the RL algorithms whose depth profiles are compared across models (DPO ran on all)
-VOCABULARY_MODULES = ("embedding", "per_layer_embedding", "lm_head")  # naming.py's kinds of the vocabulary matrices
 MARKED_RATIO = 1.5  # "far denser": at least this many times the weights changed
 PAPER = {
     "rl_identical": "68.5–96.0% of weights bit-identical (GRPO 68.5, PPO 80.8, DPO 81.4–95.2)",
@@ -51,36 +50,38 @@ def _mean(values) -> float | None:
 
 
 def _cell(rows: list[dict], key: str, scale: float = 100.0, digits: int = 2) -> str:
-    m, s = mean_and_sd([r[key] for r in rows if r.get(key) is not None])
-    if m is None:
+    """Mean ± sd over the rows; n/a unless every row has the value (a mean of some seeds under the cell's count
+    of seeds would misread)."""
+    if not rows or any(r.get(key) is None for r in rows):
         return "n/a"
+    m, s = mean_and_sd([r[key] for r in rows])
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if s is not None else f"{m * scale:.{digits}f}"
 
 
-def embedding_share(modules: list[dict]) -> float | None:
-    """The share of the model's weights in its vocabulary matrices (input embeddings, per-layer embeddings, an
-    untied LM head), from one run's rows of modules.csv."""
-    first = [m for m in modules if m["run"] == modules[0]["run"]] if modules else []
-    total = sum(m["numel"] for m in first)
-    return sum(m["numel"] for m in first if m["module"] in VOCABULARY_MODULES) / total if total else None
+def blocks_share(layers: list[dict]) -> float | None:
+    """The share of the model's weights in its transformer blocks, from one run's rows of layers.csv (the rest:
+    token embeddings, final norm, any vision or audio tower, the block `outside`)."""
+    first = [r for r in layers if r["run"] == layers[0]["run"]] if layers else []
+    total = sum(r["numel"] for r in first)
+    return sum(r["numel"] for r in first if r["block"] != "outside") / total if total else None
 
 
-def identical_outside_vocabulary(modules: list[dict]) -> dict[str, float]:
-    """Each run's share of bit-identical weights outside the vocabulary matrices. Why: the rows of tokens a run
-    rarely sees or predicts get updates too small to show at bf16, so on a model whose vocabulary holds most of
-    the weights (Gemma-3-270M: 63%) the whole-model share mostly measures the vocabulary, not the blocks."""
+def identical_in_blocks(layers: list[dict]) -> dict[str, float]:
+    """Each run's share of bit-identical weights in the transformer blocks. Why: the token embeddings change by
+    their own pattern (on Gemma-3-270M, whose 262k-token embeddings hold 63% of the weights, RL changed 3-4% of
+    them and 22-42% of the blocks), so there the whole-model share mostly measures the embeddings."""
     changed: dict[str, list[float]] = {}
-    for m in modules:
-        if m["module"] not in VOCABULARY_MODULES:
-            acc = changed.setdefault(m["run"], [0.0, 0.0])
-            acc[0] += m["exact"]
-            acc[1] += m["numel"]
+    for r in layers:
+        if r["block"] != "outside":
+            acc = changed.setdefault(r["run"], [0.0, 0.0])
+            acc[0] += r["changed_exact"] * r["numel"]
+            acc[1] += r["numel"]
     return {run: 1 - c / n for run, (c, n) in changed.items() if n}
 
 
 def main_table(rows: list[dict]) -> list[str]:
     """One line per algorithm, lr and precision (mean ± sd over its seeds)."""
-    lines = ["| algorithm | lr | precision | seeds | identical (exact) % | identical outside the vocabulary % | "
+    lines = ["| algorithm | lr | precision | seeds | identical (exact) % | identical in the blocks % | "
              "changed atol % | changed relative % | update rank % | held-out before | held-out after |",
              "| --- " * 11 + "|"]
     keys = sorted({(r["algo"], r["lr"], r["precision"]) for r in rows}, key=lambda k: (k[2] == "bf16", k[0], k[1]))
@@ -88,7 +89,7 @@ def main_table(rows: list[dict]) -> list[str]:
         rs = [r for r in rows if (r["algo"], r["lr"], r["precision"]) == (algo, lr, precision)]
         identical = [{"v": 1 - r["changed_exact"]} for r in rs]
         lines.append(f"| {algo} | {lr:g} | {precision} | {len(rs)} | {_cell(identical, 'v')} | "
-                     f"{_cell(rs, 'identical_outside_vocabulary')} | "
+                     f"{_cell(rs, 'identical_in_blocks')} | "
                      f"{_cell(rs, 'changed_atol')} | {_cell(rs, 'changed_relative')} | "
                      f"{_cell(rs, 'rank_percent_mean', 1.0, 1)} | {rs[0]['heldout_before']:.3f} | "
                      f"{_cell(rs, 'heldout_after', 1.0, 3)} |")
@@ -106,6 +107,11 @@ def _usual(rows: list[dict], algo: str) -> float | None:
     return lrs[-1] if lrs else None
 
 
+def _rl_usual(rows: list[dict]) -> list[dict]:
+    """The RL runs at their usual lr and the main precision (the pure-bf16 contrast left out)."""
+    return [r for r in rows if r["algo"] in RL and r["precision"] != "bf16" and r["lr"] == _usual(rows, r["algo"])]
+
+
 def _denser(a: float | None, b: float | None) -> tuple[str, str]:
     """Verdict that a changed far more weights than b."""
     if a is None or b is None:
@@ -117,16 +123,14 @@ def _denser(a: float | None, b: float | None) -> tuple[str, str]:
 def claims(rows: list[dict], overlaps: list[dict], group: dict) -> list[str]:
     """Each of the paper's claims, as holding or not on this group, our numbers beside the paper's."""
     out = []
-    rl_usual = _mean(r["changed_exact"] for r in rows if r["algo"] in RL and r["precision"] != "bf16"
-                     and r["lr"] == _usual(rows, r["algo"]))
+    rl_usual = _mean(r["changed_exact"] for r in _rl_usual(rows))
     if rl_usual is not None:
         identical = 1 - rl_usual
         verdict = "holds" if 0.685 <= identical <= 0.96 else ("sparser than the paper" if identical > 0.96
                                                               else "does not hold (denser)")
-        blocks = _mean(r.get("identical_outside_vocabulary") for r in rows if r["algo"] in RL
-                       and r["precision"] != "bf16" and r["lr"] == _usual(rows, r["algo"]))
+        blocks = _mean(r.get("identical_in_blocks") for r in _rl_usual(rows))
         out.append(f"RL leaves most weights bit-identical: {verdict}: RL {identical:.1%} identical"
-                   + (f", {blocks:.1%} outside the vocabulary matrices" if blocks is not None else "")
+                   + (f", {blocks:.1%} in the transformer blocks" if blocks is not None else "")
                    + f" (paper: {PAPER['rl_identical']}).")
     sft_lr, shared = _usual(rows, "sft"), group["config"]["shared_lr"]
     sft_usual = _changed(rows, ("sft",), sft_lr)
@@ -228,25 +232,23 @@ def write_tables(results_dir: str | Path) -> Path:
              "Changes are judged at bf16 (the published precision) between θ0 and each run's final weights; "
              "training keeps fp32 master weights with bf16 autocast (`--precision mixed`) unless marked bf16. "
              "Real models are the GGUF releases dequantized to float32 (not the original bf16 weights). "
-             "Each cell: mean ± sd over seeds. Most of the vocabulary matrices (the token embeddings, tied to the LM "
-             "head in both models) stays bit-identical at bf16, as the rows of tokens a run rarely sees or predicts "
-             "get tiny updates; the share identical outside them says how much of the transformer blocks changed.",
-             ""]
+             "Each cell: mean ± sd over seeds; n/a where a run of the cell has no value. \"Identical in the blocks\" "
+             "counts only the transformer blocks' weights: the rest (token embeddings, final norm) changes by its own "
+             "pattern, and where the embeddings hold most of the weights (Gemma-3-270M's 262k tokens) the "
+             "whole-model share mostly measures them.", ""]
     per_group_layers = {}
     for folder in groups(results):
         group = json.loads((folder / "group.json").read_text())
         rows, overlaps = read_csv(folder / "results.csv"), read_csv(folder / "overlap.csv")
-        modules = read_csv(folder / "modules.csv")
-        per_group_layers[folder.name] = read_csv(folder / "layers.csv")
+        layers = per_group_layers[folder.name] = read_csv(folder / "layers.csv")
         cfg = group["config"]
-        vocabulary = embedding_share(modules)
+        share = blocks_share(layers)
         lines += [f"## {Path(cfg['policy']).name} on {task_title(cfg)}", "",
                   f"{cfg['max_steps']} updates per run, batch {cfg['batch_size']}, seeds {cfg['seeds']}, device "
                   f"{group['device']}; command: `{group.get('command', 'python real_study.py run ...')}`."
-                  + (f" The vocabulary matrices hold {vocabulary:.1%} of the weights." if vocabulary is not None
-                     else ""), ""]
-        outside = identical_outside_vocabulary(modules)
-        rows = [{**r, "identical_outside_vocabulary": outside.get(r["run"])} for r in rows]
+                  + (f" The transformer blocks hold {share:.1%} of the weights." if share is not None else ""), ""]
+        in_blocks = identical_in_blocks(layers)
+        rows = [{**r, "identical_in_blocks": in_blocks.get(r["run"])} for r in rows]
         lines += main_table(rows) + [""] + [f"- {c}" for c in claims(rows, overlaps, group)]
         if group.get("missing_runs"):
             lines.append(f"- Runs missing (not run, or not finished; the note says why): "
@@ -254,7 +256,7 @@ def write_tables(results_dir: str | Path) -> Path:
         if group.get("note"):
             lines.append(f"- Note: {group['note']}")
         lines.append("")
-        plots.real_study_group_figures(read_csv(folder / "curves.csv"), per_group_layers[folder.name], folder)
+        plots.real_study_group_figures(read_csv(folder / "curves.csv"), layers, folder)
     measured = {folder.name for folder in groups(results)}
     for name, why in missing_groups(results).items():
         if name in measured:  # recorded as missing in an earlier session, measured since
