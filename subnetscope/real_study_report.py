@@ -123,12 +123,13 @@ def _denser(a: float | None, b: float | None) -> tuple[str, str]:
 def claims(rows: list[dict], overlaps: list[dict], group: dict) -> list[str]:
     """Each of the paper's claims, as holding or not on this group, our numbers beside the paper's."""
     out = []
-    rl_usual = _mean(r["changed_exact"] for r in _rl_usual(rows))
+    rl_rows = _rl_usual(rows)
+    rl_usual = _mean(r["changed_exact"] for r in rl_rows)
     if rl_usual is not None:
         identical = 1 - rl_usual
         verdict = "holds" if 0.685 <= identical <= 0.96 else ("sparser than the paper" if identical > 0.96
                                                               else "does not hold (denser)")
-        blocks = _mean(r.get("identical_in_blocks") for r in _rl_usual(rows))
+        blocks = _mean(r.get("identical_in_blocks") for r in rl_rows)
         out.append(f"RL leaves most weights bit-identical: {verdict}: RL {identical:.1%} identical"
                    + (f", {blocks:.1%} in the transformer blocks" if blocks is not None else "")
                    + f" (paper: {PAPER['rl_identical']}).")
